@@ -1,0 +1,27 @@
+"""User-facing errors: one line that says what was wrong and what to do."""
+
+
+class MatchlockError(Exception):
+    """An error the CLI prints as one line (no traceback) and exits non-zero with."""
+
+    exit_code = 1
+
+
+class UsageError(MatchlockError):
+    """Bad flags or arguments."""
+
+
+class NotFoundError(MatchlockError):
+    """A named thing (image, VM, kernel) does not exist."""
+
+
+class DependencyError(MatchlockError):
+    """A host tool or package is missing; the message names what to install."""
+
+
+class VmStartError(MatchlockError):
+    """The VM did not boot or its guest runtime never became ready."""
+
+
+class GuestError(MatchlockError):
+    """The guest runtime misbehaved or the channel broke."""
