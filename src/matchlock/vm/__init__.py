@@ -1,0 +1,1 @@
+"""Guest VM plumbing: kernel, initramfs, QEMU."""
