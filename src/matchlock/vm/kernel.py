@@ -1,0 +1,384 @@
+"""Find (or fetch once) the guest kernel.
+
+Resolution order:
+
+1. ``explicit`` (the CLI's ``--kernel PATH``), then env ``MATCHLOCK_KERNEL``: a bootable
+   kernel image. Its modules come from env ``MATCHLOCK_KERNEL_MODULES`` (a
+   ``lib/modules/<version>`` directory); without it the kernel must have its drivers
+   built in.
+2. The newest Debian cloud kernel already unpacked under ``cache_dir()/kernels/<version>/``
+   (``vmlinuz``, ``config``, ``modules/...``, ``kernel.json``). No apt call at all.
+3. Otherwise fetch it: ``apt-cache depends linux-image-cloud-<arch>`` names the current
+   package, ``apt-get download`` fetches it into a staging dir in the cache, we unpack it
+   in Python (see ``_deb``) and rename the finished tree into place. An ``fcntl`` lock
+   serialises concurrent fetchers; staging dirs start with "." and are never picked up.
+
+For tests, env ``MATCHLOCK_APT_GET`` / ``MATCHLOCK_APT_CACHE`` replace the ``apt-get`` /
+``apt-cache`` commands (split shell-style; e.g. ``MATCHLOCK_APT_GET=false`` simulates
+having no network).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from matchlock.errors import DependencyError, MatchlockError, NotFoundError
+from matchlock.paths import cache_dir
+from matchlock.vm import _deb
+
+ENV_KERNEL = "MATCHLOCK_KERNEL"
+ENV_KERNEL_MODULES = "MATCHLOCK_KERNEL_MODULES"
+ENV_APT_GET = "MATCHLOCK_APT_GET"
+ENV_APT_CACHE = "MATCHLOCK_APT_CACHE"
+
+_FORMAT = 1  # bump when the layout of an unpacked kernel dir changes
+_HINT = "pass --kernel PATH (or set MATCHLOCK_KERNEL)"
+
+
+def _mod_name(name: str) -> str:
+    """Canonical module name: file names may use '-', module names use '_'."""
+    return name.removesuffix(".ko").replace("-", "_")
+
+
+@functools.cache
+def _module_index(modules_dir: Path) -> tuple[dict[str, Path], frozenset[str]]:
+    found: dict[str, Path] = {}
+    for root, _dirs, files in os.walk(modules_dir):
+        for f in files:
+            if f.endswith(".ko"):
+                found.setdefault(_mod_name(f), Path(root, f))
+    builtin: set[str] = set()
+    try:
+        text = (modules_dir / "modules.builtin").read_text()
+    except FileNotFoundError:
+        text = ""
+    for line in text.split():
+        builtin.add(_mod_name(os.path.basename(line)))
+    return found, frozenset(builtin)
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    version: str  # e.g. "6.1.0-56-cloud-amd64"
+    image: Path  # bootable kernel (bzImage) for QEMU -kernel
+    modules_dir: Path | None  # .../lib/modules/<version>; None: drivers are built in
+
+    def module_path(self, name: str) -> Path | None:
+        """The .ko file of module `name` ("virtio_blk" or "virtio-blk").
+
+        None if it is built into the kernel (listed in modules.builtin, or the kernel has
+        no modules dir at all). NotFoundError if it is neither.
+        """
+        if self.modules_dir is None:
+            return None
+        found, builtin = _module_index(self.modules_dir)
+        key = _mod_name(name)
+        if key in found:
+            return found[key]
+        if key in builtin:
+            return None
+        raise NotFoundError(
+            f"kernel module {name!r} is neither built into kernel {self.version} nor present "
+            f"in {self.modules_dir}; use a kernel that provides it ({_HINT})"
+        )
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve_kernel(
+    explicit: str | None = None, progress: Callable[[str], None] | None = None
+) -> Kernel:
+    """Return the guest kernel to boot (see the module docstring for the order)."""
+    if explicit:
+        return _user_kernel(explicit, "--kernel")
+    env = os.environ.get(ENV_KERNEL)
+    if env:
+        return _user_kernel(env, ENV_KERNEL)
+    kernels = cache_dir() / "kernels"
+    k = _newest_cached(kernels)
+    if k is not None:
+        return k
+    return _fetch(kernels, progress or (lambda _msg: None))
+
+
+def _user_kernel(path: str, source: str) -> Kernel:
+    image = Path(path).expanduser()
+    if not image.is_file():
+        fix = (
+            f"unset {ENV_KERNEL} to use the cached Debian kernel"
+            if source == ENV_KERNEL
+            else ("omit --kernel to use the cached Debian kernel")
+        )
+        raise NotFoundError(
+            f"kernel image {path} (from {source}) does not exist; fix the path or {fix}"
+        )
+    modules_dir: Path | None = None
+    mods = os.environ.get(ENV_KERNEL_MODULES)
+    if mods:
+        modules_dir = Path(mods).expanduser()
+        if not modules_dir.is_dir():
+            raise NotFoundError(
+                f"kernel modules dir {mods} (from {ENV_KERNEL_MODULES}) does not exist; "
+                f"point it at a lib/modules/<version> directory or unset it"
+            )
+    version = bzimage_version(image) or (modules_dir.name if modules_dir else image.name)
+    return Kernel(version=version, image=image.resolve(), modules_dir=modules_dir)
+
+
+def bzimage_version(image: Path) -> str | None:
+    """The release string embedded in an x86 bzImage ("6.1.0-56-cloud-amd64"), if any."""
+    try:
+        with open(image, "rb") as f:
+            hdr = f.read(0x210)
+            if len(hdr) < 0x210 or hdr[0x202:0x206] != b"HdrS":
+                return None
+            (ptr,) = struct.unpack_from("<H", hdr, 0x20E)
+            if not ptr:
+                return None
+            f.seek(ptr + 0x200)
+            raw = f.read(256)
+    except OSError:
+        return None
+    text = raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
+    return text.split()[0] if text else None
+
+
+def _arch() -> str:
+    m = platform.machine().lower()
+    if m in ("x86_64", "amd64"):
+        return "amd64"
+    if m in ("aarch64", "arm64"):
+        return "arm64"
+    raise DependencyError(
+        f"no Debian cloud kernel for host architecture {platform.machine()}; {_HINT}"
+    )
+
+
+def _version_key(v: str) -> list[tuple[int, int | str]]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~]", v)]
+
+
+def _load(d: Path, arch: str) -> Kernel | None:
+    try:
+        meta = json.loads((d / "kernel.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != _FORMAT or meta.get("arch") != arch:
+        return None
+    image = d / "vmlinuz"
+    mods = d / "modules"
+    if not image.is_file():
+        return None
+    return Kernel(version=meta["version"], image=image, modules_dir=mods if mods.is_dir() else None)
+
+
+def _newest_cached(kernels: Path) -> Kernel | None:
+    try:
+        arch = _arch()
+        entries = [d for d in kernels.iterdir() if not d.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError, DependencyError):
+        return None
+    found = [k for k in (_load(d, arch) for d in entries) if k is not None]
+    if not found:
+        return None
+    return max(found, key=lambda k: _version_key(k.version))
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cmd(env: str, default: str) -> list[str]:
+    value = os.environ.get(env)
+    return shlex.split(value) if value else [default]
+
+
+def _run_apt(argv: list[str], shown: str, cwd: Path | None = None) -> str:
+    def fail(why: str) -> DependencyError:
+        return DependencyError(
+            f"cannot fetch the guest kernel: `{shown}` failed: {why}; "
+            f"connect to a Debian mirror, or {_HINT}"
+        )
+
+    try:
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise fail(f"{argv[0]} not found (not a Debian-based host?)") from None
+    except subprocess.TimeoutExpired:
+        raise fail("timed out after 600 s") from None
+    if r.returncode != 0:
+        lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.startswith("E:")]
+        why = (errs or lines or [f"exit status {r.returncode}"])[-1]
+        raise fail(why)
+    return r.stdout
+
+
+def _package_name(meta_pkg: str) -> str:
+    out = _run_apt(
+        [*_cmd(ENV_APT_CACHE, "apt-cache"), "depends", meta_pkg], f"apt-cache depends {meta_pkg}"
+    )
+    for m in re.finditer(r"^\s*\|?Depends:\s*(linux-image-\d\S*)", out, re.M):
+        return m.group(1)
+    raise DependencyError(
+        f"cannot fetch the guest kernel: `apt-cache depends {meta_pkg}` names no "
+        f"linux-image package; run `apt-get update`, or {_HINT}"
+    )
+
+
+def _package_size(pkg: str) -> int | None:
+    try:
+        r = subprocess.run(
+            [*_cmd(ENV_APT_CACHE, "apt-cache"), "show", "--no-all-versions", pkg],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^Size:\s*(\d+)", r.stdout, re.M)
+    return int(m.group(1)) if r.returncode == 0 and m else None
+
+
+def _fetch(kernels: Path, progress: Callable[[str], None]) -> Kernel:
+    arch = _arch()
+    with _locked(kernels / ".lock"):
+        k = _newest_cached(kernels)  # someone else may have fetched it meanwhile
+        if k is not None:
+            return k
+        for stale in kernels.glob(".fetch-*"):  # left by a crashed fetch; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        meta_pkg = f"linux-image-cloud-{arch}"
+        pkg = _package_name(meta_pkg)
+        version = pkg.removeprefix("linux-image-").removesuffix("-unsigned")
+        size = _package_size(pkg)
+        size_txt = f" ({size / 1e6:.1f} MB)" if size else ""
+        progress(f"Fetching guest kernel {pkg}{size_txt}…")
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=kernels))
+        try:
+            _run_apt(
+                [*_cmd(ENV_APT_GET, "apt-get"), "download", pkg],
+                f"apt-get download {pkg}",
+                cwd=staging,
+            )
+            debs = sorted(staging.glob("*.deb"))
+            if not debs:
+                raise DependencyError(
+                    f"cannot fetch the guest kernel: `apt-get download {pkg}` produced no "
+                    f".deb file; connect to a Debian mirror, or {_HINT}"
+                )
+            progress("Unpacking kernel…")
+            tree = staging / "tree"
+            tree.mkdir()
+            unpack_kernel_deb(debs[0], tree, version)
+            (tree / "kernel.json").write_text(
+                json.dumps(
+                    {"format": _FORMAT, "version": version, "package": pkg, "arch": arch}, indent=1
+                )
+                + "\n"
+            )
+            final = kernels / version
+            if final.exists():  # an unusable leftover (no/old kernel.json): replace it
+                shutil.rmtree(final)
+            os.rename(tree, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    k = _load(final, arch)
+    if k is None:
+        raise MatchlockError(f"unpacked kernel in {final} is unusable; delete it and retry")
+    progress(f"Kernel ready: {version}")
+    return k
+
+
+def unpack_kernel_deb(deb: Path, dest: Path, version: str) -> None:
+    """Extract vmlinuz, config and the modules tree of a linux-image .deb into `dest`."""
+    mod_prefixes = (f"lib/modules/{version}/", f"usr/lib/modules/{version}/")
+
+    def select(name: str) -> str | None:
+        if name == f"boot/vmlinuz-{version}":
+            return "vmlinuz"
+        if name == f"boot/config-{version}":
+            return "config"
+        for p in mod_prefixes:
+            if name.startswith(p) and len(name) > len(p):
+                return "modules/" + name[len(p) :]
+        return None
+
+    _deb.extract_deb(deb, dest, select)
+    if not (dest / "vmlinuz").is_file():
+        raise MatchlockError(
+            f"{deb.name} holds no boot/vmlinuz-{version}; the package layout changed: {_HINT}"
+        )
+
+
+# --------------------------------------------------------------------------- TSC
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz (for the guest's ``tsc_early_khz=``), or None.
+
+    Sources, best first: the kernel log's calibrated value ("tsc: Refined TSC clocksource
+    calibration: N MHz", else "tsc: Detected N MHz"), then /proc/cpuinfo's "cpu MHz" when
+    the CPU has a constant TSC. x86 only.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    try:
+        sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text().strip()
+        if sysfs.isdigit() and int(sysfs) > 0:
+            return int(sysfs)
+    except OSError:
+        pass
+    log = _kernel_log()
+    for pat in (
+        r"Refined TSC clocksource calibration: ([\d.]+) MHz",
+        r"tsc: Detected ([\d.]+) MHz",
+    ):
+        hits = re.findall(pat, log)
+        if hits:
+            return round(float(hits[-1]) * 1000)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    if not re.search(r"^flags\s*:.*\bconstant_tsc\b", cpuinfo, re.M):
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+    return round(float(m.group(1)) * 1000) if m else None
+
+
+def _kernel_log() -> str:
+    exe = shutil.which("dmesg") or next(
+        (p for p in ("/usr/bin/dmesg", "/bin/dmesg") if os.path.exists(p)), None
+    )
+    if exe:
+        try:
+            r = subprocess.run([exe], capture_output=True, text=True, timeout=5)
+            if r.returncode == 0:
+                return r.stdout
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return ""
