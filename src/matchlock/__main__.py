@@ -1,0 +1,3 @@
+from matchlock.cli import main
+
+main()

@@ -1,0 +1,254 @@
+"""asyncio shell around the sans-I/O ChannelConnection: the host end of the guest channel.
+
+This is the only module in `channel/` that awaits. One reader task turns bytes from the
+virtio-serial socket into events and routes them to per-stream queues; writes go through
+one lock so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from matchlock.channel import (
+    CLOSED,
+    NEED_DATA,
+    ChannelConnection,
+    ChannelError,
+    Data,
+    Eof,
+    Exit,
+    GoAway,
+    Hello,
+    Reply,
+    Reset,
+    Resize,
+    Signal,
+    Window,
+)
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+
+
+class ChannelClosed(ChannelError):
+    """The guest end went away (VM powered off or crashed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    code: int | None = None
+    signal: int | None = None
+    error: str | None = None
+
+    @property
+    def shell_code(self) -> int:
+        """Exit code as a shell reports it: signal death is 128+n, a failed start 127."""
+        if self.error is not None:
+            return 127
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.code if self.code is not None else 255
+
+
+class _Stream:
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.credit_changed = asyncio.Event()
+
+
+class GuestChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._conn = ChannelConnection(role="host")
+        self._write_lock = asyncio.Lock()
+        self._streams: dict[int, _Stream] = {}
+        self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        self._closed_error: BaseException | None = None
+        self._reader: asyncio.Task | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    async def wait_ready(self) -> Hello:
+        hello = await asyncio.shield(self._hello)
+        return hello
+
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        async with self._write_lock:
+            await asyncio.get_running_loop().sock_sendall(self._sock, data)
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(self._sock, READ_SIZE)
+                self._conn.receive_data(data)
+                while True:
+                    ev = self._conn.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        raise ChannelClosed("the guest closed the channel")
+                    await self._dispatch(ev)
+                if not data:
+                    raise ChannelClosed("the guest closed the channel")
+        except asyncio.CancelledError:
+            self._fail(ChannelClosed("channel closed by host"))
+            raise
+        except (ChannelError, OSError) as e:
+            self._fail(e if isinstance(e, ChannelError) else ChannelClosed(str(e)))
+
+    def _fail(self, err: BaseException) -> None:
+        self._closed_error = err
+        if not self._hello.done():
+            self._hello.set_exception(err)
+            self._hello.exception()  # mark retrieved
+        for st in self._streams.values():
+            st.events.put_nowait(err)
+            st.credit_changed.set()
+
+    async def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, Hello):
+            await self._write(self._conn.send(Hello(version=ev.version, window=self._conn_window())))
+            if not self._hello.done():
+                self._hello.set_result(ev)
+            return
+        if isinstance(ev, GoAway):
+            raise ChannelClosed(f"guest reported a protocol error: {ev.error}")
+        st = self._streams.get(getattr(ev, "stream_id", 0))
+        if st is None:
+            return
+        if isinstance(ev, Window):
+            st.credit_changed.set()
+            return
+        st.events.put_nowait(ev)
+
+    def _conn_window(self) -> int:
+        from matchlock.channel import DEFAULT_WINDOW
+
+        return DEFAULT_WINDOW
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._sock.close()
+
+    # -- streams ------------------------------------------------------------------------
+
+    def _open(self, request: dict) -> tuple[_Stream, bytes]:
+        if self._closed_error is not None:
+            raise ChannelClosed(str(self._closed_error))
+        ev = self._conn.open(request)
+        st = _Stream(ev.stream_id)
+        self._streams[st.id] = st
+        return st, self._conn.send(ev)
+
+    async def request(self, request: dict, timeout: float = 10.0) -> dict:
+        st, wire = self._open(request)
+        try:
+            await self._write(wire)
+            ev = await asyncio.wait_for(st.events.get(), timeout)
+            if isinstance(ev, BaseException):
+                raise ev
+            if not isinstance(ev, Reply):
+                raise ChannelError(f"unexpected reply to {request.get('op')}: {ev!r}")
+            return ev.body
+        finally:
+            self._streams.pop(st.id, None)
+
+    async def exec(
+        self,
+        request: dict,
+        on_output: Callable[[int, bytes], None],
+        stdin: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> ExecHandle:
+        st, wire = self._open(request)
+        await self._write(wire)
+        return ExecHandle(self, st, on_output, stdin)
+
+    async def _send_stdin(self, st: _Stream, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            credit = self._conn.credit(st.id)
+            if credit <= 0:
+                st.credit_changed.clear()
+                if self._closed_error is not None:
+                    raise ChannelClosed(str(self._closed_error))
+                await st.credit_changed.wait()
+                continue
+            n = min(credit, len(view), 65536)
+            await self._write(self._conn.send(Data(st.id, 0, bytes(view[:n]))))
+            view = view[n:]
+
+
+class ExecHandle:
+    """A running guest process: feed stdin, resize, signal, and wait for its exit."""
+
+    def __init__(self, chan: GuestChannel, st: _Stream, on_output, stdin) -> None:
+        self._chan = chan
+        self._st = st
+        self._on_output = on_output
+        self._stdin_task = asyncio.ensure_future(self._pump_stdin(stdin)) if stdin else None
+        self._done = False
+
+    async def _pump_stdin(self, stdin: Callable[[], Awaitable[bytes]]) -> None:
+        try:
+            while True:
+                chunk = await stdin()
+                if not chunk:
+                    await self._chan._write(self._chan._conn.send(Eof(self._st.id, 0)))
+                    return
+                await self._chan._send_stdin(self._st, chunk)
+        except (ChannelError, OSError) as e:
+            log.debug("stdin pump stopped: %s", e)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        if not self._done:
+            await self._chan._write(self._chan._conn.send(Resize(self._st.id, rows, cols)))
+
+    async def signal(self, signum: int) -> None:
+        if not self._done:
+            await self._chan._write(self._chan._conn.send(Signal(self._st.id, signum)))
+
+    async def cancel(self) -> None:
+        """Ask the guest to stop the process (SIGTERM, then SIGKILL after 5 s)."""
+        if not self._done:
+            await self._chan._write(self._chan._conn.send(Reset(self._st.id)))
+
+    async def wait(self) -> ExitStatus:
+        chan, st = self._chan, self._st
+        try:
+            while True:
+                ev = await st.events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, Data):
+                    self._on_output(ev.fd, ev.data)
+                    await chan._write(chan._conn.send(Window(st.id, len(ev.data))))
+                elif isinstance(ev, Exit):
+                    self._done = True
+                    return ExitStatus(ev.code, ev.signal, ev.error)
+                elif isinstance(ev, Reset):
+                    self._done = True
+                    return ExitStatus(error="the guest dropped the process")
+                # Eof of stdout/stderr needs no action: Exit follows it.
+        finally:
+            self._done = True
+            chan._streams.pop(st.id, None)
+            if self._stdin_task is not None:
+                self._stdin_task.cancel()

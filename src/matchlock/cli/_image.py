@@ -1,0 +1,90 @@
+"""`matchlock image ls|rm|import`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from matchlock.cli._output import human_size, print_table
+
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def image(ctx: click.Context) -> None:
+    """Manage local images."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def image_ls(as_json: bool) -> None:
+    """List images."""
+    from matchlock.image import ImageStore
+
+    images = ImageStore().list()
+    if as_json:
+        import json
+
+        click.echo(json.dumps([
+            {"tag": i.name, "id": i.id, "source": i.source, "size": i.size, "created": i.created}
+            for i in images
+        ], indent=2))
+        return
+    print_table(
+        ["TAG", "SOURCE", "SIZE", "CREATED"],
+        [[i.name, i.source, human_size(i.size), i.created[:19].replace("T", " ")]
+         for i in images],
+    )
+
+
+image.add_command(image_ls, "list")
+
+
+@image.command("rm")
+@click.argument("tags", nargs=-1, required=True)
+def image_rm(tags: tuple[str, ...]) -> None:
+    """Remove images by tag."""
+    from matchlock.image import ImageStore
+
+    store = ImageStore()
+    for tag in tags:
+        store.remove(tag)
+        click.echo(f"Removed {tag}")
+
+
+image.add_command(image_rm, "remove")
+
+
+@image.command("import")
+@click.argument("tag")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+def image_import(tag: str, file: str | None) -> None:
+    """Import a `docker save` or OCI-layout tarball (FILE, or stdin) as TAG."""
+    from matchlock.image import ImageStore
+
+    def progress(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    if file and file != "-":
+        try:
+            f = open(file, "rb")  # noqa: SIM115 - closed below
+        except OSError as e:
+            from matchlock.errors import UsageError
+
+            raise UsageError(f"cannot read {file}: {e.strerror}") from None
+    else:
+        if sys.stdin.isatty():
+            from matchlock.errors import UsageError
+
+            raise UsageError("no tarball given: pipe one in (`< image.tar`) or pass FILE")
+        click.echo(f"Importing {tag} from stdin...", err=True)
+        f = sys.stdin.buffer
+    try:
+        img = ImageStore().import_tar(tag, f, progress=progress)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    click.echo(f"Imported: {img.name}")
+    click.echo(f"Size: {human_size(img.size)}")

@@ -1,0 +1,67 @@
+"""Entry point: one-line errors, no tracebacks, documented exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from matchlock import __version__
+from matchlock.errors import MatchlockError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", message="matchlock version %(version)s")
+@click.option("--debug", is_flag=True, envvar="MATCHLOCK_DEBUG", help="Verbose logs on stderr.")
+def cli(debug: bool) -> None:
+    """Run commands in disposable micro-VMs with a sealed network."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"matchlock {__version__}")
+
+
+def _register() -> None:
+    from matchlock.cli import _image, _run
+
+    cli.add_command(_run.run)
+    cli.add_command(_image.image)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rc = cli.main(args=argv, prog_name="matchlock", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # pragma: no cover - click>=8.2
+        click.echo(e.ctx.get_help(), err=True)
+        rc = 0
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "matchlock"
+        msg = e.format_message().replace("\n", " ")
+        print(f"error: {msg} (see '{cmd} --help')", file=sys.stderr)
+        rc = 2
+    except click.Abort:
+        print("error: aborted", file=sys.stderr)
+        rc = 130
+    except MatchlockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        rc = e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        rc = 130
+    except BrokenPipeError:
+        # Reader went away (e.g. `| head`): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        rc = 141
+    sys.exit(rc if isinstance(rc, int) else 0)

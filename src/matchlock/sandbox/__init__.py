@@ -1,0 +1,6 @@
+"""The Sandbox: one VM from image to teardown."""
+
+from matchlock.sandbox._command import ImageDefaults, compose_argv, compose_env
+from matchlock.sandbox._sandbox import Sandbox, SandboxConfig
+
+__all__ = ["ImageDefaults", "Sandbox", "SandboxConfig", "compose_argv", "compose_env"]

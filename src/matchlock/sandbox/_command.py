@@ -1,0 +1,82 @@
+"""Compose the guest command, environment, user and workdir (Docker rules), no I/O."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from matchlock.errors import UsageError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageDefaults:
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+
+
+def compose_argv(
+    image: ImageDefaults, args: Sequence[str], entrypoint: str | None
+) -> list[str]:
+    """ENTRYPOINT ++ (args or CMD); --entrypoint X replaces ENTRYPOINT, "" clears it."""
+    ep = list(image.entrypoint) if entrypoint is None else ([entrypoint] if entrypoint else [])
+    if args:
+        return ep + list(args)
+    # Docker drops the image CMD when --entrypoint is given explicitly.
+    return ep + ([] if entrypoint is not None else list(image.cmd))
+
+
+def parse_env_item(item: str, host_env: Mapping[str, str], origin: str) -> tuple[str, str]:
+    if "=" in item:
+        key, value = item.split("=", 1)
+    else:
+        key = item
+        if key not in host_env:
+            raise UsageError(f"{origin} {key}: {key} is not set in the host environment")
+        value = host_env[key]
+    if not key or any(c in key for c in " \t\n\0"):
+        raise UsageError(f"{origin} {item!r}: invalid variable name")
+    return key, value
+
+
+def read_env_file(path: str, host_env: Mapping[str, str]) -> list[tuple[str, str]]:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UsageError(f"--env-file {path}: {e.strerror}") from None
+    out = []
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(parse_env_item(line, host_env, "--env-file"))
+    return out
+
+
+def compose_env(
+    image: ImageDefaults,
+    env_files: Sequence[str] = (),
+    env: Sequence[str] = (),
+    host_env: Mapping[str, str] | None = None,
+    tty: bool = False,
+) -> dict[str, str]:
+    """base PATH < image ENV < --env-file (in order) < -e (in order)."""
+    host_env = os.environ if host_env is None else host_env
+    out: dict[str, str] = {"PATH": DEFAULT_PATH}
+    for item in image.env:
+        k, _, v = item.partition("=")
+        if k:
+            out[k] = v
+    for path in env_files:
+        out.update(read_env_file(path, host_env))
+    for item in env:
+        k, v = parse_env_item(item, host_env, "-e")
+        out[k] = v
+    if tty and "TERM" not in out:
+        out["TERM"] = host_env.get("TERM") or "xterm"
+    return out

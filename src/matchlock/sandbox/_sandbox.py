@@ -1,0 +1,295 @@
+"""Sandbox: one VM from image to teardown. Owns every resource the VM takes.
+
+Data flows one way: CLI/RPC -> Sandbox -> {image, vm, channel, state}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matchlock.channel.client import ChannelClosed, ExecHandle, GuestChannel
+from matchlock.errors import DependencyError, UsageError, VmStartError
+from matchlock.guest import guest_binary
+from matchlock.image import BUILTIN_IMAGE, Image, ImageStore
+from matchlock.paths import vms_dir
+from matchlock.state import StateDB
+from matchlock.vm.accel import detect_accel
+from matchlock.vm.initramfs import build_initramfs
+from matchlock.vm.kernel import host_tsc_khz, resolve_kernel
+from matchlock.vm.qemu import QemuProcess
+from matchlock.vm.spec import Disk, VmSpec, vcpus_for
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+BOOT_TIMEOUT_S = float(os.environ.get("MATCHLOCK_BOOT_TIMEOUT", "90"))
+MAX_DISK_SIZE_MIB = 1 << 20  # 1 TiB: sparse, but a typo of a few zeros should be caught
+ROOT_SERIAL = "ml-root"
+UPPER_SERIAL = "ml-upper"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    image: str
+    cpus: float = 1.0
+    memory_mib: int = 512
+    disk_size_mib: int = 5120
+    hostname: str = ""
+    no_network: bool = False
+    kernel: str | None = None
+    accel: str | None = None
+    machine: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> int:
+        """Check everything that needs no I/O; returns the vCPU count."""
+        vcpus = vcpus_for(self.cpus)
+        if self.memory_mib < 64:
+            raise UsageError(f"--memory must be at least 64 MB (got {self.memory_mib})")
+        if not 64 <= self.disk_size_mib <= MAX_DISK_SIZE_MIB:
+            raise UsageError(
+                f"--disk-size must be between 64 and {MAX_DISK_SIZE_MIB} MB (got {self.disk_size_mib})"
+            )
+        if self.hostname and (len(self.hostname) > 63 or not all(
+            c.isalnum() or c in "-." for c in self.hostname
+        )):
+            raise UsageError(f"--hostname {self.hostname!r}: use letters, digits, '-' and '.'")
+        return vcpus
+
+
+def new_vm_id() -> str:
+    return "vm-" + uuid.uuid4().hex[:8]
+
+
+def resolve_image(store: ImageStore, name: str) -> Image:
+    builtin = BUILTIN_IMAGE.split(":")[0]
+    if name in (builtin, BUILTIN_IMAGE):
+        return store.ensure_builtin()
+    return store.get(name)
+
+
+def make_upper_disk(path: Path, size_mib: int) -> None:
+    mke2fs = shutil.which("mke2fs") or "/sbin/mke2fs"
+    if not os.path.exists(mke2fs):
+        raise DependencyError("mke2fs not found: install e2fsprogs (apt-get install e2fsprogs)")
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    # No journal: the disk is thrown away with the VM, crash consistency buys nothing.
+    r = subprocess.run(
+        [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "matchlock-upper",
+         str(path)],
+        capture_output=True, text=True,
+    )
+    if r.returncode != 0:
+        raise VmStartError(f"cannot create the VM's writable disk: {r.stderr.strip()}")
+
+
+class Sandbox:
+    def __init__(self, config: SandboxConfig, progress: Progress | None = None) -> None:
+        self.config = config
+        self.progress = progress or (lambda msg: None)
+        self.id = new_vm_id()
+        self.dir = vms_dir() / self.id
+        self.image: Image | None = None
+        self.qemu: QemuProcess | None = None
+        self.channel: GuestChannel | None = None
+        self.timings: dict[str, float] = {}
+        self._db: StateDB | None = None
+        self._closed = False
+        self._prep: asyncio.Future | None = None
+
+    # -- start ---------------------------------------------------------------------------
+
+    def _prepare(self, vcpus: int) -> tuple[VmSpec, socket.socket]:
+        """Blocking preparation (image, kernel, disks); runs in a worker thread."""
+        t0 = time.monotonic()
+        cfg = self.config
+        accel, warning = detect_accel(cfg.accel)
+        if warning:
+            self.progress(warning)
+        self.image = resolve_image(ImageStore(), cfg.image)
+        kernel = resolve_kernel(cfg.kernel, progress=self.progress)
+        initrd = build_initramfs(kernel, guest_binary())
+        self.timings["prepare_assets"] = time.monotonic() - t0
+
+        self.dir.mkdir(parents=True, mode=0o700)
+        (self.dir / "logs").mkdir()
+        self._db = StateDB()
+        self._db.register(self.id, os.getpid(), self.image.name, {"image": self.image.name})
+        upper = self.dir / "upper.ext4"
+        make_upper_disk(upper, cfg.disk_size_mib)
+
+        machine = cfg.machine or os.environ.get("MATCHLOCK_MACHINE") or ""
+        tsc = host_tsc_khz()
+        if not machine:
+            # microvm boots fastest; under TCG it needs the TSC rate or it hangs calibrating.
+            machine = "microvm" if (accel != "tcg" or tsc) else "q35"
+        cmdline = [
+            "console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t",
+            f"matchlock.hostname={cfg.hostname or self.id}",
+            f"matchlock.root={ROOT_SERIAL}", f"matchlock.upper={UPPER_SERIAL}",
+            f"matchlock.net={0 if cfg.no_network else 1}",
+        ]
+        if accel == "tcg" and tsc:
+            cmdline.append(f"tsc_early_khz={tsc}")
+        if os.environ.get("MATCHLOCK_GUEST_DEBUG"):
+            cmdline.append("matchlock.debug=1")
+        spec = VmSpec(
+            kernel=kernel.image,
+            initrd=initrd,
+            memory_mib=cfg.memory_mib,
+            vcpus=vcpus,
+            accel=accel,
+            machine=machine,
+            log_path=self.dir / "logs" / "vm.log",
+            disks=(
+                Disk(self.image.disk, ROOT_SERIAL, readonly=True),
+                Disk(upper, UPPER_SERIAL),
+            ),
+            cmdline=tuple(cmdline),
+        )
+        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.qemu = QemuProcess(spec, guest_sock.fileno(), self.dir / "qemu.err")
+        except BaseException:
+            host_sock.close()
+            raise
+        finally:
+            guest_sock.close()
+        self.timings["qemu_spawned"] = time.monotonic() - t0
+        return spec, host_sock
+
+    async def start(self) -> None:
+        vcpus = self.config.validate()
+        t0 = time.monotonic()
+        # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind close().
+        self._prep = asyncio.ensure_future(asyncio.to_thread(self._prepare, vcpus))
+        _, host_sock = await asyncio.shield(self._prep)
+        self.channel = GuestChannel(host_sock)
+        self.channel.start()
+        hello_task = asyncio.ensure_future(self.channel.wait_ready())
+        exit_task = asyncio.ensure_future(asyncio.to_thread(self._wait_qemu_exit))
+        try:
+            done, _ = await asyncio.wait(
+                {hello_task, exit_task}, timeout=BOOT_TIMEOUT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            self._stop_waiting = True
+        if hello_task in done and hello_task.exception() is None:
+            hello = hello_task.result()
+            exit_task.cancel()
+            self.timings["ready"] = time.monotonic() - t0
+            if hello.uptime_ns:
+                self.timings["guest_uptime_at_ready"] = hello.uptime_ns / 1e9
+            log.debug("sandbox %s ready: %s", self.id, self.timings)
+            return
+        hello_task.cancel()
+        raise VmStartError(self._boot_failure(elapsed=time.monotonic() - t0))
+
+    _stop_waiting = False
+
+    def _wait_qemu_exit(self) -> int | None:
+        assert self.qemu is not None
+        while not self._stop_waiting:
+            rc = self.qemu.wait(0.1)
+            if rc is not None:
+                return rc
+        return None
+
+    def _boot_failure(self, elapsed: float) -> str:
+        assert self.qemu is not None
+        rc = self.qemu.poll()
+        console = self.console_tail()
+        if rc is None:
+            why = f"the guest did not become ready within {elapsed:.0f} s"
+        else:
+            why = f"QEMU exited with status {rc} during boot"
+            err = self.qemu.stderr_tail()
+            if err:
+                why += f": {err}"
+        if console:
+            why += f" (console: {console})"
+        return why
+
+    def console_tail(self, lines: int = 3) -> str:
+        try:
+            text = (self.dir / "logs" / "vm.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        rows = [r.strip() for r in text.splitlines() if r.strip()]
+        return " | ".join(rows[-lines:])
+
+    # -- exec ----------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        request: dict,
+        on_output: Callable[[int, bytes], None],
+        stdin: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> ExecHandle:
+        if self.channel is None:
+            raise VmStartError("the sandbox is not running")
+        return await self.channel.exec({"op": "exec", **request}, on_output, stdin)
+
+    def crashed_reason(self) -> str:
+        rc = self.qemu.poll() if self.qemu else None
+        msg = "the VM stopped unexpectedly"
+        if rc is not None:
+            msg += f" (QEMU exit status {rc})"
+        tail = self.console_tail()
+        return f"{msg}; console: {tail}" if tail else msg
+
+    # -- teardown ------------------------------------------------------------------------
+
+    async def close(self, remove: bool = True) -> None:
+        """Stop the VM and release everything. Idempotent; never raises for cleanup."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_waiting = True
+        t0 = time.monotonic()
+        if self._prep is not None and not self._prep.done():
+            try:
+                _, sock = await self._prep
+                sock.close()
+            except Exception:  # noqa: BLE001 - its failure was already reported
+                pass
+        if self.channel is not None and self.qemu is not None and self.qemu.poll() is None \
+                and not remove:
+            # Kept VMs get a clean guest shutdown so the upper disk is consistent.
+            try:
+                await self.channel.request({"op": "poweroff"}, timeout=2)
+            except (ChannelClosed, Exception) as e:  # noqa: BLE001 - best effort
+                log.debug("poweroff request failed: %s", e)
+            await asyncio.to_thread(self.qemu.wait, 3)
+        if self.channel is not None:
+            await self.channel.close()
+        if self.qemu is not None:
+            # A --rm VM's disks are discarded, so there is nothing to flush: kill at once.
+            await asyncio.to_thread(self.qemu.kill, 0.0 if remove else 1.0)
+        if self._db is not None:
+            if remove:
+                self._db.remove(self.id)
+            else:
+                self._db.set_status(self.id, "stopped")
+            self._db.close()
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            try:
+                (self.dir / "upper.ext4").unlink()
+            except FileNotFoundError:
+                pass
+        self.timings["teardown"] = time.monotonic() - t0

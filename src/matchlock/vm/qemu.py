@@ -1,0 +1,129 @@
+"""QEMU as the VMM: command line from a VmSpec, process launch and teardown."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from matchlock.errors import DependencyError
+from matchlock.vm.spec import VmSpec
+
+log = logging.getLogger(__name__)
+
+CHANNEL_PORT_NAME = "matchlock.ctl"
+_PR_SET_PDEATHSIG = 1
+
+
+def qemu_binary() -> str:
+    arch = platform.machine()
+    name = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}.get(arch)
+    if name is None:
+        raise DependencyError(f"unsupported host architecture {arch}")
+    override = os.environ.get("MATCHLOCK_QEMU")
+    path = override or shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        pkg = "qemu-system-x86" if arch == "x86_64" else "qemu-system-arm"
+        raise DependencyError(
+            f"{override or name} not found: install QEMU (apt-get install {pkg})"
+        )
+    return path
+
+
+def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
+    mmio = spec.machine == "microvm"
+    bus = "device" if mmio else "pci"
+    machine = "microvm,acpi=on" if mmio else "q35"
+    accel = spec.accel
+    if accel == "tcg":
+        accel = "tcg,thread=multi" if spec.vcpus > 1 else "tcg"
+    argv = [
+        qemu,
+        "-M", machine,
+        "-accel", accel,
+        "-smp", str(spec.vcpus),
+        "-m", str(spec.memory_mib),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-monitor", "none",
+        "-chardev", f"file,id=con,path={spec.log_path}",
+        "-serial", "chardev:con",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", " ".join(spec.cmdline),
+    ]
+    if spec.accel in ("kvm", "hvf"):
+        argv += ["-cpu", "host"]
+    for i, disk in enumerate(spec.disks):
+        ro = ",readonly=on" if disk.readonly else ""
+        argv += [
+            "-drive", f"id=d{i},file={disk.path},format=raw,if=none,cache=unsafe{ro}",
+            "-device", f"virtio-blk-{bus},drive=d{i},serial={disk.serial}",
+        ]
+    argv += [
+        "-device", f"virtio-serial-{bus},max_ports=2",
+        "-chardev", f"socket,id=ctl,fd={channel_fd}",
+        "-device", f"virtserialport,chardev=ctl,name={CHANNEL_PORT_NAME}",
+    ]
+    return argv
+
+
+def _child_setup() -> None:
+    # QEMU must not outlive its supervisor, even when the supervisor is SIGKILLed.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class QemuProcess:
+    """One running QEMU; owns the process and reaps it."""
+
+    def __init__(self, spec: VmSpec, channel_fd: int, stderr_path: Path) -> None:
+        self.spec = spec
+        self.stderr_path = stderr_path
+        argv = build_argv(spec, qemu_binary(), channel_fd)
+        log.debug("qemu argv: %s", argv)
+        with open(stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                pass_fds=(channel_fd,),
+                start_new_session=True,  # a terminal Ctrl-C reaches us, not QEMU
+                preexec_fn=_child_setup,
+                env={**os.environ, **spec.extra_env},
+            )
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, grace: float = 1.0) -> int:
+        """SIGTERM, then SIGKILL after `grace` seconds; always reaps."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            if self.wait(grace) is None:
+                self.proc.kill()
+        return self.proc.wait()

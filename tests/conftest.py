@@ -1,0 +1,56 @@
+"""Shared fixtures. E2E tests boot real QEMU VMs; they fail (never skip) without QEMU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matchlock_cmd() -> list[str]:
+    return [sys.executable, "-m", "matchlock"]
+
+
+@pytest.fixture(scope="session")
+def state_home(tmp_path_factory) -> Path:
+    """A private MATCHLOCK_HOME for the whole run; the cache (kernel, images) is shared."""
+    return tmp_path_factory.mktemp("mlhome")
+
+
+@pytest.fixture(scope="session")
+def ml_env(state_home) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MATCHLOCK_HOME"] = str(state_home)
+    env.pop("MATCHLOCK_DEBUG", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ml(ml_env):
+    """Run the matchlock CLI; returns CompletedProcess (bytes)."""
+
+    def run(*args: str, input: bytes | None = None, timeout: float = 240, env=None,
+            check: bool = False) -> subprocess.CompletedProcess:
+        p = subprocess.run(
+            [*matchlock_cmd(), *args], input=input, capture_output=True, timeout=timeout,
+            env={**ml_env, **(env or {})},
+        )
+        if check and p.returncode != 0:
+            raise AssertionError(
+                f"matchlock {' '.join(args)} exited {p.returncode}: {p.stderr.decode()[-2000:]}"
+            )
+        return p
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def qemu_present() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is not installed: run ./scripts/install.sh", False)
