@@ -1,0 +1,134 @@
+"""E2E fixtures: test images built once and cached under the cache dir."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from matchlock.paths import cache_dir
+
+pytestmark = pytest.mark.e2e
+
+
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644,
+              uid: int = 0, gid: int = 0) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.uid, ti.gid, ti.mtime = len(data), mode, uid, gid, int(time.time())
+    tar.addfile(ti, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755, uid: int = 0,
+             gid: int = 0) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.mode, ti.uid, ti.gid = tarfile.DIRTYPE, mode, uid, gid
+    tar.addfile(ti)
+
+
+def make_docker_save(out: Path, layer: bytes, config: dict, tag: str) -> None:
+    """Wrap one uncompressed layer tar into a `docker save` tarball."""
+    layer_digest = hashlib.sha256(layer).hexdigest()
+    cfg = json.dumps({
+        "architecture": "amd64", "os": "linux", "config": config,
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+    }).encode()
+    cfg_digest = hashlib.sha256(cfg).hexdigest()
+    manifest = json.dumps([{
+        "Config": f"{cfg_digest}.json", "RepoTags": [tag],
+        "Layers": [f"{layer_digest}/layer.tar"],
+    }]).encode()
+    with tarfile.open(out, "w") as tar:
+        _add_file(tar, f"{cfg_digest}.json", cfg)
+        _add_file(tar, f"{layer_digest}/layer.tar", layer)
+        _add_file(tar, "manifest.json", manifest)
+
+
+def busybox_rootfs_layer(extra_dirs: tuple[tuple[str, int, int, int], ...] = ()) -> bytes:
+    bb = Path("/bin/busybox").read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("bin", "etc", "tmp", "root", "home", "srv"):
+            _add_dir(tar, d, 0o1777 if d == "tmp" else 0o755)
+        _add_file(tar, "bin/busybox", bb, 0o755)
+        for applet in ("sh", "echo", "id", "pwd", "cat", "env", "ls", "sleep", "touch"):
+            ti = tarfile.TarInfo(f"bin/{applet}")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(ti)
+        _add_file(tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+                  b"app:x:1234:2345:app:/home/app:/bin/sh\n"
+                  b"nobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")
+        _add_file(tar, "etc/group", b"root:x:0:\napp:x:2345:\nstaff:x:50:\n"
+                  b"nogroup:x:65534:\n")
+        for name, mode, uid, gid in extra_dirs:
+            _add_dir(tar, name, mode, uid, gid)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def user_image(ml, qemu_present) -> str:
+    """A busybox image whose config sets User, WorkingDir, Env, Entrypoint and Cmd."""
+    tag = "e2e/userimg:1"
+    tmp = cache_dir() / "test-images"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tar = tmp / "userimg.tar"
+    make_docker_save(
+        tar,
+        busybox_rootfs_layer((("home/app", 0o755, 1234, 2345), ("srv/work", 0o755, 1234, 2345))),
+        {
+            "User": "app", "WorkingDir": "/srv/work",
+            "Env": ["PATH=/bin", "IMG_VAR=from-image", "SHADOW=image"],
+            "Entrypoint": ["/bin/echo", "entry"], "Cmd": ["default-cmd"],
+        },
+        tag,
+    )
+    ml("image", "import", tag, str(tar), check=True)
+    return tag
+
+
+@pytest.fixture(scope="session")
+def debian_image(ml, qemu_present) -> str:
+    """Debian bookworm minbase + ca-certificates, curl, python3 (mmdebstrap), cached."""
+    tag = "debian:test"
+    out = cache_dir() / "test-images" / "debian-bookworm.tar"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mmdebstrap") is None:
+            pytest.fail("mmdebstrap is not installed: run ./scripts/install.sh", False)
+        subprocess.run(
+            [sys.executable, "-m", "matchlock.image.testimages", "debian", str(out)],
+            check=True, timeout=900,
+        )
+    ml("image", "import", tag, str(out), check=True, timeout=600)
+    return tag
+
+
+def qemu_pids(state_home: Path) -> list[int]:
+    """QEMU processes that belong to this test run (their paths are under state_home)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and str(state_home).encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def residue(state_home: Path) -> dict:
+    vms = state_home / "vms"
+    return {
+        "qemu": qemu_pids(state_home),
+        "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
+    }

@@ -1,0 +1,165 @@
+"""`matchlock run` end to end: real QEMU VMs (TCG here), real images."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import matchlock_cmd
+from tests.e2e.conftest import residue
+
+pytestmark = pytest.mark.e2e
+
+BB = "matchlock/busybox"
+
+
+def test_default_image_echo(ml, qemu_present, state_home):
+    p = ml("run", "--image", BB, "echo", "hello")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"hello\n"
+    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+
+
+def test_debian_os_release(ml, debian_image):
+    p = ml("run", "--image", debian_image, "cat", "/etc/os-release")
+    assert p.returncode == 0, p.stderr
+    assert b'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"' in p.stdout
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 255])
+def test_exit_codes(ml, qemu_present, code):
+    p = ml("run", "--image", BB, "--", "sh", "-c", f"echo out; echo err >&2; exit {code}")
+    assert p.returncode == code, p.stderr
+    assert p.stdout == b"out\n"
+    assert p.stderr.endswith(b"err\n")
+    assert b"out" not in p.stderr
+
+
+def test_signal_death_is_128_plus_n(ml, qemu_present):
+    p = ml("run", "--image", BB, "--", "sh", "-c", "kill -9 $$")
+    assert p.returncode == 128 + 9, p.stderr
+
+
+def test_missing_command_is_127(ml, qemu_present):
+    p = ml("run", "--image", BB, "/no/such/binary")
+    assert p.returncode == 127
+    assert b"/no/such/binary" in p.stderr
+
+
+def test_output_streams_as_produced(ml_env, qemu_present):
+    proc = subprocess.Popen(
+        [*matchlock_cmd(), "run", "--image", BB, "--", "sh", "-c", "echo a; sleep 3; echo b"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    t_a = time.monotonic()
+    second = proc.stdout.readline()
+    t_b = time.monotonic()
+    assert proc.wait(60) == 0
+    assert (first, second) == (b"a\n", b"b\n")
+    assert t_b - t_a >= 2.0, f"b arrived only {t_b - t_a:.2f}s after a"
+
+
+def test_stdin_50mb_digest(ml, qemu_present):
+    data = os.urandom(50 * 1024 * 1024)
+    p = ml("run", "-i", "--image", BB, "sha256sum", input=data, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_pipe_echo(ml, qemu_present):
+    p = ml("run", "-i", "--image", BB, "cat", input=b"hi\n")
+    assert (p.returncode, p.stdout) == (0, b"hi\n")
+
+
+def test_root_is_disposable_and_image_untouched(ml, qemu_present):
+    from matchlock.image import ImageStore
+
+    disk = ImageStore().ensure_builtin().disk
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    p = ml("run", "--image", BB, "--", "sh", "-c", "echo x > /marker && cat /marker")
+    assert (p.returncode, p.stdout) == (0, b"x\n"), p.stderr
+    p = ml("run", "--image", BB, "--", "sh", "-c", "test -e /marker; echo $?")
+    assert p.stdout == b"1\n", p.stderr
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+
+
+def test_image_config_user_workdir_env_entrypoint(ml, user_image):
+    # Entrypoint + default Cmd
+    p = ml("run", "--image", user_image)
+    assert (p.returncode, p.stdout) == (0, b"entry default-cmd\n"), p.stderr
+    # args replace Cmd, Entrypoint stays
+    p = ml("run", "--image", user_image, "a", "b")
+    assert p.stdout == b"entry a b\n"
+    # --entrypoint replaces; image User and WorkingDir apply
+    p = ml("run", "--image", user_image, "--entrypoint", "/bin/sh", "--", "-c",
+           "id -u; id -g; pwd; echo $IMG_VAR $SHADOW; echo $HOME")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().split("\n")[:5] == [
+        "1234", "2345", "/srv/work", "from-image image", "/home/app"]
+
+
+def test_user_env_workdir_flags(ml, user_image, monkeypatch):
+    p = ml("run", "--image", user_image, "--entrypoint", "", "-u", "0", "-w", "/tmp",
+           "-e", "SHADOW=flag", "-e", "FROM_HOST", "--",
+           "sh", "-c", "id -u; pwd; echo $SHADOW $FROM_HOST",
+           env={"FROM_HOST": "hostval"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().split("\n")[:3] == ["0", "/tmp", "flag hostval"]
+    for user, want in (("nobody", "65534 65534"), ("1234:50", "1234 50"),
+                       ("app:staff", "1234 50"), ("4321", "4321 4321")):
+        p = ml("run", "--image", user_image, "--entrypoint", "", "-u", user, "--",
+               "sh", "-c", 'echo "$(id -u) $(id -g)"')
+        assert p.stdout.decode().strip() == want, (user, p.stderr)
+    p = ml("run", "--image", user_image, "--entrypoint", "", "-u", "ghost", "true")
+    assert p.returncode == 127 and b"ghost" in p.stderr
+
+
+def test_ctrl_c_stops_within_5s(ml_env, qemu_present, state_home):
+    proc = subprocess.Popen(
+        [*matchlock_cmd(), "run", "--image", BB, "--", "sh", "-c", "echo started; sleep 1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    assert rc == 130
+    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+
+
+def test_sigterm_stops_within_5s(ml_env, qemu_present, state_home):
+    proc = subprocess.Popen(
+        [*matchlock_cmd(), "run", "--image", BB, "--", "sh", "-c",
+         "trap '' TERM; echo started; sleep 1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(10)
+    assert time.monotonic() - t0 < 5
+    assert rc == 143
+    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+
+
+def test_twenty_sequential_runs_leave_no_residue(ml, qemu_present, state_home):
+    mounts_before = open("/proc/mounts").read()
+    tmp_before = set(os.listdir("/tmp"))
+    for i in range(20):
+        p = ml("run", "--image", BB, "echo", str(i))
+        assert (p.returncode, p.stdout) == (0, f"{i}\n".encode()), p.stderr
+    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert open("/proc/mounts").read() == mounts_before
+    leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if "matchlock" in n or "tmp" in n}
+    assert not leaked

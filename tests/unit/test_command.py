@@ -1,0 +1,38 @@
+import pytest
+
+from matchlock.errors import UsageError
+from matchlock.sandbox import ImageDefaults, compose_argv, compose_env
+from matchlock.sandbox._command import DEFAULT_PATH
+
+IMG = ImageDefaults(env=("PATH=/img/bin", "A=1", "B=image"), entrypoint=("/ep",),
+                    cmd=("default",))
+
+
+def test_argv_rules():
+    assert compose_argv(IMG, [], None) == ["/ep", "default"]
+    assert compose_argv(IMG, ["x", "y"], None) == ["/ep", "x", "y"]
+    assert compose_argv(IMG, ["x"], "/other") == ["/other", "x"]
+    assert compose_argv(IMG, [], "/other") == ["/other"]
+    assert compose_argv(IMG, ["ls"], "") == ["ls"]
+    assert compose_argv(ImageDefaults(), [], None) == []
+
+
+def test_env_precedence(tmp_path):
+    f = tmp_path / "envf"
+    f.write_text("# comment\n\nB=file\nC=file\nFROM_HOST\n")
+    env = compose_env(IMG, [str(f)], ["C=flag", "D"], {"D": "host", "FROM_HOST": "h"})
+    assert env == {"PATH": "/img/bin", "A": "1", "B": "file", "C": "flag", "D": "host",
+                   "FROM_HOST": "h"}
+    assert compose_env(ImageDefaults(), host_env={})["PATH"] == DEFAULT_PATH
+
+
+def test_env_errors(tmp_path):
+    with pytest.raises(UsageError, match="NOPE is not set"):
+        compose_env(IMG, env=["NOPE"], host_env={})
+    with pytest.raises(UsageError, match="--env-file"):
+        compose_env(IMG, env_files=[str(tmp_path / "missing")], host_env={})
+
+
+def test_tty_sets_term():
+    assert compose_env(IMG, host_env={"TERM": "screen"}, tty=True)["TERM"] == "screen"
+    assert "TERM" not in compose_env(IMG, host_env={"TERM": "screen"})
