@@ -1,0 +1,176 @@
+"""Turn layer blobs into a read-only ext4 root disk.
+
+Extraction and `mke2fs -d` must see the same (possibly faked) ownership, so when we are not
+root both run inside ONE `fakeroot` session: `fakeroot -- python -m matchlock.image._build
+SPEC`. As root they run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matchlock
+from matchlock.errors import DependencyError, MatchlockError
+
+MiB = 1 << 20
+BLOCK = 4096
+LABEL = "matchlock-root"
+_SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+
+def find_tool(name: str) -> str | None:
+    """`shutil.which`, also looking in sbin dirs (not on a normal user's PATH on Debian)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _SBIN:
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def require_mke2fs() -> str:
+    exe = find_tool("mke2fs")
+    if not exe:
+        raise DependencyError(
+            "mke2fs not found; install e2fsprogs (apt-get install e2fsprogs) to build image disks"
+        )
+    return exe
+
+
+def require_fakeroot() -> str | None:
+    """The fakeroot binary when we need one (not root), else None."""
+    if os.geteuid() == 0:
+        return None
+    exe = find_tool("fakeroot")
+    if not exe:
+        raise DependencyError(
+            "fakeroot not found; install fakeroot (apt-get install fakeroot) to build image "
+            "disks as a non-root user, or run as root"
+        )
+    return exe
+
+
+def measure(root: Path) -> tuple[int, int]:
+    """(bytes of content in 4 KiB blocks, number of inodes) of the tree at `root`."""
+    blocks = 0
+    inodes = 1
+    seen: set[int] = set()
+    stack = [str(root)]
+    while stack:
+        d = stack.pop()
+        entries = 0
+        with os.scandir(d) as it:
+            for e in it:
+                entries += 1
+                st = e.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(e.path)
+                    inodes += 1
+                    continue
+                if st.st_nlink > 1:
+                    if st.st_ino in seen:
+                        continue
+                    seen.add(st.st_ino)
+                inodes += 1
+                if stat.S_ISREG(st.st_mode):
+                    blocks += -(-st.st_size // BLOCK)
+                    # one extent-tree block per ~128 MiB of file
+                    blocks += st.st_size // (128 * MiB)
+                elif stat.S_ISLNK(st.st_mode) and st.st_size >= 60:
+                    blocks += 1
+        # directory blocks: ~ 1 block per 64 entries (names average < 48 bytes)
+        blocks += 1 + entries // 64
+    return blocks * BLOCK, inodes
+
+
+def make_ext4(root: Path, out: Path) -> int:
+    """mke2fs -d `root` into the new file `out`; returns the content size measured."""
+    exe = require_mke2fs()
+    content, inodes = measure(root)
+    n_inodes = inodes + max(256, inodes // 10)
+    size = int(content * 1.2) + n_inodes * 256 + 16 * MiB
+    size = -(-size // MiB) * MiB
+    cmd = [
+        exe, "-q", "-t", "ext4", "-O", "^has_journal", "-E", "root_owner=0:0",
+        "-b", str(BLOCK), "-I", "256", "-N", str(n_inodes), "-m", "0",
+        "-d", str(root), "-L", LABEL, str(out), f"{size // 1024}k",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        detail = msg[-1] if msg else f"exit status {r.returncode}"
+        if "No space left" in (r.stderr or ""):
+            detail += f" (estimated {size // MiB} MiB for {content // MiB} MiB of content)"
+        raise MatchlockError(f"mke2fs failed building the image disk: {detail}")
+    return content
+
+
+Progress = Callable[[str], None]
+
+
+def build_inprocess(spec: dict, progress: Progress) -> dict:
+    """Apply layers then mke2fs; both as the current (real or faked) root."""
+    from matchlock.image._layers import apply_layers
+
+    rootfs = Path(spec["rootfs"])
+    disk = Path(spec["disk"])
+    layers = [(Path(p), label) for p, label in spec["layers"]]
+    apply_layers(rootfs, layers, progress)
+    progress("building disk (mke2fs)")
+    content = make_ext4(rootfs, disk)
+    return {"content": content}
+
+
+def build(spec: dict, progress: Progress) -> dict:
+    """Run `build_inprocess`, under fakeroot when not root."""
+    require_mke2fs()
+    fakeroot = require_fakeroot()
+    if fakeroot is None:
+        return build_inprocess(spec, progress)
+
+    spec_path = Path(spec["rootfs"]).parent / "build-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    pkg_parent = str(Path(matchlock.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    cmd = [fakeroot, "--", sys.executable, "-m", "matchlock.image._build", str(spec_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    result: dict | None = None
+    error: str | None = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "progress" in msg:
+                progress(msg["progress"])
+            elif "error" in msg:
+                error = msg["error"]
+            elif "done" in msg:
+                result = msg["done"]
+        stderr = proc.stderr.read() if proc.stderr else ""
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        spec_path.unlink(missing_ok=True)
+    if error is not None:
+        raise MatchlockError(error)
+    if rc != 0 or result is None:
+        lines = stderr.strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {rc}"
+        raise MatchlockError(f"building the image disk under fakeroot failed: {detail}")
+    return result

@@ -1,0 +1,51 @@
+"""Public value types: an image's runtime config and a stored image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _strs(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value if v is not None)
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConfig:
+    """The parts of an OCI image config that decide how a command is run."""
+
+    env: tuple[str, ...] = ()  # "K=V"
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+
+    @classmethod
+    def from_oci(cls, cfg: dict) -> ImageConfig:
+        """Build from the "config" object of an OCI/docker image config JSON."""
+        if not isinstance(cfg, dict):
+            return cls()
+        return cls(
+            env=_strs(cfg.get("Env")),
+            entrypoint=_strs(cfg.get("Entrypoint")),
+            cmd=_strs(cfg.get("Cmd")),
+            working_dir=str(cfg.get("WorkingDir") or ""),
+            user=str(cfg.get("User") or ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    name: str  # normalised tag, e.g. "debian:test"
+    id: str  # "sha256:<hex>" of the image config blob
+    disk: Path  # read-only ext4 root filesystem image, shared by all VMs of this image
+    config: ImageConfig
+    size: int  # bytes allocated by the disk file
+    created: str  # ISO-8601 UTC, when the image was added to the store
+    source: str  # "import" | "builtin"
