@@ -22,7 +22,7 @@ def guest_binary() -> Path:
         if not p.is_file():
             raise DependencyError(f"MATCHLOCK_GUEST={env} does not exist")
         return p
-    if (_SOURCE_DIR / "matchlock-guest.c").is_file():
+    if _SOURCE_DIR.is_dir() and any(_SOURCE_DIR.glob("*.c")):
         return _build_from_source()
     if _PACKAGED.is_file():
         return _PACKAGED
