@@ -16,18 +16,15 @@ disturb recorded mtimes.
 from __future__ import annotations
 
 import errno
-import gzip
-import lzma
 import os
 import shutil
 import stat
 import tarfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
-from matchlock.errors import DependencyError, MatchlockError
+from matchlock.errors import MatchlockError
+from matchlock.image._tario import decompress_errors, iter_tar
 
 _WH = ".wh."
 _OPAQUE = ".wh..wh..opq"
@@ -36,45 +33,6 @@ _MAX_HOPS = 40
 
 class LayerError(MatchlockError):
     """A layer is malformed or hostile."""
-
-
-def _open_layer(f: BinaryIO, label: str) -> tarfile.TarFile:
-    head = f.read(6)
-    f.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        return tarfile.open(fileobj=f, mode="r|gz")
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard
-        except ImportError:
-            raise DependencyError(
-                f"{label} is zstd-compressed; install the Python package `zstandard` "
-                "(pip install zstandard) to import it"
-            ) from None
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        return tarfile.open(fileobj=reader, mode="r|")
-    if head[:3] == b"BZh":
-        return tarfile.open(fileobj=f, mode="r|bz2")
-    if head == b"\xfd7zXZ\x00":
-        return tarfile.open(fileobj=f, mode="r|xz")
-    return tarfile.open(fileobj=f, mode="r|")
-
-
-def _decompress_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [
-        tarfile.TarError,
-        EOFError,
-        zlib.error,
-        gzip.BadGzipFile,
-        lzma.LZMAError,
-    ]
-    try:
-        import zstandard
-
-        errs.append(zstandard.ZstdError)
-    except ImportError:
-        pass
-    return tuple(errs)
 
 
 def _clean(name: str, what: str) -> list[str]:
@@ -172,10 +130,10 @@ class RootfsBuilder:
         """Apply one layer blob (tar, tar+gzip, tar+zstd, ...). Returns the member count."""
         self._layer_paths = set()
         count = 0
-        errs = _decompress_errors()
+        errs = decompress_errors()
         try:
-            with open(blob, "rb") as f, _open_layer(f, label) as tf:
-                for member in tf:
+            with open(blob, "rb") as f:
+                for tf, member in iter_tar(f, label):
                     self._entry(tf, member)
                     count += 1
         except LayerError as e:

@@ -12,13 +12,13 @@ import hashlib
 import json
 import posixpath
 import re
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from matchlock.errors import MatchlockError, UsageError
+from matchlock.image._tario import decompress_errors, iter_tar
 
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
 _MAX_JSON = 64 << 20
@@ -68,62 +68,58 @@ class StagedTarball:
     # ---- reading ---------------------------------------------------------------------
 
     def read(self, stream: BinaryIO, staging: Path, progress: Callable[[str], None]) -> None:
-        import lzma
-        import zlib
-
         progress(f"reading image tarball from {self.label}")
         total = 0
         next_report = 256 << 20
         n = 0
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tf:
-                for m in tf:
-                    name = _norm(m.name)
-                    if name is None:
-                        continue
-                    if m.issym():
-                        target = m.linkname
-                        if not target.startswith("/"):
-                            target = posixpath.join(posixpath.dirname(name), target)
-                        t = _norm(target)
-                        if t:
-                            self.links[name] = t
-                        continue
-                    if m.islnk():
-                        t = _norm(m.linkname)
-                        if t and t in self.files:
-                            self.files[name] = self.files[t]
-                        continue
-                    if not m.isreg():
-                        continue
-                    src = tf.extractfile(m)
-                    assert src is not None
-                    n += 1
-                    path = staging / f"f{n}"
-                    h = hashlib.sha256()
-                    size = 0
-                    with open(path, "wb") as out:
-                        while True:
-                            chunk = src.read(_CHUNK)
-                            if not chunk:
-                                break
-                            h.update(chunk)
-                            out.write(chunk)
-                            size += len(chunk)
-                            total += len(chunk)
-                            if total >= next_report:
-                                progress(f"reading image tarball: {total / 1e6:.0f} MB")
-                                next_report += 256 << 20
-                    if size != m.size:
-                        raise EOFError("unexpected end of data")
-                    hexd = h.hexdigest()
-                    mm = _BLOB_RE.match(name)
-                    if mm and mm.group(1) != hexd:
-                        raise _corrupt(f"blob sha256:{mm.group(1)} digest mismatch")
-                    self.files[name] = Staged(path, size, hexd)
+            for tf, m in iter_tar(stream, self.label):
+                name = _norm(m.name)
+                if name is None:
+                    continue
+                if m.issym():
+                    target = m.linkname
+                    if not target.startswith("/"):
+                        target = posixpath.join(posixpath.dirname(name), target)
+                    t = _norm(target)
+                    if t:
+                        self.links[name] = t
+                    continue
+                if m.islnk():
+                    t = _norm(m.linkname)
+                    if t and t in self.files:
+                        self.files[name] = self.files[t]
+                    continue
+                if not m.isreg():
+                    continue
+                src = tf.extractfile(m)
+                assert src is not None
+                n += 1
+                path = staging / f"f{n}"
+                h = hashlib.sha256()
+                size = 0
+                with open(path, "wb") as out:
+                    while True:
+                        chunk = src.read(_CHUNK)
+                        if not chunk:
+                            break
+                        h.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                        total += len(chunk)
+                        if total >= next_report:
+                            progress(f"reading image tarball: {total / 1e6:.0f} MB")
+                            next_report += 256 << 20
+                if size != m.size:
+                    raise EOFError("unexpected end of data")
+                hexd = h.hexdigest()
+                mm = _BLOB_RE.match(name)
+                if mm and mm.group(1) != hexd:
+                    raise _corrupt(f"blob sha256:{mm.group(1)} digest mismatch")
+                self.files[name] = Staged(path, size, hexd)
         except TarballError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+        except (*decompress_errors(), OSError) as e:
             if isinstance(e, OSError) and e.errno is not None:
                 raise MatchlockError(
                     f"cannot spool image tarball: {e.strerror}: {e.filename or ''}"
