@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,12 +155,12 @@ def test_sigterm_stops_within_5s(ml_env, qemu_present, state_home):
 
 
 def test_twenty_sequential_runs_leave_no_residue(ml, qemu_present, state_home):
-    mounts_before = open("/proc/mounts").read()
+    mounts_before = Path("/proc/mounts").read_text()
     tmp_before = set(os.listdir("/tmp"))
     for i in range(20):
         p = ml("run", "--image", BB, "echo", str(i))
         assert (p.returncode, p.stdout) == (0, f"{i}\n".encode()), p.stderr
     assert residue(state_home) == {"qemu": [], "vm_dirs": []}
-    assert open("/proc/mounts").read() == mounts_before
+    assert Path("/proc/mounts").read_text() == mounts_before
     leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if "matchlock" in n or "tmp" in n}
     assert not leaked

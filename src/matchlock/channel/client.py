@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from matchlock.channel import (
     CLOSED,
+    DEFAULT_WINDOW,
     NEED_DATA,
     ChannelConnection,
     ChannelError,
@@ -120,7 +121,8 @@ class GuestChannel:
 
     async def _dispatch(self, ev: object) -> None:
         if isinstance(ev, Hello):
-            await self._write(self._conn.send(Hello(version=ev.version, window=self._conn_window())))
+            reply = Hello(version=ev.version, window=DEFAULT_WINDOW)
+            await self._write(self._conn.send(reply))
             if not self._hello.done():
                 self._hello.set_result(ev)
             return
@@ -133,11 +135,6 @@ class GuestChannel:
             st.credit_changed.set()
             return
         st.events.put_nowait(ev)
-
-    def _conn_window(self) -> int:
-        from matchlock.channel import DEFAULT_WINDOW
-
-        return DEFAULT_WINDOW
 
     async def close(self) -> None:
         if self._reader is not None:

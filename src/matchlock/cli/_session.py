@@ -16,6 +16,7 @@ import signal
 import sys
 import termios
 import threading
+import time
 import tty as ttymod
 from collections.abc import Sequence
 
@@ -117,6 +118,16 @@ class RunSession:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await asyncio.shield(self.sandbox.close(remove=True))
+            self._dump_timings()
+
+    def _dump_timings(self) -> None:
+        # For bench/: where a run's time went, from its own clock.
+        path = os.environ.get("MATCHLOCK_TIMINGS")
+        if path and self.sandbox is not None:
+            import json
+
+            with open(path, "w") as f:
+                json.dump(self.sandbox.timings, f)
 
     def _on_signal(self, sig: int) -> None:
         self._signalled = sig
@@ -178,10 +189,12 @@ class RunSession:
 
         with self._terminal():
             try:
+                t0 = time.monotonic()
                 self.handle = await self.sandbox.exec(request, on_output, stdin)
                 if self.tty:
                     loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
                 status = await self.handle.wait()
+                self.sandbox.timings["exec"] = time.monotonic() - t0
             except ChannelError as e:
                 raise GuestError(f"{self.sandbox.crashed_reason()} ({e})") from None
             finally:

@@ -33,7 +33,8 @@ def detect_accel(explicit: str | None = None) -> tuple[str, str | None]:
     choice = choice.lower()
     if choice != "auto":
         if choice not in ACCELS:
-            raise UsageError(f"unknown accelerator {choice!r}: use one of auto, {', '.join(ACCELS)}")
+            choices = ", ".join(ACCELS)
+            raise UsageError(f"unknown accelerator {choice!r}: use one of auto, {choices}")
         return choice, None
     if sys.platform == "darwin":
         return "hvf", None

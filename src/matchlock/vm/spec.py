@@ -35,7 +35,9 @@ class VmSpec:
 
     def __post_init__(self) -> None:
         if self.memory_mib < MIN_MEMORY_MIB:
-            raise UsageError(f"--memory must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})")
+            raise UsageError(
+                f"--memory must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})"
+            )
         if self.vcpus < 1:
             raise UsageError(f"--cpus must be at least 1 (got {self.vcpus})")
         if len(self.disks) > MAX_DISKS:

@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmarks: a bare VM launch with the same kernel/initramfs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from matchlock.guest import guest_binary  # noqa: E402
+from matchlock.sandbox._sandbox import base_cmdline  # noqa: E402
+from matchlock.vm.accel import detect_accel  # noqa: E402
+from matchlock.vm.initramfs import build_initramfs  # noqa: E402
+from matchlock.vm.kernel import host_tsc_khz, resolve_kernel  # noqa: E402
+from matchlock.vm.qemu import build_argv, qemu_binary  # noqa: E402
+from matchlock.vm.spec import VmSpec  # noqa: E402
+
+
+def bare_vm(tmp: Path, extra_cmdline: tuple[str, ...], memory_mib: int = 512):
+    """Start QEMU exactly as a sandbox would, minus disks; returns (Popen, host socket)."""
+    accel, _ = detect_accel()
+    kernel = resolve_kernel()
+    initrd = build_initramfs(kernel, guest_binary())
+    tsc = host_tsc_khz()
+    spec = VmSpec(
+        kernel=kernel.image, initrd=initrd, memory_mib=memory_mib, vcpus=1, accel=accel,
+        machine="microvm" if (accel != "tcg" or tsc) else "q35", log_path=tmp / "console.log",
+        cmdline=(*base_cmdline(accel, tsc), *extra_cmdline),
+    )
+    host, guest = socket.socketpair()
+    argv = build_argv(spec, qemu_binary(), guest.fileno())
+    proc = subprocess.Popen(argv, pass_fds=(guest.fileno(),), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    guest.close()
+    return proc, host
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def matchlock_cmd() -> list[str]:
+    return [sys.executable, "-m", "matchlock"]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    return e
