@@ -1,0 +1,1224 @@
+/* The channel agent: one poll(2) loop that serves the host over the control port, runs
+ * processes for OPEN "exec" and reaps children.
+ *
+ * Never blocks: every fd is nonblocking, outgoing frames go through `outq`, child output is
+ * read only while its stream has credit and the queue is below OUTQ_SOFT, and host input is
+ * read only while the queue is below OUTQ_HARD.
+ *
+ * Per-stream states (same names as src/matchlock/channel/_connection.py):
+ *   OPEN   running; RESET  the host sent RESET (SIGTERM sent, SIGKILL armed, output dropped);
+ *   CLOSED after EXIT the slot is freed. Frames for ids <= max_id without a slot are late
+ *   frames for closed streams and are ignored; frames for ids > max_id are protocol errors.
+ *
+ * PTY stdin EOF: when the host sends EOF fd 0 on a tty stream, the agent writes the
+ * terminal's VEOF character (normally ^D) once, if the terminal is in canonical mode;
+ * otherwise EOF is ignored (a raw-mode program has no notion of end of input).
+ */
+#include "guest.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <pty.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define OUTQ_SOFT (1u << 20)        /* stop reading child output above this much queued */
+#define OUTQ_HARD (4u << 20)        /* stop reading host frames above this much queued */
+#define INBUF_SIZE (2 * (HEADER_SIZE + MAX_PAYLOAD)) /* one frame + room for the next */
+#define KILL_GRACE_MS 5000          /* RESET: SIGTERM, then SIGKILL after this */
+#define RECONNECT_POLL_MS 100       /* PID 1: how often to look for a returning host */
+#define FLUSH_TIMEOUT_MS 1000       /* last words (GOAWAY, poweroff REPLY) */
+#define MAX_ARGV 4096
+#define ERRMSG_MAX 512
+
+enum sstate { S_FREE, S_OPEN, S_RESET };
+
+struct stream {
+    enum sstate state;
+    uint32_t id;
+    int tty;
+    pid_t pid;
+    int reaped, wstatus;
+    int errfd;                 /* exec error pipe, -1 once resolved */
+    char errmsg[ERRMSG_MAX];   /* non-empty: exec failed */
+    size_t errlen;
+    int in_fd;                 /* child's stdin (pipe or PTY master), -1 when closed */
+    int out[3];                /* out[1], out[2]: child's stdout/stderr readers, -1 once EOF */
+    int master;                /* PTY master (owned), -1 for pipe streams */
+    long long credit;          /* DATA bytes we may send */
+    long long recv_avail;      /* DATA bytes the host may still send */
+    unsigned char *inq;        /* stdin bytes not yet written to the child */
+    size_t inq_off, inq_len;
+    int in_eof;                /* host sent EOF fd 0 */
+    uint64_t kill_at;          /* RESET: when to SIGKILL (ms, monotonic), 0 = not armed */
+};
+
+static struct {
+    int port;
+    int pid1;
+    int sigfd;
+    int host_hello;
+    long long host_window;
+    uint32_t max_id;
+    int disconnected;
+    uint64_t retry_at;
+    int want_poweroff;
+    unsigned char inbuf[INBUF_SIZE];
+    size_t inlen;
+    unsigned char *oq;
+    size_t oq_off, oq_len, oq_cap;
+    struct stream streams[MAX_OPEN_STREAMS];
+    char proto_err[256];
+} A;
+
+/* ------------------------------------------------------------------ output queue */
+
+static int oq_reserve(size_t n)
+{
+    if (A.oq_off && A.oq_off == A.oq_len)
+        A.oq_off = A.oq_len = 0;
+    if (A.oq_len + n <= A.oq_cap)
+        return 0;
+    if (A.oq_off) {
+        memmove(A.oq, A.oq + A.oq_off, A.oq_len - A.oq_off);
+        A.oq_len -= A.oq_off;
+        A.oq_off = 0;
+        if (A.oq_len + n <= A.oq_cap)
+            return 0;
+    }
+    size_t cap = A.oq_cap ? A.oq_cap : 65536;
+    while (cap < A.oq_len + n)
+        cap *= 2;
+    unsigned char *p = realloc(A.oq, cap);
+    if (!p)
+        return -1;
+    A.oq = p;
+    A.oq_cap = cap;
+    return 0;
+}
+
+static size_t oq_pending(void) { return A.oq_len - A.oq_off; }
+
+static void put_header(unsigned char *h, int type, int flags, uint32_t sid, uint32_t len)
+{
+    h[0] = (unsigned char)type;
+    h[1] = (unsigned char)flags;
+    h[2] = h[3] = 0;
+    h[4] = sid >> 24; h[5] = sid >> 16; h[6] = sid >> 8; h[7] = (unsigned char)sid;
+    h[8] = len >> 24; h[9] = len >> 16; h[10] = len >> 8; h[11] = (unsigned char)len;
+}
+
+static void send_frame(int type, int flags, uint32_t sid, const void *payload, size_t len)
+{
+    if (A.disconnected)
+        return;
+    if (oq_reserve(HEADER_SIZE + len)) {
+        LOG_WARN("out of memory queueing a frame");
+        return;
+    }
+    put_header(A.oq + A.oq_len, type, flags, sid, (uint32_t)len);
+    if (len)
+        memcpy(A.oq + A.oq_len + HEADER_SIZE, payload, len);
+    A.oq_len += HEADER_SIZE + len;
+}
+
+static void send_json(int type, uint32_t sid, struct jbuf *b) { send_frame(type, 0, sid, b->p, b->len); }
+
+static void send_hello(void)
+{
+    char buf[128];
+    struct jbuf b = {buf, 0, sizeof buf};
+    jb_raw(&b, "{\"version\":%d,\"uptime_ns\":%llu,\"window\":%d}", PROTOCOL_VERSION,
+           (unsigned long long)boottime_ns(), DEFAULT_WINDOW);
+    send_json(T_HELLO, 0, &b);
+}
+
+static void send_window(struct stream *s, size_t n)
+{
+    unsigned char p[4] = {(unsigned char)(n >> 24), (unsigned char)(n >> 16),
+                          (unsigned char)(n >> 8), (unsigned char)n};
+    if (!n)
+        return;
+    s->recv_avail += (long long)n;
+    send_frame(T_WINDOW, 0, s->id, p, 4);
+}
+
+static void send_reply(uint32_t sid, const char *error)
+{
+    char buf[1024];
+    struct jbuf b = {buf, 0, sizeof buf};
+    if (!error) {
+        jb_raw(&b, "{\"ok\":true}");
+    } else {
+        jb_raw(&b, "{\"ok\":false,\"error\":");
+        jb_str(&b, error);
+        jb_raw(&b, "}");
+    }
+    send_json(T_REPLY, sid, &b);
+}
+
+static void send_exit_error(uint32_t sid, const char *error)
+{
+    char buf[1024];
+    struct jbuf b = {buf, 0, sizeof buf};
+    jb_raw(&b, "{\"error\":");
+    jb_str(&b, error);
+    jb_raw(&b, "}");
+    send_json(T_EXIT, sid, &b);
+}
+
+/* Write what we can; returns -1 when the host end is gone. */
+static int flush_out(void)
+{
+    while (oq_pending()) {
+        ssize_t n = write(A.port, A.oq + A.oq_off, oq_pending());
+        if (n > 0) {
+            A.oq_off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        return -1;
+    }
+    A.oq_off = A.oq_len = 0;
+    if (A.oq_cap > 4 * OUTQ_HARD) { /* give back a queue a burst of control frames grew */
+        free(A.oq);
+        A.oq = NULL;
+        A.oq_cap = 0;
+    }
+    return 0;
+}
+
+static void flush_blocking(int timeout_ms)
+{
+    uint64_t end = mono_ms() + (uint64_t)timeout_ms;
+    while (oq_pending() && !A.disconnected) {
+        if (flush_out() < 0)
+            return;
+        uint64_t now = mono_ms();
+        if (!oq_pending() || now >= end)
+            return;
+        struct pollfd p = {A.port, POLLOUT, 0};
+        poll(&p, 1, (int)(end - now));
+    }
+}
+
+/* ------------------------------------------------------------------ streams */
+
+static struct stream *find_stream(uint32_t id)
+{
+    for (int i = 0; i < MAX_OPEN_STREAMS; i++)
+        if (A.streams[i].state != S_FREE && A.streams[i].id == id)
+            return &A.streams[i];
+    return NULL;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+static void drop_inq(struct stream *s)
+{
+    free(s->inq);
+    s->inq = NULL;
+    s->inq_off = s->inq_len = 0;
+}
+
+/* Close the child's stdin (the PTY master stays open for output). */
+static void close_stdin(struct stream *s)
+{
+    if (s->tty)
+        s->in_fd = -1;
+    else
+        close_fd(&s->in_fd);
+    drop_inq(s);
+}
+
+static void out_eof(struct stream *s, int i, int announce)
+{
+    if (s->out[i] < 0)
+        return;
+    if (!s->tty)
+        close(s->out[i]);
+    s->out[i] = -1;
+    if (announce)
+        send_frame(T_EOF, i, s->id, NULL, 0);
+}
+
+static void free_stream(struct stream *s)
+{
+    close_fd(&s->errfd);
+    if (!s->tty) {
+        close_fd(&s->in_fd);
+        close_fd(&s->out[1]);
+        close_fd(&s->out[2]);
+    }
+    close_fd(&s->master);
+    drop_inq(s);
+    memset(s, 0, sizeof *s);
+    s->state = S_FREE;
+}
+
+static void signal_group(struct stream *s, int sig)
+{
+    if (s->pid <= 0)
+        return;
+    if (s->tty && s->master >= 0) {
+        pid_t fg = 0;
+        if (ioctl(s->master, TIOCGPGRP, &fg) == 0 && fg > 0 && fg != s->pid)
+            kill(-fg, sig);
+    }
+    if (kill(-s->pid, sig) < 0 && errno == ESRCH && !s->reaped)
+        kill(s->pid, sig);
+}
+
+static void reset_stream(struct stream *s)
+{
+    if (s->state != S_OPEN)
+        return;
+    s->state = S_RESET;
+    signal_group(s, SIGTERM);
+    s->kill_at = mono_ms() + KILL_GRACE_MS;
+    close_stdin(s);
+    out_eof(s, 1, s->errfd < 0 && !s->errlen);
+    out_eof(s, 2, s->errfd < 0 && !s->errlen);
+}
+
+/* EXIT once the child is reaped, the exec outcome is known, and its output has ended. */
+static void try_finish(struct stream *s)
+{
+    if (s->state == S_FREE || !s->reaped || s->errfd >= 0 || s->out[1] >= 0 || s->out[2] >= 0)
+        return;
+    if (s->errlen) {
+        send_exit_error(s->id, s->errmsg);
+    } else {
+        char buf[64];
+        struct jbuf b = {buf, 0, sizeof buf};
+        if (WIFSIGNALED(s->wstatus))
+            jb_raw(&b, "{\"signal\":%d}", WTERMSIG(s->wstatus));
+        else
+            jb_raw(&b, "{\"code\":%d}", WEXITSTATUS(s->wstatus));
+        send_json(T_EXIT, s->id, &b);
+    }
+    LOG_DEBUG("stream %u finished", s->id);
+    free_stream(s);
+}
+
+static void reap(void)
+{
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+        struct stream *s = NULL;
+        for (int i = 0; i < MAX_OPEN_STREAMS; i++)
+            if (A.streams[i].state != S_FREE && A.streams[i].pid == pid && !A.streams[i].reaped)
+                s = &A.streams[i];
+        if (!s) {
+            LOG_DEBUG("reaped orphan %d", (int)pid);
+            continue;
+        }
+        s->reaped = 1;
+        s->wstatus = st;
+        s->kill_at = 0;
+    }
+}
+
+/* Drop every stream (host gone or shutting down): kill their groups; reap() discards them. */
+static void kill_all_streams(void)
+{
+    for (int i = 0; i < MAX_OPEN_STREAMS; i++) {
+        struct stream *s = &A.streams[i];
+        if (s->state == S_FREE)
+            continue;
+        if (!s->reaped)
+            signal_group(s, SIGKILL);
+        free_stream(s);
+    }
+}
+
+/* ------------------------------------------------------------------ child side of exec */
+
+struct exec_req {
+    char **argv;
+    char **envp;
+    const char *cwd;
+    const char *user;
+    int tty, use_stdin;
+    unsigned short rows, cols;
+};
+
+static int all_digits(const char *s)
+{
+    if (!*s || strlen(s) > 10)
+        return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9')
+            return 0;
+    return 1;
+}
+
+/* "" keeps the current identity; else name | uid | uid:gid | name:group (names or numbers
+ * in either part), resolved against this root's /etc/passwd and /etc/group. */
+static int switch_user(const char *spec, char *err, size_t errsz)
+{
+    if (!*spec)
+        return 0;
+    char user[256], *group = NULL;
+    if (strlen(spec) >= sizeof user) {
+        snprintf(err, errsz, "user %.64s...: too long", spec);
+        return -1;
+    }
+    strcpy(user, spec);
+    char *colon = strchr(user, ':');
+    if (colon) {
+        *colon = 0;
+        group = colon + 1;
+    }
+    if (!*user || (group && !*group)) {
+        snprintf(err, errsz, "user %s: malformed", spec);
+        return -1;
+    }
+    uid_t uid;
+    gid_t gid;
+    if (all_digits(user)) {
+        unsigned long v = strtoul(user, NULL, 10);
+        if (v > 0xfffffffeUL) {
+            snprintf(err, errsz, "user %s: uid out of range", spec);
+            return -1;
+        }
+        uid = (uid_t)v;
+        struct passwd *pw = getpwuid(uid);
+        gid = pw ? pw->pw_gid : (gid_t)uid;
+    } else {
+        struct passwd *pw = getpwnam(user);
+        if (!pw) {
+            snprintf(err, errsz, "user %s: unknown user %s", spec, user);
+            return -1;
+        }
+        uid = pw->pw_uid;
+        gid = pw->pw_gid;
+    }
+    if (group) {
+        if (all_digits(group)) {
+            unsigned long v = strtoul(group, NULL, 10);
+            if (v > 0xfffffffeUL) {
+                snprintf(err, errsz, "user %s: gid out of range", spec);
+                return -1;
+            }
+            gid = (gid_t)v;
+        } else {
+            struct group *gr = getgrnam(group);
+            if (!gr) {
+                snprintf(err, errsz, "user %s: unknown group %s", spec, group);
+                return -1;
+            }
+            gid = gr->gr_gid;
+        }
+    }
+    if (setgroups(1, &gid) < 0) {
+        snprintf(err, errsz, "setgroups %u: %s", (unsigned)gid, strerror(errno));
+        return -1;
+    }
+    if (setgid(gid) < 0) {
+        snprintf(err, errsz, "setgid %u: %s", (unsigned)gid, strerror(errno));
+        return -1;
+    }
+    if (setuid(uid) < 0) {
+        snprintf(err, errsz, "setuid %u: %s", (unsigned)uid, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* execvp semantics with PATH taken from the request's environment. Returns on failure. */
+static void exec_search(char **argv, char **envp, char *err, size_t errsz)
+{
+    const char *file = argv[0];
+    if (strchr(file, '/')) {
+        execve(file, argv, envp);
+        snprintf(err, errsz, "exec %s: %s", file, strerror(errno));
+        return;
+    }
+    const char *path = "/usr/local/bin:/bin:/usr/bin";
+    for (char **e = envp; *e; e++)
+        if (!strncmp(*e, "PATH=", 5))
+            path = *e + 5;
+    int eacces = 0, last = ENOENT;
+    size_t flen = strlen(file);
+    for (const char *p = path;; p++) {
+        const char *seg = p;
+        while (*p && *p != ':')
+            p++;
+        size_t dlen = (size_t)(p - seg);
+        char buf[4096];
+        if (dlen + flen + 2 <= sizeof buf && *file) {
+            if (dlen) {
+                memcpy(buf, seg, dlen);
+                buf[dlen] = '/';
+                memcpy(buf + dlen + 1, file, flen + 1);
+            } else {
+                memcpy(buf, file, flen + 1); /* empty entry = current directory */
+            }
+            execve(buf, argv, envp);
+            if (errno == EACCES)
+                eacces = 1;
+            else if (errno != ENOENT && errno != ENOTDIR) {
+                last = errno;
+                break;
+            }
+        }
+        if (!*p)
+            break;
+    }
+    snprintf(err, errsz, "exec %s: %s", file, strerror(eacces ? EACCES : last));
+}
+
+static int move_high(int fd)
+{
+    return fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 10);
+}
+
+static void child_fail(int errw, const char *msg)
+{
+    size_t len = strlen(msg);
+    ssize_t w = write(errw, msg, len);
+    (void)w;
+    _exit(127);
+}
+
+/* In the forked child: never returns. fds: slave (tty) or in_r/out_w/err_w (pipes). */
+static void child_exec(const struct exec_req *r, int errw, int slave, int in_r, int out_w, int err_w)
+{
+    char err[ERRMSG_MAX];
+    sigset_t none;
+    sigemptyset(&none);
+    for (int sig = 1; sig < _NSIG; sig++)
+        signal(sig, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+
+    errw = move_high(errw);
+    if (r->tty) {
+        if (setsid() < 0)
+            child_fail(errw, "setsid failed");
+        if (ioctl(slave, TIOCSCTTY, 0) < 0) {
+            snprintf(err, sizeof err, "TIOCSCTTY: %s", strerror(errno));
+            child_fail(errw, err);
+        }
+        slave = move_high(slave);
+        if (dup2(slave, 0) < 0 || dup2(slave, 1) < 0 || dup2(slave, 2) < 0)
+            child_fail(errw, "dup2 failed");
+    } else {
+        setpgid(0, 0);
+        if (in_r < 0)
+            in_r = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        in_r = move_high(in_r);
+        out_w = move_high(out_w);
+        err_w = move_high(err_w);
+        if (in_r < 0 || dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0) {
+            snprintf(err, sizeof err, "stdio setup: %s", strerror(errno));
+            child_fail(errw, err);
+        }
+    }
+    if (switch_user(r->user, err, sizeof err) < 0)
+        child_fail(errw, err);
+    if (chdir(r->cwd) < 0) {
+        snprintf(err, sizeof err, "chdir %s: %s", r->cwd, strerror(errno));
+        child_fail(errw, err);
+    }
+    exec_search(r->argv, r->envp, err, sizeof err);
+    child_fail(errw, err);
+}
+
+/* ------------------------------------------------------------------ exec (parent side) */
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static char **str_array(const struct jnode *arr, int allow_empty, const char **why)
+{
+    size_t n = 0;
+    if (!arr) {
+        if (allow_empty)
+            return calloc(1, sizeof(char *));
+        *why = "missing";
+        return NULL;
+    }
+    if (arr->type != J_ARR) {
+        *why = "not an array";
+        return NULL;
+    }
+    for (const struct jnode *c = arr->child; c; c = c->next) {
+        if (c->type != J_STR) {
+            *why = "must hold only strings";
+            return NULL;
+        }
+        if (++n > MAX_ARGV) {
+            *why = "too long";
+            return NULL;
+        }
+    }
+    if (!n && !allow_empty) {
+        *why = "empty";
+        return NULL;
+    }
+    char **v = calloc(n + 1, sizeof *v);
+    if (!v) {
+        *why = "out of memory";
+        return NULL;
+    }
+    n = 0;
+    for (const struct jnode *c = arr->child; c; c = c->next)
+        v[n++] = c->str;
+    return v;
+}
+
+static const char *get_str(const struct jnode *req, const char *key, const char *dflt, int *bad)
+{
+    const struct jnode *n = json_get(req, key);
+    if (!n || n->type == J_NULL)
+        return dflt;
+    if (n->type != J_STR)
+        *bad = 1;
+    return n->type == J_STR ? n->str : dflt;
+}
+
+static long long get_int(const struct jnode *req, const char *key, long long dflt, long long lo,
+                         long long hi, int *bad)
+{
+    const struct jnode *n = json_get(req, key);
+    if (!n || n->type == J_NULL)
+        return dflt;
+    if (n->type != J_NUM || !n->is_int || n->num < lo || n->num > hi) {
+        *bad = 1;
+        return dflt;
+    }
+    return n->num;
+}
+
+static int get_bool(const struct jnode *req, const char *key, int dflt, int *bad)
+{
+    const struct jnode *n = json_get(req, key);
+    if (!n || n->type == J_NULL)
+        return dflt;
+    if (n->type != J_BOOL) {
+        *bad = 1;
+        return dflt;
+    }
+    return n->boolean;
+}
+
+static void start_exec(uint32_t sid, const struct jnode *req)
+{
+    struct exec_req r = {0};
+    const char *why = NULL;
+    char err[ERRMSG_MAX];
+    int bad = 0;
+    struct stream *s = NULL;
+    int errp[2] = {-1, -1}, in[2] = {-1, -1}, out[2] = {-1, -1}, errout[2] = {-1, -1};
+    int master = -1, slave = -1;
+
+    for (int i = 0; i < MAX_OPEN_STREAMS && !s; i++)
+        if (A.streams[i].state == S_FREE)
+            s = &A.streams[i];
+    if (!s) {
+        send_exit_error(sid, "too many open streams");
+        return;
+    }
+    if (!(r.argv = str_array(json_get(req, "argv"), 0, &why))) {
+        snprintf(err, sizeof err, "bad request: argv %s", why);
+        goto fail_early;
+    }
+    if (!(r.envp = str_array(json_get(req, "env"), 1, &why))) {
+        snprintf(err, sizeof err, "bad request: env %s", why);
+        goto fail_early;
+    }
+    r.cwd = get_str(req, "cwd", "/", &bad);
+    r.user = get_str(req, "user", "", &bad);
+    r.tty = get_bool(req, "tty", 0, &bad);
+    r.use_stdin = get_bool(req, "stdin", 1, &bad);
+    r.rows = (unsigned short)get_int(req, "rows", 24, 0, 65535, &bad);
+    r.cols = (unsigned short)get_int(req, "cols", 80, 0, 65535, &bad);
+    if (bad) {
+        snprintf(err, sizeof err, "bad request: a field has the wrong type or range");
+        goto fail_early;
+    }
+    if (!*r.cwd)
+        r.cwd = "/";
+
+    if (pipe2(errp, O_CLOEXEC) < 0)
+        goto fail_sys;
+    if (r.tty) {
+        struct winsize ws = {.ws_row = r.rows, .ws_col = r.cols};
+        if (openpty(&master, &slave, NULL, NULL, &ws) < 0)
+            goto fail_sys;
+        fcntl(master, F_SETFD, FD_CLOEXEC);
+        fcntl(slave, F_SETFD, FD_CLOEXEC);
+    } else {
+        if ((r.use_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 ||
+            pipe2(errout, O_CLOEXEC) < 0)
+            goto fail_sys;
+    }
+
+    pid_t pid = fork();
+    if (pid < 0)
+        goto fail_sys;
+    if (pid == 0)
+        child_exec(&r, errp[1], slave, in[0], out[1], errout[1]);
+
+    close_fd(&errp[1]);
+    close_fd(&slave);
+    close_fd(&in[0]);
+    close_fd(&out[1]);
+    close_fd(&errout[1]);
+    if (!r.tty)
+        setpgid(pid, pid); /* also done by the child; whichever runs first wins the race */
+
+    memset(s, 0, sizeof *s);
+    s->state = S_OPEN;
+    s->id = sid;
+    s->tty = r.tty;
+    s->pid = pid;
+    s->errfd = errp[0];
+    s->credit = A.host_window;
+    s->recv_avail = DEFAULT_WINDOW;
+    s->master = master;
+    if (r.tty) {
+        s->in_fd = master;
+        s->out[1] = master;
+        s->out[2] = -1;
+    } else {
+        s->in_fd = in[1];
+        s->out[1] = out[0];
+        s->out[2] = errout[0];
+    }
+    s->out[0] = -1;
+    set_nonblock(s->errfd);
+    for (int i = 1; i < 3; i++)
+        if (s->out[i] >= 0)
+            set_nonblock(s->out[i]);
+    if (s->in_fd >= 0)
+        set_nonblock(s->in_fd);
+    LOG_DEBUG("stream %u: pid %d %s", sid, (int)pid, r.argv[0]);
+    free(r.argv);
+    free(r.envp);
+    return;
+
+fail_sys:
+    snprintf(err, sizeof err, "spawn: %s", strerror(errno));
+fail_early:
+    close_fd(&errp[0]); close_fd(&errp[1]);
+    close_fd(&in[0]); close_fd(&in[1]);
+    close_fd(&out[0]); close_fd(&out[1]);
+    close_fd(&errout[0]); close_fd(&errout[1]);
+    close_fd(&master); close_fd(&slave);
+    free(r.argv);
+    free(r.envp);
+    send_exit_error(sid, err);
+}
+
+/* ------------------------------------------------------------------ stdin / stdout */
+
+/* Write queued stdin to the child; returns credit to the host for what was consumed. */
+static void pump_stdin(struct stream *s)
+{
+    size_t consumed = 0;
+    while (s->inq_len && s->in_fd >= 0) {
+        ssize_t n = write(s->in_fd, s->inq + s->inq_off, s->inq_len);
+        if (n > 0) {
+            s->inq_off += (size_t)n;
+            s->inq_len -= (size_t)n;
+            consumed += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        } else { /* EPIPE, EIO: the child's stdin is gone; drop what is left */
+            consumed += s->inq_len;
+            close_stdin(s);
+        }
+    }
+    if (!s->inq_len)
+        drop_inq(s);
+    if (s->in_eof && !s->inq_len && s->in_fd >= 0) {
+        if (s->tty) {
+            struct termios t;
+            if (tcgetattr(s->master, &t) == 0 && (t.c_lflag & ICANON)) {
+                ssize_t w = write(s->master, &t.c_cc[VEOF], 1);
+                (void)w;
+            }
+        }
+        close_stdin(s);
+    }
+    send_window(s, consumed);
+}
+
+static void on_stdin_data(struct stream *s, const unsigned char *p, size_t len)
+{
+    if (s->in_fd < 0 || s->in_eof) { /* nobody reads it: consume and return the credit */
+        send_window(s, len);
+        return;
+    }
+    size_t need = s->inq_len + len;
+    if (!s->inq || s->inq_off + need > DEFAULT_WINDOW) {
+        /* Credit keeps need <= DEFAULT_WINDOW; compact into a (new) window-sized buffer. */
+        unsigned char *q = malloc(DEFAULT_WINDOW);
+        if (!q) {
+            send_window(s, len);
+            return;
+        }
+        if (s->inq_len)
+            memcpy(q, s->inq + s->inq_off, s->inq_len);
+        free(s->inq);
+        s->inq = q;
+        s->inq_off = 0;
+    }
+    memcpy(s->inq + s->inq_off + s->inq_len, p, len);
+    s->inq_len += len;
+    pump_stdin(s);
+}
+
+/* Read child output straight into the output queue as DATA frames, within credit. */
+static void pump_output(struct stream *s, int i)
+{
+    for (int rounds = 0; rounds < 4 && s->out[i] >= 0; rounds++) {
+        if (s->state == S_RESET) {
+            out_eof(s, i, 1);
+            return;
+        }
+        size_t want = s->credit < MAX_PAYLOAD ? (size_t)s->credit : MAX_PAYLOAD;
+        if (!want || oq_pending() >= OUTQ_SOFT || oq_reserve(HEADER_SIZE + want))
+            return;
+        ssize_t n = read(s->out[i], A.oq + A.oq_len + HEADER_SIZE, want);
+        if (n > 0) {
+            put_header(A.oq + A.oq_len, T_DATA, i, s->id, (uint32_t)n);
+            A.oq_len += HEADER_SIZE + (size_t)n;
+            s->credit -= n;
+            if ((size_t)n < want)
+                return; /* drained for now; poll again */
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        out_eof(s, i, 1); /* 0 = EOF; EIO on a PTY master = all slaves closed */
+    }
+}
+
+static void pump_errpipe(struct stream *s)
+{
+    char buf[ERRMSG_MAX];
+    ssize_t n = read(s->errfd, buf, sizeof buf);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n > 0) {
+        size_t room = sizeof s->errmsg - 1 - s->errlen;
+        size_t c = (size_t)n < room ? (size_t)n : room;
+        memcpy(s->errmsg + s->errlen, buf, c);
+        s->errlen += c;
+        s->errmsg[s->errlen] = 0;
+        return;
+    }
+    close_fd(&s->errfd); /* EOF: exec happened (no message) or failed (message) */
+    if (s->errlen) {
+        close_stdin(s);
+        out_eof(s, 1, 0);
+        out_eof(s, 2, 0);
+    }
+}
+
+/* ------------------------------------------------------------------ frames from the host */
+
+static int proto_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int proto_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(A.proto_err, sizeof A.proto_err, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static int handle_open(uint32_t sid, const unsigned char *p, size_t len)
+{
+    const char *jerr = NULL;
+    struct jnode *req = json_parse((const char *)p, len, &jerr);
+    if (!req)
+        return proto_error("OPEN %u: invalid JSON: %s", sid, jerr);
+    const struct jnode *op = json_get(req, "op");
+    if (req->type != J_OBJ || !op || op->type != J_STR) {
+        json_free(req);
+        return proto_error("OPEN %u: request is not an object with a string \"op\"", sid);
+    }
+    A.max_id = sid;
+    if (!strcmp(op->str, "exec")) {
+        start_exec(sid, req);
+    } else if (!strcmp(op->str, "ping")) {
+        send_reply(sid, NULL);
+    } else if (!strcmp(op->str, "sync")) {
+        sync();
+        send_reply(sid, NULL);
+    } else if (!strcmp(op->str, "poweroff")) {
+        send_reply(sid, NULL);
+        A.want_poweroff = 1;
+    } else {
+        char msg[128];
+        snprintf(msg, sizeof msg, "unknown op %.64s", op->str);
+        send_reply(sid, msg);
+    }
+    json_free(req);
+    return 0;
+}
+
+static int handle_frame(int type, int flags, uint32_t sid, const unsigned char *p, size_t len)
+{
+    if (type == T_HELLO) {
+        if (sid || flags)
+            return proto_error("HELLO with stream id or flags");
+        if (A.host_hello)
+            return proto_error("duplicate HELLO");
+        const char *jerr = NULL;
+        struct jnode *h = json_parse((const char *)p, len, &jerr);
+        if (!h)
+            return proto_error("HELLO: invalid JSON: %s", jerr);
+        const struct jnode *v = json_get(h, "version"), *w = json_get(h, "window");
+        int ok = v && v->type == J_NUM && v->is_int && w && w->type == J_NUM && w->is_int &&
+                 w->num >= 1 && w->num <= MAX_WINDOW;
+        long long version = ok ? v->num : -1, window = ok ? w->num : 0;
+        json_free(h);
+        if (!ok)
+            return proto_error("HELLO: needs integer version and window");
+        if (version != PROTOCOL_VERSION)
+            return proto_error("protocol version %lld, guest speaks %d", version, PROTOCOL_VERSION);
+        A.host_hello = 1;
+        A.host_window = window;
+        return 0;
+    }
+    if (type == T_GOAWAY) {
+        LOG_WARN("host sent GOAWAY: %.*s", (int)(len > 200 ? 200 : len), (const char *)p);
+        A.disconnected = 2; /* treated like the host closing the port */
+        return 0;
+    }
+    if (!A.host_hello)
+        return proto_error("frame type %d before HELLO", type);
+    if (!sid)
+        return proto_error("frame type %d on stream 0", type);
+    if (flags && type != T_DATA && type != T_EOF)
+        return proto_error("frame type %d with flags %d", type, flags);
+    if (type == T_OPEN) {
+        if (sid <= A.max_id)
+            return proto_error("OPEN %u: stream id not increasing", sid);
+        return handle_open(sid, p, len);
+    }
+    if (type == T_EXIT || type == T_REPLY)
+        return proto_error("frame type %d may only be sent by the guest", type);
+    if ((type == T_DATA || type == T_EOF) && flags != 0)
+        return proto_error("frame type %d on fd %d from the host", type, flags);
+    static const int sizes[] = {[T_WINDOW] = 4, [T_EOF] = 0, [T_RESIZE] = 4, [T_SIGNAL] = 1,
+                                [T_RESET] = 0};
+    if (type != T_DATA && len != (size_t)sizes[type])
+        return proto_error("frame type %d: bad payload length %zu", type, len);
+    if (type == T_DATA && !len)
+        return proto_error("empty DATA on stream %u", sid);
+    if (sid > A.max_id)
+        return proto_error("frame type %d for stream %u, which was never opened", type, sid);
+    struct stream *s = find_stream(sid);
+    if (!s || s->state != S_OPEN)
+        return 0; /* closed or being reset: a late frame, ignore */
+
+    switch (type) {
+    case T_DATA:
+        if ((long long)len > s->recv_avail)
+            return proto_error("DATA of %zu bytes beyond window %lld on stream %u", len,
+                               s->recv_avail, sid);
+        s->recv_avail -= (long long)len;
+        on_stdin_data(s, p, len);
+        break;
+    case T_WINDOW: {
+        uint32_t inc = be32(p);
+        if (!inc || s->credit + inc > MAX_WINDOW)
+            return proto_error("bad WINDOW increment %u on stream %u", inc, sid);
+        s->credit += inc;
+        break;
+    }
+    case T_EOF:
+        s->in_eof = 1;
+        pump_stdin(s);
+        break;
+    case T_RESIZE:
+        if (s->tty && s->master >= 0) {
+            struct winsize ws = {.ws_row = (unsigned short)(p[0] << 8 | p[1]),
+                                 .ws_col = (unsigned short)(p[2] << 8 | p[3])};
+            ioctl(s->master, TIOCSWINSZ, &ws);
+        }
+        break;
+    case T_SIGNAL:
+        if (p[0] >= 1 && p[0] < _NSIG)
+            signal_group(s, p[0]);
+        break;
+    case T_RESET:
+        reset_stream(s);
+        break;
+    }
+    return 0;
+}
+
+/* Parse every complete frame in the input buffer. */
+static int handle_input(void)
+{
+    size_t off = 0;
+    int rc = 0;
+    while (A.inlen - off >= HEADER_SIZE) {
+        const unsigned char *h = A.inbuf + off;
+        uint32_t len = be32(h + 8), sid = be32(h + 4);
+        if (h[0] < T_HELLO || h[0] > T_GOAWAY) {
+            rc = proto_error("unknown frame type 0x%02x", h[0]);
+            break;
+        }
+        if (h[2] || h[3]) {
+            rc = proto_error("reserved header field is not 0");
+            break;
+        }
+        if (len > MAX_PAYLOAD) {
+            rc = proto_error("frame length %u exceeds %d", len, MAX_PAYLOAD);
+            break;
+        }
+        if (A.inlen - off < HEADER_SIZE + len)
+            break;
+        rc = handle_frame(h[0], h[1], sid, h + HEADER_SIZE, len);
+        off += HEADER_SIZE + len;
+        if (rc || A.disconnected)
+            break;
+    }
+    memmove(A.inbuf, A.inbuf + off, A.inlen - off);
+    A.inlen -= off;
+    return rc;
+}
+
+/* ------------------------------------------------------------------ connection lifecycle */
+
+static void host_gone(void)
+{
+    LOG_WARN("host disconnected");
+    kill_all_streams();
+    A.disconnected = 1;
+    A.inlen = 0;
+    A.oq_off = A.oq_len = 0;
+    A.host_hello = 0;
+    A.max_id = 0;
+    A.retry_at = mono_ms() + RECONNECT_POLL_MS;
+}
+
+/* PID 1: the port reports POLLHUP while no host is attached; when it clears, start over. */
+static void check_reconnect(void)
+{
+    struct pollfd p = {A.port, POLLIN | POLLOUT, 0};
+    if (poll(&p, 1, 0) >= 0 && !(p.revents & (POLLHUP | POLLERR))) {
+        LOG_WARN("host reconnected");
+        A.disconnected = 0;
+        send_hello();
+    } else {
+        A.retry_at = mono_ms() + RECONNECT_POLL_MS;
+    }
+}
+
+static int shutdown_agent(int code)
+{
+    kill_all_streams();
+    if (A.pid1)
+        guest_poweroff();
+    return code;
+}
+
+static int fatal_protocol(void)
+{
+    char buf[512];
+    struct jbuf b = {buf, 0, sizeof buf};
+    LOG_WARN("protocol error: %s", A.proto_err);
+    jb_raw(&b, "{\"error\":");
+    jb_str(&b, A.proto_err);
+    jb_raw(&b, "}");
+    send_json(T_GOAWAY, 0, &b);
+    flush_blocking(FLUSH_TIMEOUT_MS);
+    return shutdown_agent(2);
+}
+
+static void on_signals(void)
+{
+    struct signalfd_siginfo si;
+    while (read(A.sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+        switch (si.ssi_signo) {
+        case SIGCHLD:
+            break; /* reaped below */
+        case SIGTERM: case SIGPWR: case SIGINT:
+            if (A.pid1) {
+                LOG_WARN("signal %u: powering off", si.ssi_signo);
+                A.want_poweroff = 1;
+            }
+            break;
+        default:
+            LOG_DEBUG("ignoring signal %u", si.ssi_signo);
+        }
+    }
+    reap();
+}
+
+/* Signals handled by the loop (all others keep their defaults; PID 1 ignores those). */
+static const int loop_signals[] = {SIGCHLD, SIGTERM, SIGINT, SIGPWR, SIGHUP, SIGUSR1, SIGUSR2};
+
+int agent_run(int port_fd, int pid1)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    for (size_t i = 0; i < sizeof loop_signals / sizeof loop_signals[0]; i++)
+        if (pid1 || loop_signals[i] == SIGCHLD)
+            sigaddset(&set, loop_signals[i]);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    A.sigfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (A.sigfd < 0) {
+        LOG_FATAL("signalfd: %s", strerror(errno));
+        return 1;
+    }
+    A.port = port_fd;
+    A.pid1 = pid1;
+    fcntl(port_fd, F_SETFD, FD_CLOEXEC);
+    set_nonblock(port_fd);
+    send_hello();
+
+    struct pollfd pfd[2 + 3 * MAX_OPEN_STREAMS];
+    struct { struct stream *s; int what; } map[2 + 3 * MAX_OPEN_STREAMS];
+    enum { W_ERR = 0, W_IN = 3 }; /* 'what': 0 errpipe, 1/2 output fd, 3 stdin */
+
+    for (;;) {
+        if (A.want_poweroff && (!oq_pending() || A.disconnected)) {
+            flush_blocking(FLUSH_TIMEOUT_MS);
+            return shutdown_agent(0);
+        }
+        if (A.disconnected == 2 || (A.disconnected && !pid1))
+            return shutdown_agent(0);
+
+        int n = 0, timeout = -1;
+        uint64_t now = mono_ms();
+        pfd[n] = (struct pollfd){A.sigfd, POLLIN, 0};
+        map[n++].s = NULL;
+        if (!A.disconnected) {
+            short ev = 0;
+            if (oq_pending() < OUTQ_HARD && A.inlen < sizeof A.inbuf)
+                ev |= POLLIN;
+            if (oq_pending())
+                ev |= POLLOUT;
+            pfd[n] = (struct pollfd){A.port, ev, 0};
+            map[n++].s = NULL;
+        } else {
+            timeout = A.retry_at > now ? (int)(A.retry_at - now) : 0;
+        }
+        for (int i = 0; i < MAX_OPEN_STREAMS; i++) {
+            struct stream *s = &A.streams[i];
+            if (s->state == S_FREE)
+                continue;
+            if (s->kill_at) {
+                if (s->kill_at <= now) {
+                    signal_group(s, SIGKILL);
+                    s->kill_at = 0;
+                } else {
+                    int t = (int)(s->kill_at - now);
+                    if (timeout < 0 || t < timeout)
+                        timeout = t;
+                }
+            }
+            if (s->errfd >= 0) {
+                pfd[n] = (struct pollfd){s->errfd, POLLIN, 0};
+                map[n].s = s;
+                map[n++].what = W_ERR;
+                continue; /* output waits until the exec outcome is known */
+            }
+            for (int k = 1; k < 3; k++) {
+                if (s->out[k] >= 0 && s->credit > 0 && oq_pending() < OUTQ_SOFT) {
+                    pfd[n] = (struct pollfd){s->out[k], POLLIN, 0};
+                    map[n].s = s;
+                    map[n++].what = k;
+                }
+            }
+            if (s->in_fd >= 0 && s->inq_len) {
+                pfd[n] = (struct pollfd){s->in_fd, POLLOUT, 0};
+                map[n].s = s;
+                map[n++].what = W_IN;
+            }
+        }
+
+        if (poll(pfd, (nfds_t)n, timeout) < 0 && errno != EINTR) {
+            LOG_FATAL("poll: %s", strerror(errno));
+            return shutdown_agent(1);
+        }
+        if (A.disconnected && mono_ms() >= A.retry_at)
+            check_reconnect();
+
+        for (int i = 0; i < n; i++) {
+            short re = pfd[i].revents;
+            if (!re)
+                continue;
+            if (pfd[i].fd == A.sigfd && !map[i].s) {
+                on_signals();
+                continue;
+            }
+            if (!map[i].s) { /* the port */
+                if (re & POLLOUT && flush_out() < 0) {
+                    host_gone();
+                    break;
+                }
+                if (re & (POLLIN | POLLHUP | POLLERR)) {
+                    ssize_t r = read(A.port, A.inbuf + A.inlen, sizeof A.inbuf - A.inlen);
+                    if (r > 0) {
+                        A.inlen += (size_t)r;
+                        if (handle_input() < 0)
+                            return fatal_protocol();
+                    } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                        host_gone();
+                        break;
+                    }
+                }
+                continue;
+            }
+            struct stream *s = map[i].s;
+            if (s->state == S_FREE)
+                continue;
+            if (map[i].what == W_ERR && s->errfd == pfd[i].fd)
+                pump_errpipe(s);
+            else if (map[i].what == W_IN && s->in_fd == pfd[i].fd)
+                pump_stdin(s);
+            else if ((map[i].what == 1 || map[i].what == 2) && s->out[map[i].what] == pfd[i].fd)
+                pump_output(s, map[i].what);
+        }
+        reap();
+        for (int i = 0; i < MAX_OPEN_STREAMS; i++)
+            try_finish(&A.streams[i]);
+        if (!A.disconnected && oq_pending() && flush_out() < 0)
+            host_gone();
+    }
+}

@@ -1,0 +1,440 @@
+/* PID 1: boot the guest from the initramfs, then become the channel agent.
+ *
+ * Any failure before the agent runs prints `matchlock-init: FATAL: <what>: <strerror>` to
+ * the console and powers off: PID 1 must never exit (that panics the kernel).
+ */
+#include "guest.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_ADD_HOSTS 64
+#define WAIT_TRIES 1000 /* x 10 ms = 10 s for disks and the control port */
+#define CTL_PORT_NAME "matchlock.ctl"
+#define NEWROOT "/run/ml/root"
+#define UPPER_KEEP "/run/matchlock/upper" /* where the upper fs lives after switch_root */
+
+static struct {
+    char hostname[65];
+    char root_serial[64], upper_serial[64];
+    char hosts[MAX_ADD_HOSTS][2][128]; /* name, ip */
+    int n_hosts;
+    int net;
+} cfg = {.hostname = "matchlock", .net = 1};
+
+/* ------------------------------------------------------------------ helpers */
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+static void __attribute__((noreturn)) die(const char *what)
+{
+    char buf[512];
+    int e = errno;
+    int n = snprintf(buf, sizeof buf, "matchlock-init: FATAL: %s: %s\n", what, strerror(e));
+    int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    if (n > 0) {
+        ssize_t w = write(fd >= 0 ? fd : 2, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf);
+        (void)w;
+    }
+    sync();
+    reboot(RB_POWER_OFF);
+    for (;;)
+        pause();
+}
+
+static void mkdir_p(const char *path, mode_t mode)
+{
+    char tmp[256];
+    if (strlen(path) >= sizeof tmp)
+        return;
+    strcpy(tmp, path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            mkdir(tmp, 0755);
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+        LOG_WARN("mkdir %s: %s", path, strerror(errno));
+}
+
+static void do_mount(const char *src, const char *dst, const char *type, unsigned long flags,
+                     const char *data, int required)
+{
+    mkdir_p(dst, 0755);
+    if (mount(src, dst, type, flags, data) == 0) {
+        LOG_DEBUG("mounted %s on %s", type ? type : src, dst);
+        return;
+    }
+    if (errno == EBUSY && !required)
+        return;
+    char what[300];
+    snprintf(what, sizeof what, "mount %s (%s) on %s", src, type ? type : "-", dst);
+    if (required)
+        die(what);
+    LOG_WARN("%s: %s", what, strerror(errno));
+}
+
+static int read_small(const char *path, char *buf, size_t size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, size - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    buf[n] = 0;
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+        buf[--n] = 0;
+    return (int)n;
+}
+
+/* Replace `path` with `content`, even if it is a dangling symlink or read-only file. */
+static void write_file(const char *path, const char *content)
+{
+    struct stat st;
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        unlink(path);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        unlink(path);
+        fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    }
+    if (fd < 0) {
+        LOG_WARN("write %s: %s", path, strerror(errno));
+        return;
+    }
+    size_t len = strlen(content);
+    if (write(fd, content, len) != (ssize_t)len)
+        LOG_WARN("write %s: %s", path, strerror(errno));
+    close(fd);
+}
+
+/* ------------------------------------------------------------------ steps */
+
+static void mount_early(void)
+{
+    do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+    do_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+    do_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755", 0);
+}
+
+static void open_console(void)
+{
+    int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+    if (fd < 0)
+        return;
+    int null = open("/dev/null", O_RDONLY);
+    dup2(null >= 0 ? null : fd, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    if (fd > 2)
+        close(fd);
+    if (null > 2)
+        close(null);
+}
+
+static void copy_value(char *dst, size_t size, const char *val)
+{
+    snprintf(dst, size, "%s", val);
+}
+
+static void parse_cmdline(void)
+{
+    static char line[4096];
+    if (read_small("/proc/cmdline", line, sizeof line) < 0)
+        die("read /proc/cmdline");
+    for (char *tok = strtok(line, " \t\n"); tok; tok = strtok(NULL, " \t\n")) {
+        if (!strncmp(tok, "matchlock.hostname=", 19)) {
+            copy_value(cfg.hostname, sizeof cfg.hostname, tok + 19);
+        } else if (!strncmp(tok, "matchlock.root=", 15)) {
+            copy_value(cfg.root_serial, sizeof cfg.root_serial, tok + 15);
+        } else if (!strncmp(tok, "matchlock.upper=", 16)) {
+            copy_value(cfg.upper_serial, sizeof cfg.upper_serial, tok + 16);
+        } else if (!strncmp(tok, "matchlock.net=", 14)) {
+            cfg.net = tok[14] == '1';
+        } else if (!strncmp(tok, "matchlock.debug=", 16)) {
+            g_debug = tok[16] == '1';
+        } else if (!strncmp(tok, "matchlock.add_host=", 19)) {
+            char *v = tok + 19, *colon = strchr(v, ':'); /* host:ip; an IPv6 ip keeps its colons */
+            if (!colon || colon == v || !colon[1] || cfg.n_hosts >= MAX_ADD_HOSTS) {
+                LOG_WARN("ignoring %s", tok);
+                continue;
+            }
+            *colon = 0;
+            copy_value(cfg.hosts[cfg.n_hosts][0], sizeof cfg.hosts[0][0], v);
+            copy_value(cfg.hosts[cfg.n_hosts][1], sizeof cfg.hosts[0][1], colon + 1);
+            cfg.n_hosts++;
+        }
+    }
+    if (!cfg.hostname[0])
+        strcpy(cfg.hostname, "matchlock");
+    LOG_DEBUG("cmdline: hostname=%s root=%s upper=%s net=%d hosts=%d", cfg.hostname,
+              cfg.root_serial, cfg.upper_serial, cfg.net, cfg.n_hosts);
+}
+
+static void load_modules(void)
+{
+    FILE *f = fopen("/modules/order", "re");
+    char name[256];
+    if (!f) {
+        LOG_DEBUG("no /modules/order: %s", strerror(errno));
+        return;
+    }
+    while (fgets(name, sizeof name, f)) {
+        name[strcspn(name, "\r\n")] = 0;
+        if (!name[0])
+            continue;
+        if (strchr(name, '/') || name[0] == '.') {
+            LOG_WARN("module %s: bad name", name);
+            continue;
+        }
+        char path[300];
+        snprintf(path, sizeof path, "/modules/%s", name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            LOG_WARN("module %s: %s", path, strerror(errno));
+            continue;
+        }
+        size_t l = strlen(name);
+        int flags = 0;
+        if (l > 3 && strcmp(name + l - 3, ".ko"))
+            flags = 4; /* MODULE_INIT_COMPRESSED_FILE: .ko.xz / .ko.zst / .ko.gz */
+        if (syscall(SYS_finit_module, fd, "", flags) < 0 && errno != EEXIST)
+            LOG_WARN("module %s: %s", name, strerror(errno));
+        else
+            LOG_DEBUG("module %s loaded", name);
+        close(fd);
+    }
+    fclose(f);
+}
+
+/* Find /dev/vdX whose /sys/block/vdX/serial matches; waits up to 10 s for both disks. */
+static void find_disks(char *rootdev, char *upperdev, size_t size)
+{
+    rootdev[0] = upperdev[0] = 0;
+    for (int tries = 0; tries < WAIT_TRIES; tries++) {
+        DIR *d = opendir("/sys/block");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[300], serial[128], dev[300];
+            if (strncmp(e->d_name, "vd", 2))
+                continue;
+            snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+            if (read_small(path, serial, sizeof serial) <= 0)
+                continue;
+            snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
+            if (access(dev, F_OK) < 0)
+                continue;
+            if (!strcmp(serial, cfg.root_serial))
+                snprintf(rootdev, size, "%s", dev);
+            else if (cfg.upper_serial[0] && !strcmp(serial, cfg.upper_serial))
+                snprintf(upperdev, size, "%s", dev);
+        }
+        if (d)
+            closedir(d);
+        if (rootdev[0] && (upperdev[0] || !cfg.upper_serial[0]))
+            return;
+        sleep_ms(10);
+    }
+    errno = ENODEV;
+    die(rootdev[0] ? "upper disk (matchlock.upper) not found"
+                   : "root disk (matchlock.root) not found");
+}
+
+static void assemble_root(void)
+{
+    char rootdev[300], upperdev[300];
+    if (!cfg.root_serial[0]) {
+        errno = EINVAL;
+        die("matchlock.root= missing from the kernel command line");
+    }
+    find_disks(rootdev, upperdev, sizeof rootdev);
+    LOG_DEBUG("root disk %s, upper disk %s", rootdev, upperdev[0] ? upperdev : "(tmpfs)");
+    do_mount(rootdev, "/run/ml/lower", "ext4", MS_RDONLY, "noload", 1);
+    if (upperdev[0])
+        do_mount(upperdev, "/run/ml/upperfs", "ext4", 0, NULL, 1);
+    else
+        do_mount("tmpfs", "/run/ml/upperfs", "tmpfs", 0, "mode=0755", 1);
+    mkdir_p("/run/ml/upperfs/upper", 0755);
+    mkdir_p("/run/ml/upperfs/work", 0755);
+    do_mount("overlay", NEWROOT, "overlay", 0,
+             "lowerdir=/run/ml/lower,upperdir=/run/ml/upperfs/upper,workdir=/run/ml/upperfs/work",
+             1);
+    static const struct { const char *dir; mode_t mode; } dirs[] = {
+        {"proc", 0555}, {"sys", 0555}, {"dev", 0755}, {"run", 0755}, {"tmp", 01777},
+        {"etc", 0755},
+    };
+    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        char p[128];
+        snprintf(p, sizeof p, NEWROOT "/%s", dirs[i].dir);
+        if (mkdir(p, dirs[i].mode) < 0 && errno != EEXIST)
+            LOG_WARN("mkdir %s: %s", p, strerror(errno));
+    }
+    /* /run is a tmpfs in the new root; the upper fs moves under it so that poweroff can
+     * still reach it (to remount it read-only) once the initramfs is hidden. */
+    do_mount("tmpfs", NEWROOT "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 1);
+    mkdir_p(NEWROOT "/run/matchlock", 0700);
+    mkdir_p(NEWROOT UPPER_KEEP, 0700);
+    if (mount("/run/ml/upperfs", NEWROOT UPPER_KEEP, NULL, MS_MOVE, NULL) < 0)
+        LOG_WARN("move upper fs: %s", strerror(errno));
+    /* switch_root, initramfs style: the old rootfs stays in memory, unreachable. */
+    if (chdir(NEWROOT) < 0)
+        die("chdir " NEWROOT);
+    if (mount(NEWROOT, "/", NULL, MS_MOVE, NULL) < 0)
+        die("move " NEWROOT " to /");
+    if (chroot(".") < 0)
+        die("chroot");
+    if (chdir("/") < 0)
+        die("chdir /");
+    LOG_DEBUG("switched root");
+}
+
+static void mount_runtime(void)
+{
+    do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+    do_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+    do_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755", 1);
+    open_console();
+    do_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+             "newinstance,ptmxmode=0666,mode=620,gid=5", 0);
+    int fd = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (fd >= 0) {
+        close(fd);
+    } else {
+        unlink("/dev/ptmx");
+        if (symlink("pts/ptmx", "/dev/ptmx") < 0)
+            LOG_WARN("symlink /dev/ptmx: %s", strerror(errno));
+    }
+    do_mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0);
+    do_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 0);
+}
+
+static void setup_identity(void)
+{
+    char buf[MAX_ADD_HOSTS * 300 + 512];
+    struct jbuf b = {buf, 0, sizeof buf}; /* jb_raw is a bounded appender; no JSON here */
+    if (sethostname(cfg.hostname, strlen(cfg.hostname)) < 0)
+        LOG_WARN("sethostname: %s", strerror(errno));
+    jb_raw(&b, "%s\n", cfg.hostname);
+    write_file("/etc/hostname", buf);
+    b.len = 0;
+    jb_raw(&b, "127.0.0.1 localhost localhost.localdomain %s\n", cfg.hostname);
+    for (int i = 0; i < cfg.n_hosts; i++)
+        jb_raw(&b, "%s %s\n", cfg.hosts[i][1], cfg.hosts[i][0]);
+    jb_raw(&b, "::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n"
+               "ff02::2 ip6-allrouters\n");
+    write_file("/etc/hosts", buf);
+}
+
+static void setup_network(void)
+{
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
+        LOG_WARN("lo: %s", strerror(errno));
+    } else {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+            LOG_WARN("lo up: %s", strerror(errno));
+    }
+    if (s >= 0)
+        close(s);
+    /* matchlock.net=1: the NIC is configured by the network component, not here. */
+}
+
+static int open_channel(void)
+{
+    for (int tries = 0; tries < WAIT_TRIES; tries++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[300], name[128];
+            if (strncmp(e->d_name, "vport", 5))
+                continue;
+            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+            if (read_small(path, name, sizeof name) <= 0 || strcmp(name, CTL_PORT_NAME))
+                continue;
+            snprintf(path, sizeof path, "/dev/%s", e->d_name);
+            int fd = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+            if (fd >= 0) {
+                closedir(d);
+                LOG_DEBUG("control port %s", path);
+                return fd;
+            }
+        }
+        if (d)
+            closedir(d);
+        sleep_ms(10);
+    }
+    errno = ENODEV;
+    die("virtio-serial port " CTL_PORT_NAME " not found");
+}
+
+int init_main(void)
+{
+    g_role = "init";
+    setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+    mount_early();
+    open_console();
+    parse_cmdline();
+    LOG_DEBUG("init started");
+    load_modules();
+    assemble_root();
+    mount_runtime();
+    setup_identity();
+    setup_network();
+    int port = open_channel();
+    LOG_DEBUG("agent starting");
+    g_role = "agent";
+    agent_run(port, 1);
+    guest_poweroff();
+}
+
+/* Kill everything, flush the upper disk, power off. Only meaningful as PID 1. */
+void guest_poweroff(void)
+{
+    kill(-1, SIGKILL);
+    for (int i = 0; i < 200; i++) { /* reap for up to 2 s */
+        pid_t p;
+        while ((p = waitpid(-1, NULL, WNOHANG)) > 0)
+            ;
+        if (p < 0 && errno == ECHILD)
+            break;
+        sleep_ms(10);
+    }
+    sync();
+    if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
+        LOG_DEBUG("remount / ro: %s", strerror(errno));
+    if (mount(NULL, UPPER_KEEP, NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0 &&
+        umount2(UPPER_KEEP, MNT_DETACH) < 0)
+        LOG_DEBUG("upper fs: %s", strerror(errno));
+    sync();
+    reboot(RB_POWER_OFF);
+    for (;;)
+        pause();
+}

@@ -1,0 +1,34 @@
+/* matchlock-guest: the guest runtime.
+ *
+ *   as PID 1 (the initramfs /init):   boot the guest, then serve the channel (init.c)
+ *   matchlock-guest agent --fd N:     serve the channel on an inherited stream fd, as an
+ *                                     ordinary process (host-side tests)
+ */
+#include "guest.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: matchlock-guest agent --fd N   (as PID 1 it boots the guest)\n");
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    if (getpid() == 1)
+        return init_main();
+    if (argc == 4 && !strcmp(argv[1], "agent") && !strcmp(argv[2], "--fd")) {
+        char *end;
+        long fd = strtol(argv[3], &end, 10);
+        if (*end || fd < 0 || fd > 65535)
+            return usage();
+        if (getenv("MATCHLOCK_GUEST_DEBUG"))
+            g_debug = 1;
+        return agent_run((int)fd, 0);
+    }
+    return usage();
+}
