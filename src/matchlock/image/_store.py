@@ -88,7 +88,7 @@ def _flock(path: Path) -> Iterator[None]:
 
 class ImageStore:
     def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root is not None else cache_dir() / "images"
+        self.root = (Path(root) if root is not None else cache_dir() / "images").absolute()
 
     # ---- plumbing ------------------------------------------------------------------
 
