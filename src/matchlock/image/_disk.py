@@ -7,9 +7,11 @@ SPEC`. As root they run in-process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -143,29 +145,43 @@ def build(spec: dict, progress: Progress) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     cmd = [fakeroot, "--", sys.executable, "-m", "matchlock.image._build", str(spec_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Own process group: on interrupt we signal fakeroot, its python and mke2fs together;
+    # SIGINT (not SIGKILL) so fakeroot's trap also stops its faked daemon.
+    # stderr goes to a file, not a pipe: no deadlock on a chatty child.
+    err_path = spec_path.with_name("build-stderr.txt")
     result: dict | None = None
     error: str | None = None
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        with open(err_path, "w+") as err_file:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=err_file,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
             try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if "progress" in msg:
-                progress(msg["progress"])
-            elif "error" in msg:
-                error = msg["error"]
-            elif "done" in msg:
-                result = msg["done"]
-        stderr = proc.stderr.read() if proc.stderr else ""
-        rc = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "progress" in msg:
+                        progress(msg["progress"])
+                    elif "error" in msg:
+                        error = msg["error"]
+                    elif "done" in msg:
+                        result = msg["done"]
+                rc = proc.wait()
+            except BaseException:
+                _stop_group(proc)
+                raise
+            err_file.seek(0)
+            stderr = err_file.read()
     finally:
+        err_path.unlink(missing_ok=True)
         spec_path.unlink(missing_ok=True)
     if error is not None:
         raise MatchlockError(error)
@@ -174,3 +190,14 @@ def build(spec: dict, progress: Progress) -> dict:
         detail = lines[-1] if lines else f"exit status {rc}"
         raise MatchlockError(f"building the image disk under fakeroot failed: {detail}")
     return result
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -203,10 +203,14 @@ class RootfsBuilder:
             target = None if tstack is None else self._host([*tstack, tparts[-1]])
             if target is None or not os.path.lexists(target):
                 raise LayerError(f"hardlink {m.name!r} -> {m.linkname!r}: target missing")
-            if stat.S_ISDIR(os.lstat(target).st_mode):
+            tst = os.lstat(target)
+            if stat.S_ISDIR(tst.st_mode):
                 raise LayerError(f"hardlink {m.name!r} -> {m.linkname!r}: target is a directory")
-            if os.path.realpath(target) == os.path.realpath(host) and os.path.lexists(host):
-                return
+            try:
+                if os.path.samestat(tst, os.lstat(host)):
+                    return  # already that very file
+            except FileNotFoundError:
+                pass
             _remove(host)
             os.link(target, host, follow_symlinks=False)
             return

@@ -242,5 +242,29 @@ def test_import_as_non_root_keeps_ownership():
         root = dstat(disk, "/")
         assert (root["uid"], root["gid"]) == (0, 0)
         assert list((work / "store" / "tmp").iterdir()) == []
+
+        # a hostile layer fails inside the fakeroot session; the message comes back intact
+        evil = work / "evil.tar"
+        evil.write_bytes(docker_save([lay1, layer(sym("up", "../.."), f("up/x", "x"))]))
+        os.chmod(evil, 0o644)
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]);"
+            "from pathlib import Path; from matchlock.image import ImageStore;"
+            "from matchlock.errors import MatchlockError\n"
+            "try: ImageStore(Path(sys.argv[2])).import_tar('evil', open(sys.argv[3], 'rb'))\n"
+            "except MatchlockError as e: print('ERR', e); sys.exit(3)"
+        )
+        r = subprocess.run(
+            [*prefix, python, "-c", code, str(SRC), str(work / "store"), str(evil)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HOME": str(work)},
+        )
+        assert r.returncode == 3, r.stderr + r.stdout
+        assert "ERR corrupt image tarball: layer sha256:" in r.stdout
+        assert "leaves the tree" in r.stdout
+        assert list((work / "store" / "tmp").iterdir()) == []
+        assert len(list((work / "store" / "disks").iterdir())) == 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
