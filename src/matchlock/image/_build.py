@@ -6,10 +6,15 @@ Writes JSON lines to stdout: {"progress": str}, then {"done": {...}} or {"error"
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 
 def main(argv: list[str]) -> int:
+    # The parent stops us with SIGINT; make sure it is not ignored (a shell running us in
+    # the background would have us inherit SIG_IGN). Exiting then lets fakeroot's EXIT
+    # trap stop its faked daemon.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from matchlock.errors import MatchlockError
     from matchlock.image._disk import build_inprocess
 
