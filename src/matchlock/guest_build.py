@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 
-
 def _kernel_header_dir(tmp: Path) -> Path:
     # musl-gcc does not see the kernel UAPI headers; give it links to them.
     inc = tmp / "kinc"
