@@ -64,4 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         rc = 141
+    except Exception as e:  # noqa: BLE001 - last resort: one line, details with --debug
+        if os.environ.get("MATCHLOCK_DEBUG") or "--debug" in (argv or sys.argv):
+            raise
+        print(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)",
+              file=sys.stderr)
+        rc = 1
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -56,7 +56,10 @@ class StateDB:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or state_dir() / "state.db"
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(self.path, timeout=15, isolation_level=None)
+        # One connection used serially from the loop and its worker threads.
+        self._db = sqlite3.connect(
+            self.path, timeout=15, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
