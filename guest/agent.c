@@ -1024,7 +1024,8 @@ static int handle_input(void)
 
 static void host_gone(void)
 {
-    LOG_WARN("host disconnected");
+    if (A.pid1)
+        LOG_WARN("host disconnected");
     kill_all_streams();
     A.disconnected = 1;
     A.inlen = 0;
