@@ -502,6 +502,26 @@ static void child_fail(int errw, const char *msg)
     _exit(127);
 }
 
+/* Docker semantics: HOME comes from the user's passwd entry unless the request sets it.
+ * Runs in the child after the user switch, so it may allocate. */
+static char **with_home(char **envp)
+{
+    size_t n = 0;
+    for (; envp[n]; n++)
+        if (!strncmp(envp[n], "HOME=", 5))
+            return envp;
+    struct passwd *pw = getpwuid(getuid());
+    const char *home = pw && pw->pw_dir && *pw->pw_dir ? pw->pw_dir : "/";
+    char **out = calloc(n + 2, sizeof *out);
+    char *kv = malloc(strlen(home) + 6);
+    if (!out || !kv)
+        return envp;
+    memcpy(out, envp, n * sizeof *out);
+    sprintf(kv, "HOME=%s", home);
+    out[n] = kv;
+    return out;
+}
+
 /* In the forked child: never returns. fds: slave (tty) or in_r/out_w/err_w (pipes). */
 static void child_exec(const struct exec_req *r, int errw, int slave, int in_r, int out_w, int err_w)
 {
@@ -541,7 +561,7 @@ static void child_exec(const struct exec_req *r, int errw, int slave, int in_r, 
         snprintf(err, sizeof err, "chdir %s: %s", r->cwd, strerror(errno));
         child_fail(errw, err);
     }
-    exec_search(r->argv, r->envp, err, sizeof err);
+    exec_search(r->argv, with_home(r->envp), err, sizeof err);
     child_fail(errw, err);
 }
 

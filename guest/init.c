@@ -32,6 +32,7 @@
 static struct {
     char hostname[65];
     char root_serial[64], upper_serial[64];
+    char bench[64]; /* matchlock.bench=: benchmark floors only */
     char hosts[MAX_ADD_HOSTS][2][128]; /* name, ip */
     int n_hosts;
     int net;
@@ -175,6 +176,8 @@ static void parse_cmdline(void)
             copy_value(cfg.upper_serial, sizeof cfg.upper_serial, tok + 16);
         } else if (!strncmp(tok, "matchlock.net=", 14)) {
             cfg.net = tok[14] == '1';
+        } else if (!strncmp(tok, "matchlock.bench=", 16)) {
+            copy_value(cfg.bench, sizeof cfg.bench, tok + 16);
         } else if (!strncmp(tok, "matchlock.debug=", 16)) {
             g_debug = tok[16] == '1';
         } else if (!strncmp(tok, "matchlock.add_host=", 19)) {
@@ -395,6 +398,23 @@ static int open_channel(void)
     die("virtio-serial port " CTL_PORT_NAME " not found");
 }
 
+/* bench/throughput.py's floor: raw bytes over the same port, no protocol, then power off. */
+static void bench_serial_write(unsigned long long n)
+{
+    static char zeros[65536];
+    int port = open_channel();
+    while (n > 0) {
+        size_t chunk = n < sizeof zeros ? (size_t)n : sizeof zeros;
+        ssize_t w = write(port, zeros, chunk);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            break;
+        n -= (unsigned long long)w;
+    }
+    reboot(RB_POWER_OFF);
+}
+
 int init_main(void)
 {
     g_role = "init";
@@ -403,7 +423,11 @@ int init_main(void)
     open_console();
     parse_cmdline();
     LOG_DEBUG("init started");
+    if (!strcmp(cfg.bench, "poweroff")) /* bench/cold_start.py's floor */
+        reboot(RB_POWER_OFF);
     load_modules();
+    if (!strncmp(cfg.bench, "serial_write:", 13))
+        bench_serial_write(strtoull(cfg.bench + 13, NULL, 10));
     assemble_root();
     mount_runtime();
     setup_identity();

@@ -68,7 +68,6 @@ class StagedTarball:
     # ---- reading ---------------------------------------------------------------------
 
     def read(self, stream: BinaryIO, staging: Path, progress: Callable[[str], None]) -> None:
-        progress(f"reading image tarball from {self.label}")
         total = 0
         next_report = 256 << 20
         n = 0

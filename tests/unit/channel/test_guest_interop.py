@@ -344,7 +344,14 @@ def test_env_is_complete_and_path_from_request(guest, tmp_path):
     assert out == b"tool bar\n" and ex.code == 0
     sid = guest.open({"op": "exec", "argv": ["env"], "env": ["A=1", "PATH=/usr/bin:/bin"]})
     out, _, _, _ = guest.collect(sid)
-    assert sorted(out.decode().split()) == ["A=1", "PATH=/usr/bin:/bin"]
+    # HOME is the only addition: from the user's passwd entry, as Docker does.
+    import pwd
+
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    assert sorted(out.decode().split()) == ["A=1", f"HOME={home}", "PATH=/usr/bin:/bin"]
+    sid = guest.open({"op": "exec", "argv": ["env"], "env": ["HOME=/mine", "PATH=/bin"]})
+    out, _, _, _ = guest.collect(sid)
+    assert sorted(out.decode().split()) == ["HOME=/mine", "PATH=/bin"]
 
 
 def test_ping_sync_and_unknown_op(guest):
