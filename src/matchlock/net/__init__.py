@@ -1,0 +1,1 @@
+"""Sealed networking: per-VM namespace + TAP + nftables, DNS, relay and TLS proxy."""

@@ -1,0 +1,79 @@
+"""Shared network types: the contract between config parsing, the namespace plumbing,
+the DNS resolver, the policy and the proxy. Pure data, no I/O."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+NetworkMode = Literal["none", "open", "intercept"]
+
+# Addresses inside every VM's own namespace (namespaces are per VM, so they never clash).
+GUEST_IP = "10.213.0.2"
+GATEWAY_IP = "10.213.0.1"  # the TAP's address; the relay, proxy and DNS listen here
+PREFIX_LEN = 30
+TAP_NAME = "ml-tap0"
+DEFAULT_DNS_SERVERS = ("8.8.8.8", "8.8.4.4")  # upstream resolvers the host-side DNS uses
+DEFAULT_MTU = 1500
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    name: str
+    value: str  # the real value: host memory only, never persisted, logged or sent to the guest
+    hosts: tuple[str, ...]  # globs the value may be sent to
+    placeholder: str  # SANDBOX_SECRET_<32 hex>: what the guest sees
+
+    def __repr__(self) -> str:  # keep the value out of logs and tracebacks
+        return f"Secret(name={self.name!r}, hosts={self.hosts!r}, placeholder={self.placeholder!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    mode: NetworkMode = "open"
+    allow_hosts: tuple[str, ...] = ()  # globs; secret hosts are added to it
+    add_hosts: tuple[tuple[str, str], ...] = ()  # (name, ip): answered by our DNS, /etc/hosts
+    secrets: tuple[Secret, ...] = ()
+    dns_servers: tuple[str, ...] = DEFAULT_DNS_SERVERS
+    mtu: int = DEFAULT_MTU
+    allow_private: bool = False  # SDK's allow-private-IPs; never set by the CLI
+
+    def public_view(self) -> dict:
+        """What may be stored (state DB) or shown (inspect): secrets without values."""
+        return {
+            "mode": self.mode,
+            "allow_hosts": list(self.allow_hosts),
+            "add_hosts": [f"{h}:{ip}" for h, ip in self.add_hosts],
+            "secrets": [{"name": s.name, "hosts": list(s.hosts), "placeholder": s.placeholder}
+                        for s in self.secrets],
+            "dns_servers": list(self.dns_servers),
+            "mtu": self.mtu,
+            "allow_private": self.allow_private,
+        }
+
+
+class ConnectionHandler(Protocol):
+    """Handles one guest TCP connection that the namespace listener accepted.
+
+    dst_ip/dst_port: where the guest was trying to go (SO_ORIGINAL_DST). The handler
+    decides (policy), dials upstream from the host namespace if allowed, relays, and
+    closes `writer` when done. It must never raise for network errors.
+    """
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     dst_ip: str, dst_port: int) -> None: ...
+
+
+@dataclass(slots=True)
+class NetEvent:
+    """One line of the VM's network event log (blocked requests, secret use, errors)."""
+
+    kind: str  # e.g. "blocked", "allowed", "secret_injected", "dns_blocked", "error"
+    host: str = ""
+    detail: str = ""
+    fields: dict = field(default_factory=dict)
+
+
+class EventSink(Protocol):
+    def __call__(self, event: NetEvent) -> None: ...
