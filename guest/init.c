@@ -6,9 +6,12 @@
 #include "guest.h"
 
 #include <dirent.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +39,8 @@ static struct {
     char hosts[MAX_ADD_HOSTS][2][128]; /* name, ip */
     int n_hosts;
     int net;
+    char ip[32], gw[32], dns[32]; /* matchlock.ip=A.B.C.D/N, .gw=, .dns= (set by the host) */
+    int mtu;
 } cfg = {.hostname = "matchlock", .net = 1};
 
 /* ------------------------------------------------------------------ helpers */
@@ -176,6 +181,14 @@ static void parse_cmdline(void)
             copy_value(cfg.upper_serial, sizeof cfg.upper_serial, tok + 16);
         } else if (!strncmp(tok, "matchlock.net=", 14)) {
             cfg.net = tok[14] == '1';
+        } else if (!strncmp(tok, "matchlock.ip=", 13)) {
+            copy_value(cfg.ip, sizeof cfg.ip, tok + 13);
+        } else if (!strncmp(tok, "matchlock.gw=", 13)) {
+            copy_value(cfg.gw, sizeof cfg.gw, tok + 13);
+        } else if (!strncmp(tok, "matchlock.dns=", 14)) {
+            copy_value(cfg.dns, sizeof cfg.dns, tok + 14);
+        } else if (!strncmp(tok, "matchlock.mtu=", 14)) {
+            cfg.mtu = atoi(tok + 14);
         } else if (!strncmp(tok, "matchlock.bench=", 16)) {
             copy_value(cfg.bench, sizeof cfg.bench, tok + 16);
         } else if (!strncmp(tok, "matchlock.debug=", 16)) {
@@ -352,22 +365,108 @@ static void setup_identity(void)
     write_file("/etc/hosts", buf);
 }
 
+static int set_flags_up(int s, const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+        return -1;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    return ioctl(s, SIOCSIFFLAGS, &ifr);
+}
+
+/* The first interface that is not lo (the one virtio-net NIC); waits up to 5 s for it. */
+static int find_nic(char *name, size_t size)
+{
+    for (int tries = 0; tries < 500; tries++) {
+        DIR *d = opendir("/sys/class/net");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (e->d_name[0] == '.' || !strcmp(e->d_name, "lo") || strlen(e->d_name) >= size)
+                continue;
+            snprintf(name, size, "%s", e->d_name);
+            closedir(d);
+            return 0;
+        }
+        if (d)
+            closedir(d);
+        sleep_ms(10);
+    }
+    return -1;
+}
+
+static int set_addr(int s, const char *ifname, unsigned long req, struct in_addr a)
+{
+    struct ifreq ifr;
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr = a};
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    memcpy(&ifr.ifr_addr, &sin, sizeof sin);
+    return ioctl(s, req, &ifr);
+}
+
+/* eth0 from matchlock.ip/gw/mtu, a default route via the gateway, resolv.conf -> dns. */
+static void setup_nic(int s)
+{
+    char nic[IFNAMSIZ], ipbuf[32], *slash;
+    struct in_addr addr, mask, gw, dns;
+    snprintf(ipbuf, sizeof ipbuf, "%s", cfg.ip);
+    int prefix = (slash = strchr(ipbuf, '/')) ? atoi(slash + 1) : 24;
+    if (slash)
+        *slash = 0;
+    if (inet_pton(AF_INET, ipbuf, &addr) != 1 || prefix < 1 || prefix > 32 ||
+        inet_pton(AF_INET, cfg.gw, &gw) != 1) {
+        LOG_WARN("bad network arguments ip=%s gw=%s", cfg.ip, cfg.gw);
+        return;
+    }
+    mask.s_addr = htonl(0xffffffffu << (32 - prefix));
+    if (find_nic(nic, sizeof nic) < 0) {
+        LOG_WARN("no network interface appeared");
+        return;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", nic);
+    ifr.ifr_mtu = cfg.mtu;
+    if (cfg.mtu > 0 && cfg.mtu <= 65535 && ioctl(s, SIOCSIFMTU, &ifr) < 0)
+        LOG_WARN("%s mtu %d: %s", nic, cfg.mtu, strerror(errno));
+    if (set_addr(s, nic, SIOCSIFADDR, addr) < 0 || set_addr(s, nic, SIOCSIFNETMASK, mask) < 0 ||
+        set_flags_up(s, nic) < 0) {
+        LOG_WARN("%s: %s", nic, strerror(errno));
+        return;
+    }
+    struct rtentry rt;
+    struct sockaddr_in any = {.sin_family = AF_INET}, via = {.sin_family = AF_INET, .sin_addr = gw};
+    memset(&rt, 0, sizeof rt);
+    memcpy(&rt.rt_dst, &any, sizeof any);
+    memcpy(&rt.rt_genmask, &any, sizeof any);
+    memcpy(&rt.rt_gateway, &via, sizeof via);
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    rt.rt_dev = nic;
+    if (ioctl(s, SIOCADDRT, &rt) < 0)
+        LOG_WARN("default route via %s: %s", cfg.gw, strerror(errno));
+    if (inet_pton(AF_INET, cfg.dns, &dns) == 1) {
+        char line[64];
+        snprintf(line, sizeof line, "nameserver %s\n", cfg.dns);
+        write_file("/etc/resolv.conf", line); /* replaces a symlink too */
+    }
+    LOG_DEBUG("%s: %s/%d via %s mtu %d", nic, ipbuf, prefix, cfg.gw, cfg.mtu);
+}
+
 static void setup_network(void)
 {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    strcpy(ifr.ifr_name, "lo");
-    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
-        LOG_WARN("lo: %s", strerror(errno));
-    } else {
-        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-        if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
-            LOG_WARN("lo up: %s", strerror(errno));
+    if (s < 0) {
+        LOG_WARN("socket: %s", strerror(errno));
+        return;
     }
-    if (s >= 0)
-        close(s);
-    /* matchlock.net=1: the NIC is configured by the network component, not here. */
+    if (set_flags_up(s, "lo") < 0)
+        LOG_WARN("lo up: %s", strerror(errno));
+    /* matchlock.net=0: no NIC is attached, and the image's resolv.conf stays. */
+    if (cfg.net && cfg.ip[0])
+        setup_nic(s);
+    close(s);
 }
 
 static int open_channel(void)

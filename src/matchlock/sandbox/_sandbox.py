@@ -6,6 +6,7 @@ Data flows one way: CLI/RPC -> Sandbox -> {image, vm, channel, state}.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,13 +22,14 @@ from matchlock.channel.client import ChannelClosed, ExecHandle, GuestChannel
 from matchlock.errors import DependencyError, UsageError, VmStartError
 from matchlock.guest import guest_binary
 from matchlock.image import BUILTIN_IMAGE, Image, ImageStore
+from matchlock.net.types import NetworkConfig
 from matchlock.paths import vms_dir
 from matchlock.state import StateDB
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
 from matchlock.vm.kernel import host_tsc_khz, resolve_kernel
 from matchlock.vm.qemu import QemuProcess, qemu_binary
-from matchlock.vm.spec import Disk, VmSpec, vcpus_for
+from matchlock.vm.spec import Disk, Nic, VmSpec, mac_for, vcpus_for
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,14 @@ class SandboxConfig:
     accel: str | None = None
     machine: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    @property
+    def net(self) -> NetworkConfig:
+        """The network config in force: `no_network` wins (mode "none")."""
+        if self.no_network and self.network.mode != "none":
+            return dataclasses.replace(self.network, mode="none")
+        return self.network
 
     def validate(self) -> int:
         """Check everything that needs no I/O; returns the vCPU count."""
@@ -127,6 +137,7 @@ class Sandbox:
         self._db: StateDB | None = None
         self._closed = False
         self._prep: asyncio.Future | None = None
+        self.net = None  # NetworkStack when the VM has a NIC
 
     # -- start ---------------------------------------------------------------------------
 
@@ -147,7 +158,10 @@ class Sandbox:
         self.dir.mkdir(parents=True, mode=0o700)
         (self.dir / "logs").mkdir()
         self._db = StateDB()
-        self._db.register(self.id, os.getpid(), self.image.name, {"image": self.image.name})
+        netcfg = cfg.net
+        # Only the public view: secret values never reach the state DB.
+        self._db.register(self.id, os.getpid(), self.image.name,
+                          {"image": self.image.name, "network": netcfg.public_view()})
         upper = self.dir / "upper.ext4"
         make_upper_disk(upper, cfg.disk_size_mib)
 
@@ -160,8 +174,19 @@ class Sandbox:
             *base_cmdline(accel, tsc),
             f"matchlock.hostname={cfg.hostname or self.id}",
             f"matchlock.root={ROOT_SERIAL}", f"matchlock.upper={UPPER_SERIAL}",
-            f"matchlock.net={0 if cfg.no_network else 1}",
+            f"matchlock.net={0 if netcfg.mode == 'none' else 1}",
         ]
+        nic = None
+        if netcfg.mode != "none":
+            from matchlock.net.stack import NetworkStack
+
+            self.net = NetworkStack(self.id, self.dir, netcfg)
+            self.net.prepare()
+            cmdline += self.net.guest_cmdline()
+            nic = Nic(self.net.tap_fd, mac_for(self.id))
+            self.timings.update(self.net.timings)
+        else:
+            cmdline += [f"matchlock.add_host={h}:{ip}" for h, ip in netcfg.add_hosts]
         spec = VmSpec(
             kernel=kernel.image,
             initrd=initrd,
@@ -175,6 +200,7 @@ class Sandbox:
                 Disk(upper, UPPER_SERIAL),
             ),
             cmdline=tuple(cmdline),
+            nic=nic,
         )
         host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -193,6 +219,9 @@ class Sandbox:
         # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind close().
         self._prep = asyncio.ensure_future(asyncio.to_thread(self._prepare, vcpus))
         _, host_sock = await asyncio.shield(self._prep)
+        if self.net is not None:
+            # The sockets listen already; the guest's first packets wait in their queues.
+            await self.net.start()
         self.channel = GuestChannel(host_sock)
         self.channel.start()
         hello_task = asyncio.ensure_future(self.channel.wait_ready())
@@ -296,6 +325,12 @@ class Sandbox:
         if self.qemu is not None:
             # A --rm VM's disks are discarded, so there is nothing to flush: kill at once.
             await asyncio.to_thread(self.qemu.kill, 0.0 if remove else 1.0)
+        if self.net is not None:
+            try:
+                await self.net.close()
+            except Exception as e:  # noqa: BLE001 - cleanup must go on
+                log.warning("network teardown of %s failed: %s", self.id, e)
+            self.timings.update(self.net.timings)
         if self._db is not None:
             if remove:
                 self._db.remove(self.id)

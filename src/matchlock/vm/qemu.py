@@ -70,6 +70,11 @@ def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
         "-chardev", f"socket,id=ctl,fd={channel_fd}",
         "-device", f"virtserialport,chardev=ctl,name={CHANNEL_PORT_NAME}",
     ]
+    if spec.nic is not None:
+        argv += [
+            "-netdev", f"tap,id=n0,fd={spec.nic.tap_fd}",
+            "-device", f"virtio-net-{bus},netdev=n0,mac={spec.nic.mac}",
+        ]
     return argv
 
 
@@ -93,7 +98,7 @@ class QemuProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
-                pass_fds=(channel_fd,),
+                pass_fds=(channel_fd,) + ((spec.nic.tap_fd,) if spec.nic else ()),
                 start_new_session=True,  # a terminal Ctrl-C reaches us, not QEMU
                 preexec_fn=_child_setup,
                 env={**os.environ, **spec.extra_env},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from matchlock.errors import UsageError
 
 MIN_MEMORY_MIB = 64  # below this the Debian cloud kernel cannot unpack its initramfs
 MAX_DISKS = 16
+_HEX = set("0123456789abcdefABCDEF")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +20,25 @@ class Disk:
     path: Path
     serial: str  # the guest finds disks by virtio-blk serial, not probe order
     readonly: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    tap_fd: int  # an open TAP (IFF_TAP|IFF_NO_PI, no vnet header); QEMU inherits it
+    mac: str
+
+    def __post_init__(self) -> None:
+        parts = self.mac.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 and set(p) <= _HEX for p in parts):
+            raise ValueError(f"bad MAC address {self.mac!r}")
+        if self.tap_fd < 0:
+            raise ValueError(f"bad TAP fd {self.tap_fd}")
+
+
+def mac_for(vm_id: str) -> str:
+    """A stable, locally administered unicast MAC derived from the VM id."""
+    h = hashlib.sha256(vm_id.encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +52,7 @@ class VmSpec:
     log_path: Path
     disks: tuple[Disk, ...] = ()
     cmdline: tuple[str, ...] = ()
+    nic: Nic | None = None  # None: no network interface at all
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

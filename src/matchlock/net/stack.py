@@ -1,0 +1,226 @@
+"""NetworkStack: everything one VM's network takes, owned by its Sandbox.
+
+    guest eth0 ── TAP (in ns ml-<id>) ── nft DNAT ──► relay listener (in the ns, opened
+                                                      by us) ──► handler.handle(...) dials
+                                                      upstream from the host namespace
+              └── udp/53 (any address) ── DNAT ──► DNS socket ──► resolver
+
+`prepare()` (blocking) builds the namespace, TAP, rules and sockets; `start()` serves
+them on the running loop; `close()` stops serving, ends every relayed connection and
+deletes the namespace. Events from the handlers land in `<vm dir>/logs/net.jsonl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import socket
+import struct
+import time
+from pathlib import Path
+
+from matchlock.net.netns import NetNamespace
+from matchlock.net.types import (
+    GATEWAY_IP,
+    GUEST_IP,
+    PREFIX_LEN,
+    ConnectionHandler,
+    NetEvent,
+    NetworkConfig,
+)
+
+log = logging.getLogger(__name__)
+
+SOL_IP = 0
+SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
+MAX_CONNECTIONS = 1024  # concurrent guest connections; more are refused (a guest is hostile)
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """Where the guest was connecting to before our DNAT rule redirected it."""
+    raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+    port, addr = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(addr), port
+
+
+class NetworkStack:
+    def __init__(self, vm_id: str, vm_dir: Path, config: NetworkConfig,
+                 handler: ConnectionHandler | None = None) -> None:
+        if config.mode == "none":
+            raise ValueError("NetworkStack is for networked modes only")
+        self.vm_id = vm_id
+        self.config = config
+        self.events_path = Path(vm_dir) / "logs" / "net.jsonl"
+        self.ns = NetNamespace(vm_id, config.mtu)
+        self._handler = handler
+        self._server: asyncio.base_events.Server | None = None
+        self._dns_task: asyncio.Task | None = None
+        self._conns: set[asyncio.Task] = set()
+        self._events = None
+        self._prepared = False
+        self._closed = False
+        self.timings: dict[str, float] = {}
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Namespace, TAP, rules, listening sockets (blocking). Safe to call once."""
+        if self._prepared:
+            return
+        self._prepared = True
+        t0 = time.monotonic()
+        self.ns.create()
+        self.timings["net_setup"] = time.monotonic() - t0
+
+    @property
+    def tap_fd(self) -> int:
+        if self.ns.tap_fd is None:
+            raise RuntimeError("the network namespace is not set up")
+        return self.ns.tap_fd
+
+    def guest_cmdline(self) -> list[str]:
+        args = [
+            f"matchlock.ip={GUEST_IP}/{PREFIX_LEN}", f"matchlock.gw={GATEWAY_IP}",
+            f"matchlock.dns={GATEWAY_IP}", f"matchlock.mtu={self.config.mtu}",
+        ]
+        args += [f"matchlock.add_host={h}:{ip}" for h, ip in self.config.add_hosts]
+        return args
+
+    async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("the network stack is closed")
+        if not self._prepared:
+            await asyncio.to_thread(self.prepare)
+        assert self.ns.tcp_listener is not None and self.ns.udp_socket is not None
+        if self._handler is None:
+            self._handler = _default_handler(self.config, self.emit)
+        self._server = await asyncio.start_server(
+            self._on_connection, sock=self.ns.tcp_listener, limit=1 << 16)
+        resolver = _default_resolver(self.config, self.emit)
+        if resolver is not None:
+            self._dns_task = asyncio.ensure_future(resolver.serve(self.ns.udp_socket))
+        log.debug("network of %s: relay %s:%d, mode %s", self.vm_id, GATEWAY_IP,
+                  self.ns.relay_port, self.config.mode)
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        try:
+            if len(self._conns) >= MAX_CONNECTIONS:
+                self.emit(NetEvent("blocked", detail="too many concurrent connections"))
+                return
+            if task is not None:
+                self._conns.add(task)
+            try:
+                dst_ip, dst_port = original_dst(writer.get_extra_info("socket"))
+            except OSError as e:
+                self.emit(NetEvent("error", detail=f"no original destination: {e}"))
+                return
+            assert self._handler is not None
+            await self._handler.handle(reader, writer, dst_ip, dst_port)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one connection must never take the VM down
+            log.exception("network handler failed")
+            self.emit(NetEvent("error", detail=f"handler failed: {type(e).__name__}: {e}"))
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+
+    def emit(self, event: NetEvent) -> None:
+        """One JSON line per event in logs/net.jsonl, and an INFO log line."""
+        rec = {"ts": round(time.time(), 3), **dataclasses.asdict(event)}
+        line = json.dumps(rec, separators=(",", ":"), default=str)
+        log.info("net %s: %s %s %s", self.vm_id, event.kind, event.host, event.detail)
+        try:
+            if self._events is None:
+                self._events = open(self.events_path, "a", buffering=1)  # noqa: SIM115
+            self._events.write(line + "\n")
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.events_path, e)
+
+    # -- teardown ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop serving, end every relayed connection, delete the namespace. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        t0 = time.monotonic()
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in (*self._conns, self._dns_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        closer = getattr(self._handler, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+        await asyncio.to_thread(self.ns.close)
+        if self._events is not None:
+            self._events.close()
+        self.timings["net_teardown"] = time.monotonic() - t0
+
+    def close_sync(self) -> None:
+        """For paths without a running loop (setup failed before start()): ns only."""
+        self._closed = True
+        self.ns.close()
+
+
+def _default_handler(config: NetworkConfig, emit) -> ConnectionHandler:
+    return _FallbackRelay(emit)
+
+
+def _default_resolver(config: NetworkConfig, emit):
+    return None
+
+
+# -- temporary: until matchlock.net.proxy lands ---------------------------------------------
+
+_BLOCKED_NETS = tuple(ipaddress.IPv4Network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+))
+
+
+class _FallbackRelay:
+    """Open-mode TCP relay for this module's own tests: private ranges blocked."""
+
+    def __init__(self, emit) -> None:
+        self.emit = emit
+
+    async def handle(self, reader, writer, dst_ip: str, dst_port: int) -> None:
+        addr = ipaddress.IPv4Address(dst_ip)
+        if any(addr in n for n in _BLOCKED_NETS):
+            self.emit(NetEvent("blocked", host=f"{dst_ip}:{dst_port}", detail="private address"))
+            return
+        try:
+            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(dst_ip, dst_port), 10)
+        except (TimeoutError, OSError) as e:
+            self.emit(NetEvent("error", host=f"{dst_ip}:{dst_port}", detail=str(e)))
+            return
+        self.emit(NetEvent("allowed", host=f"{dst_ip}:{dst_port}"))
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                if w.can_write_eof():
+                    w.write_eof()
+            except OSError:
+                pass
+
+        try:
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        finally:
+            up_w.close()
