@@ -38,12 +38,14 @@ _PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in (
     "192.168.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
 ))
 # Never sensible destinations, blocked even with allow_private: "this network" (0.0.0.0 dials
-# the host's own localhost on Linux), multicast, reserved/broadcast, IPv4-compatible (::/96,
-# deprecated), NAT64 and Teredo (they tunnel to addresses we cannot see).
+# the host's own localhost on Linux), multicast, reserved/broadcast, IPv4-compatible (::/96
+# other than ::1, deprecated), NAT64 and Teredo (they tunnel to addresses we cannot see).
 _RESERVED_NETS = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "::/96", "64:ff9b::/96", "64:ff9b:1::/48",
+    "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "::/128", "64:ff9b::/96", "64:ff9b:1::/48",
     "2001::/32", "ff00::/8",
 ))
+_V4_COMPAT = ipaddress.ip_network("::/96")
+_V6_LOOPBACK = ipaddress.ip_address("::1")
 
 # DNS bookkeeping bounds: a hostile guest can make us record at most this many names, and we
 # keep an answer this long after its TTL (guest stub caches may outlive the TTL we gave).
@@ -157,6 +159,8 @@ def blocked_range(ip: str, allow_private: bool = False) -> str | None:
             found = blocked_range(str(inner), allow_private)
             if found is not None:
                 return f"{found} (embedded in {addr})"
+        if addr in _V4_COMPAT and addr != _V6_LOOPBACK:
+            return str(_V4_COMPAT)
     nets = _RESERVED_NETS if allow_private else _RESERVED_NETS + _PRIVATE_NETS
     for net in nets:
         if addr.version == net.version and addr in net:

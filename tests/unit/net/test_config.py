@@ -1,0 +1,163 @@
+"""CLI network flag parsing: modes, globs, secrets, add-host, DNS servers, MTU."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from matchlock.errors import UsageError
+from matchlock.net.config import new_placeholder, parse_network_flags
+from matchlock.net.types import DEFAULT_DNS_SERVERS
+
+
+def parse(**kw):
+    args = dict(no_network=False, allow_hosts=[], add_hosts=[], secrets=[], dns_servers=[],
+                network_intercept=False, mtu=1500, host_env={})
+    args.update(kw)
+    return parse_network_flags(**args)
+
+
+def test_placeholder_shape():
+    a, b = new_placeholder(), new_placeholder()
+    assert re.fullmatch(r"SANDBOX_SECRET_[0-9a-f]{32}", a)
+    assert a != b
+
+
+def test_defaults_open():
+    c = parse()
+    assert c.mode == "open"
+    assert c.allow_hosts == () and c.secrets == () and c.add_hosts == ()
+    assert c.dns_servers == DEFAULT_DNS_SERVERS and c.mtu == 1500
+
+
+def test_modes():
+    assert parse(no_network=True).mode == "none"
+    assert parse(allow_hosts=["a.com"]).mode == "intercept"
+    assert parse(network_intercept=True).mode == "intercept"
+    assert parse(secrets=["K=v@a.com"]).mode == "intercept"
+    assert parse(allow_hosts=["", " , "]).mode == "open"
+
+
+@pytest.mark.parametrize("flag,kw", [
+    ("--allow-host", {"allow_hosts": ["a.com"]}),
+    ("--secret", {"secrets": ["K=v@a.com"]}),
+    ("--network-intercept", {"network_intercept": True}),
+])
+def test_no_network_conflicts(flag, kw):
+    with pytest.raises(UsageError, match=f"--no-network cannot be combined with {flag}"):
+        parse(no_network=True, **kw)
+
+
+def test_no_network_allows_add_host_and_dns():
+    c = parse(no_network=True, add_hosts=["db:10.0.0.1"], dns_servers=["1.1.1.1"])
+    assert c.mode == "none" and c.add_hosts == (("db", "10.0.0.1"),)
+
+
+def test_allow_hosts_comma_repeat_normalise():
+    c = parse(allow_hosts=["A.com, *.b.COM.", "", "c.com:443,a.com", "api-*.x.com"])
+    assert c.allow_hosts == ("a.com", "*.b.com", "c.com", "api-*.x.com")
+
+
+@pytest.mark.parametrize("bad", [
+    "a..com", ".a.com", "**.a.com", "a_b.com", "a b.com", "a/b", ".", "a.com/x", "é.com",
+    "x" * 64 + ".com", "a:b:c",
+])
+def test_invalid_globs(bad):
+    with pytest.raises(UsageError, match=r"invalid --allow-host glob"):
+        parse(allow_hosts=[bad])
+
+
+def test_valid_globs():
+    c = parse(allow_hosts=["*", "*.a.com", "a.*", "api-*-*.x.com", "1.2.3.4", "x-1.y"])
+    assert c.allow_hosts == ("*", "*.a.com", "a.*", "api-*-*.x.com", "1.2.3.4", "x-1.y")
+
+
+def test_secret_from_env_multi_host():
+    c = parse(secrets=["TOKEN@a.com,b.com"], host_env={"TOKEN": "s3cr3t"})
+    (s,) = c.secrets
+    assert s.name == "TOKEN" and s.value == "s3cr3t" and s.hosts == ("a.com", "b.com")
+    assert re.fullmatch(r"SANDBOX_SECRET_[0-9a-f]{32}", s.placeholder)
+    assert c.allow_hosts == ("a.com", "b.com")
+    assert c.mode == "intercept"
+
+
+def test_secret_value_with_at_comma_equals():
+    c = parse(secrets=["K=p@ss,w=rd@api.x.com,*.y.com"])
+    (s,) = c.secrets
+    assert s.value == "p@ss,w=rd" and s.hosts == ("api.x.com", "*.y.com")
+
+
+def test_secret_hosts_appended_dedup():
+    c = parse(allow_hosts=["a.com"], secrets=["K=v@A.com,b.com", "L=w@c.com"])
+    assert c.allow_hosts == ("a.com", "b.com", "c.com")
+    assert [s.name for s in c.secrets] == ["K", "L"]
+
+
+def test_secret_env_unset_or_empty():
+    msg = ("--secret TOKEN: TOKEN is not set in the host environment; "
+           "export it or use TOKEN=VALUE@host")
+    with pytest.raises(UsageError, match=re.escape(msg)):
+        parse(secrets=["TOKEN@a.com"])
+    with pytest.raises(UsageError, match="not set"):
+        parse(secrets=["TOKEN@a.com"], host_env={"TOKEN": ""})
+
+
+@pytest.mark.parametrize("raw,match", [
+    ("K=hunter2", "malformed --secret 'K'"),
+    ("K=hunter2@", "no hosts after '@'"),
+    ("K=hunter2@ , ", "no hosts after '@'"),
+    ("=hunter2@a.com", "not a valid environment variable name"),
+    ("1K=hunter2@a.com", "not a valid environment variable name"),
+    ("K-X=hunter2@a.com", "not a valid environment variable name"),
+    ("K=@a.com", "value after '=' is empty"),
+    ("K=hunter2@a..com", "invalid --secret K host glob"),
+    ("A@x,B@y", "not a valid environment variable name"),
+])
+def test_secret_errors_never_show_value(raw, match):
+    with pytest.raises(UsageError, match=re.escape(match)) as ei:
+        parse(secrets=[raw])
+    assert "hunter2" not in str(ei.value)
+
+
+def test_secret_twice():
+    with pytest.raises(UsageError, match="more than once"):
+        parse(secrets=["K=a@x.com", "K=b@y.com"])
+
+
+def test_add_host():
+    c = parse(add_hosts=["Db.Internal:10.1.2.3, v6:2001:0db8:0:0::10", "b:[::1]"])
+    assert c.add_hosts == (("db.internal", "10.1.2.3"), ("v6", "2001:db8::10"), ("b", "::1"))
+    assert c.mode == "open"
+
+
+@pytest.mark.parametrize("bad", [
+    "nohost", ":1.2.3.4", "h:", "h:not-an-ip", "h h:1.2.3.4", "h:1.2.3.4.5", "h:999.1.1.1",
+    "*.x:1.2.3.4",
+])
+def test_add_host_malformed(bad):
+    with pytest.raises(UsageError, match=re.escape(f"malformed --add-host {bad.strip()!r}")):
+        parse(add_hosts=[bad])
+
+
+def test_dns_servers():
+    assert parse(dns_servers=["1.1.1.1,2606:4700:4700::1111", "1.1.1.1"]).dns_servers == (
+        "1.1.1.1", "2606:4700:4700::1111")
+    with pytest.raises(UsageError, match="invalid --dns-servers entry 'dns.google'"):
+        parse(dns_servers=["dns.google"])
+
+
+@pytest.mark.parametrize("mtu", [0, -1, 575, 65536, True])
+def test_mtu_bad(mtu):
+    with pytest.raises(UsageError, match="invalid --mtu"):
+        parse(mtu=mtu)
+
+
+@pytest.mark.parametrize("mtu", [576, 1400, 65535])
+def test_mtu_ok(mtu):
+    assert parse(mtu=mtu).mtu == mtu
+
+
+def test_public_view_has_no_values():
+    c = parse(secrets=["K=hunter2@a.com"])
+    assert "hunter2" not in repr(c) and "hunter2" not in repr(c.public_view())
