@@ -34,6 +34,18 @@ def _progress(msg: str) -> None:
               help="Remove the sandbox when the command exits.")
 @click.option("--hostname", default="", help="Guest hostname (default: the VM id).")
 @click.option("--no-network", is_flag=True, help="No network interface at all.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
+              help="Allow only these hosts (globs, comma-separated; repeatable).")
+@click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP",
+              help="Resolve HOST to IP in the guest (repeatable).")
+@click.option("--secret", "secrets", multiple=True, metavar="NAME[=VALUE]@HOST[,HOST]",
+              help="Give the guest a placeholder for NAME, replaced by the real value "
+              "(from the host env when no VALUE) only on requests to HOST (repeatable).")
+@click.option("--dns-servers", "dns_servers", multiple=True, metavar="IP[,IP]",
+              help="Upstream DNS servers the host-side resolver uses.")
+@click.option("--network-intercept", is_flag=True,
+              help="Inspect HTTP/HTTPS even without --allow-host or --secret.")
+@click.option("--mtu", type=int, default=1500, show_default=True, help="Guest NIC MTU.")
 @click.option("--kernel", default=None, envvar="MATCHLOCK_KERNEL",
               help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
@@ -41,7 +53,9 @@ def _progress(msg: str) -> None:
 def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         env_file: tuple[str, ...], workdir: str | None, user: str | None,
         entrypoint: str | None, cpus: float, memory: int, disk_size: int, rm: bool,
-        hostname: str, no_network: bool, kernel: str | None, accel: str | None,
+        hostname: str, no_network: bool, allow_hosts: tuple[str, ...],
+        add_hosts: tuple[str, ...], secrets: tuple[str, ...], dns_servers: tuple[str, ...],
+        network_intercept: bool, mtu: int, kernel: str | None, accel: str | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new sandbox booted from --image.
 
@@ -49,6 +63,7 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     after `--`) is the guest command. The exit status is the guest command's (128+n
     when a signal killed it, 127 when it could not be started).
     """
+    from matchlock.net.config import parse_network_flags
     from matchlock.sandbox import SandboxConfig
 
     if not rm:
@@ -57,9 +72,15 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         interactive = True  # -t alone is useless; behave like docker's common -it
     if tty and not os.isatty(0):
         raise UsageError("-t needs a terminal on stdin: drop -t, or run from a terminal")
+    network = parse_network_flags(
+        no_network=no_network, allow_hosts=allow_hosts, add_hosts=add_hosts, secrets=secrets,
+        dns_servers=dns_servers, network_intercept=network_intercept, mtu=mtu,
+        host_env=os.environ,
+    )
     config = SandboxConfig(
         image=image, cpus=cpus, memory_mib=memory, disk_size_mib=disk_size,
         hostname=hostname, no_network=no_network, kernel=kernel, accel=accel,
+        network=network,
     )
     config.validate()
     from matchlock.cli._session import RunSession
