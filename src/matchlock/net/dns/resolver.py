@@ -26,7 +26,6 @@ Events (NetEvent kinds): "dns_blocked" (fields["reason"]: "not allowed", "invali
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import socket
 import time
@@ -280,9 +279,8 @@ class GuestResolver:
             transport.close()
             for task in list(tasks):
                 task.cancel()
-            for task in list(tasks):
-                with contextlib.suppress(BaseException):
-                    await task
+            # let the cancelled replies and the transport's close (it closes `sock`) finish
+            await asyncio.wait([*tasks, closed], timeout=1.0)
 
     def _event(self, kind: str, host: str, reason: str, detail: str, **fields) -> None:
         if self._emit is not None:
