@@ -1,0 +1,636 @@
+"""InterceptProxy / TcpRelay end to end on 127.0.0.0/8, no VM.
+
+A background event loop runs the proxy (behind plain listeners whose `handle()` gets a fixed
+dst_ip/dst_port, as the namespace redirect would) and the upstreams: an HTTPS server on
+127.0.0.2 with its own test CA, a plain HTTP server and a TCP echo server on 127.0.0.3. The
+tests are synchronous clients using `ssl` with the proxy's CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import socket
+import ssl
+import threading
+import time
+
+import h11
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from matchlock.net.ca import CertificateAuthority
+from matchlock.net.policy import Policy
+from matchlock.net.proxy import (
+    InterceptProxy,
+    TcpRelay,
+    foreign_placeholders,
+    replace_placeholders,
+)
+from matchlock.net.proxy._http import SecretRules, is_tls_client_hello, normalize_host
+from matchlock.net.types import NetworkConfig, Secret
+
+UP_IP = "127.0.0.2"
+PLAIN_IP = "127.0.0.3"
+PH = "SANDBOX_SECRET_" + "0123456789abcdef" * 2
+PH_OTHER = "SANDBOX_SECRET_" + "fedcba9876543210" * 2
+REAL = "real-value-Zq9!"
+REAL_OTHER = "other-real-value-Xy7"
+SECRETS = (Secret("API_TOKEN", REAL, ("api.test",), PH),
+           Secret("OTHER_TOKEN", REAL_OTHER, ("else.test",), PH_OTHER))
+BLOCK = 1 << 20
+
+
+def _block(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (BLOCK // 32)
+
+
+# ------------------------------------------------------------------------ test upstream CA
+
+def make_ca_files(tmp, names):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+          .sign(key, hashes.SHA256()))
+    lkey = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(lkey.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                key.public_key()), False)
+            .sign(key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (tmp / "up-ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp / "up-leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp / "up-key.pem").write_bytes(lkey.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp / "up-ca.pem", tmp / "up-leaf.pem", tmp / "up-key.pem"
+
+
+# --------------------------------------------------------------------------- test upstream
+
+class Upstream:
+    """h11 server. Records each request (never echoes it). Routes: /sse, /download/<MB>,
+    /upload (sha256 of the body), /ws (101, then echo), anything else → 200 ok."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+        self.connections = 0
+
+    async def serve(self, reader, writer):
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        cid = self.connections
+
+        async def event():
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                    continue
+                return ev
+
+        try:
+            while True:
+                ev = await event()
+                if not isinstance(ev, h11.Request):
+                    return
+                target = ev.target.decode()
+                body = hashlib.sha256()
+                kept = bytearray()
+                while True:
+                    b = await event()
+                    if isinstance(b, h11.Data):
+                        body.update(b.data)
+                        if len(kept) < 65536:
+                            kept += b.data
+                    else:
+                        break
+                self.seen.append({"conn": cid, "method": ev.method.decode(), "target": target,
+                                  "headers": {k.decode(): v.decode() for k, v in ev.headers},
+                                  "body": bytes(kept), "sha256": body.hexdigest()})
+                if target == "/ws":
+                    writer.write(conn.send(h11.InformationalResponse(
+                        status_code=101, headers=[("upgrade", "echo"),
+                                                  ("connection", "upgrade")])))
+                    writer.write(b"hello from upstream\n")
+                    data = conn.trailing_data[0]
+                    while True:
+                        if data:
+                            writer.write(data.upper())
+                            await writer.drain()
+                        data = await reader.read(65536)
+                        if not data:
+                            return
+                if target == "/sse":
+                    writer.write(conn.send(h11.Response(status_code=200, headers=[
+                        ("content-type", "text/event-stream"),
+                        ("transfer-encoding", "chunked")])))
+                    for i in range(4):
+                        writer.write(conn.send(h11.Data(data=b"data: %d\n\n" % i)))
+                        await writer.drain()
+                        await asyncio.sleep(0.3)
+                    writer.write(conn.send(h11.EndOfMessage()))
+                elif target.startswith("/download/"):
+                    mb = int(target.rsplit("/", 1)[1])
+                    writer.write(conn.send(h11.Response(status_code=200, headers=[
+                        ("content-length", str(mb * BLOCK))])))
+                    for i in range(mb):
+                        writer.write(conn.send(h11.Data(data=_block(i))))
+                        await writer.drain()
+                    writer.write(conn.send(h11.EndOfMessage()))
+                else:
+                    out = body.hexdigest().encode() if target == "/upload" else b"ok"
+                    writer.write(conn.send(h11.Response(status_code=200, headers=[
+                        ("content-length", str(len(out)))])))
+                    writer.write(conn.send(h11.Data(data=out)))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+
+class Env:
+    def __init__(self, tmp) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.events: list = []
+        self.ca = CertificateAuthority.generate()
+        self.ca_file = tmp / "proxy-ca.pem"
+        self.ca_file.write_bytes(self.ca.cert_pem)
+        self.up_ca, leaf, key = make_ca_files(tmp, ["api.test", "other.test", "else.test"])
+        self.upstream = Upstream()
+        up_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        up_ctx.load_cert_chain(leaf, key)
+        self.up_port = self.call(self._serve(self.upstream.serve, UP_IP, up_ctx))
+        self.plain_port = self.call(self._serve(self.upstream.serve, PLAIN_IP, None))
+        self.echo_port = self.call(self._serve(self._echo, PLAIN_IP, None))
+
+    def call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _serve(self, cb, host, ctx, port=0):
+        server = await asyncio.start_server(cb, host, port, ssl=ctx)
+        return server.sockets[0].getsockname()[1]
+
+    @staticmethod
+    async def _echo(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    def policy(self, **kw) -> Policy:
+        cfg = dict(mode="intercept",
+                   allow_hosts=("api.test", "other.test", "else.test", "plain.test"),
+                   add_hosts=(("api.test", UP_IP), ("other.test", UP_IP), ("else.test", UP_IP),
+                              ("plain.test", PLAIN_IP), ("evil.test", UP_IP)),
+                   secrets=SECRETS)
+        cfg.update(kw)
+        return Policy(NetworkConfig(**cfg))
+
+    def proxy(self, policy=None, **kw) -> InterceptProxy:
+        kw.setdefault("upstream_ca_file", str(self.up_ca))
+        p = InterceptProxy(policy or self.policy(), self.ca, self.events.append, **kw)
+        p.http_ports = frozenset({self.plain_port})
+        return p
+
+    def listen(self, handler, dst_ip: str, dst_port: int) -> int:
+        """A listener on 127.0.0.1 whose connections reach handler as if redirected."""
+        async def cb(reader, writer):
+            await handler.handle(reader, writer, dst_ip, dst_port)
+        return self.call(self._serve(cb, "127.0.0.1", None))
+
+    def events_of(self, kind):
+        return [e for e in self.events if e.kind == kind]
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = Env(tmp_path_factory.mktemp("proxy"))
+    yield e
+    e.close()
+
+
+@pytest.fixture()
+def https(env):
+    """Listener port for an InterceptProxy reached as if the guest dialled UP_IP:up_port."""
+    env.events.clear()
+    return env.listen(env.proxy(), UP_IP, env.up_port)
+
+
+# ---------------------------------------------------------------------------- test client
+
+class Client:
+    def __init__(self, port: int, sni: str | None, cafile, *, ctx=None, timeout=30) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if sni is None and ctx is None:
+            self.sock = raw
+        else:
+            if ctx is None:
+                ctx = ssl.create_default_context(cafile=str(cafile))
+            self.sock = ctx.wrap_socket(raw, server_hostname=sni)
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def send(self, method, target, host, headers=(), body=None, chunks=None, pause=0.0):
+        hdrs = [("host", host), *headers]
+        if body is not None:
+            hdrs.append(("content-length", str(len(body))))
+        if chunks is not None:
+            hdrs.append(("transfer-encoding", "chunked"))
+        self.sock.sendall(self.conn.send(h11.Request(method=method, target=target,
+                                                     headers=hdrs)))
+        if body:
+            self.sock.sendall(self.conn.send(h11.Data(data=body)))
+        for c in chunks or ():
+            self.sock.sendall(self.conn.send(h11.Data(data=c)))
+            if pause:
+                time.sleep(pause)
+        self.sock.sendall(self.conn.send(h11.EndOfMessage()))
+
+    def event(self):
+        while True:
+            ev = self.conn.next_event()
+            if ev is h11.NEED_DATA:
+                self.conn.receive_data(self.sock.recv(1 << 20))
+                continue
+            return ev
+
+    def response(self, on_data=None):
+        ev = self.event()
+        while isinstance(ev, h11.InformationalResponse):
+            ev = self.event()
+        assert isinstance(ev, h11.Response), ev
+        body = bytearray()
+        while True:
+            d = self.event()
+            if isinstance(d, h11.Data):
+                if on_data:
+                    on_data(d.data)
+                else:
+                    body += d.data
+            else:
+                break
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
+        return ev.status_code, dict((k.decode(), v.decode()) for k, v in ev.headers), bytes(body)
+
+    def request(self, *a, **kw):
+        self.send(*a, **kw)
+        return self.response()
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------------- cases
+
+def test_keepalive_two_requests_one_upstream_connection(env, https):
+    before = env.upstream.connections
+    c = Client(https, "api.test", env.ca_file)
+    assert c.request("GET", "/one", "api.test")[::2] == (200, b"ok")
+    assert c.request("GET", "/two", "API.test:443")[::2] == (200, b"ok")
+    c.close()
+    assert [s["target"] for s in env.upstream.seen[-2:]] == ["/one", "/two"]
+    assert env.upstream.connections == before + 1  # upstream connection reused
+    assert env.upstream.seen[-1]["conn"] == env.upstream.seen[-2]["conn"]
+
+
+def test_not_allowed_host_gets_403_naming_host_and_flag(env, https):
+    c = Client(https, "evil.test", env.ca_file)
+    status, _, body = c.request("GET", "/", "evil.test")
+    assert status == 403
+    text = body.decode()
+    assert "evil.test" in text and "--allow-host evil.test" in text
+    assert c.closed()
+    (ev,) = env.events_of("blocked")
+    assert ev.host == "evil.test" and "--allow-host" in ev.detail
+
+
+def test_sni_host_mismatch_blocked(env, https):
+    n = len(env.upstream.seen)
+    c = Client(https, "api.test", env.ca_file)
+    status, _, body = c.request("GET", "/", "other.test")
+    assert status == 421 and b"other.test" in body
+    assert c.closed()
+    assert env.events_of("sni_host_mismatch")
+    assert len(env.upstream.seen) == n
+
+
+def _no_real_values(env):
+    for e in env.events:
+        assert REAL not in repr(e) and REAL_OTHER not in repr(e)
+
+
+def test_secret_replaced_in_header_query_and_json_body(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    body = json.dumps({"token": PH, "n": 1}).encode()
+    status, headers, resp = c.request(
+        "POST", f"/v1?key={PH}&x=1", "api.test",
+        headers=[("authorization", f"Bearer {PH}"), ("content-type", "application/json")],
+        body=body)
+    assert status == 200 and REAL.encode() not in resp
+    seen = env.upstream.seen[-1]
+    assert seen["target"] == f"/v1?key={REAL}&x=1"
+    assert seen["headers"]["authorization"] == f"Bearer {REAL}"
+    assert json.loads(seen["body"]) == {"token": REAL, "n": 1}
+    assert seen["headers"]["content-length"] == str(len(seen["body"]))
+    assert {e.fields["secret"] for e in env.events_of("secret_injected")} == {"API_TOKEN"}
+    _no_real_values(env)
+
+
+@pytest.mark.parametrize("where", ["header", "query", "body"])
+def test_placeholder_to_unbound_host_blocked(env, https, where):
+    n = len(env.upstream.seen)
+    c = Client(https, "other.test", env.ca_file)
+    kw = {}
+    target = "/"
+    if where == "header":
+        kw["headers"] = [("x-key", PH)]
+    elif where == "query":
+        target = f"/?k={PH}"
+    else:
+        kw["headers"] = [("content-type", "text/plain")]
+        kw["body"] = f"token={PH}".encode()
+    status, _, body = c.request("POST", target, "other.test", **kw)
+    assert status == 403 and b"API_TOKEN" in body and REAL.encode() not in body
+    (ev,) = env.events_of("secret_leak_blocked")
+    assert ev.host == "other.test" and ev.fields["secret"] == "API_TOKEN"
+    assert len(env.upstream.seen) == n
+    _no_real_values(env)
+
+
+def test_placeholder_split_across_chunks_in_chunked_upload(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    data = b"prefix-" + PH.encode() + b"-middle-" + PH.encode() + b"-end"
+    cut1, cut2 = 10, len(b"prefix-" + PH.encode() + b"-middle-") + 20
+    chunks = [data[:cut1], data[cut1:cut2], data[cut2:]]
+    status, _, _ = c.request("POST", "/chunked", "api.test",
+                             headers=[("content-type", "text/plain")], chunks=chunks, pause=0.05)
+    assert status == 200
+    got = env.upstream.seen[-1]["body"]
+    assert got == data.replace(PH.encode(), REAL.encode())
+
+
+def test_leak_in_chunked_body_to_unbound_host(env, https):
+    n = len(env.upstream.seen)
+    c = Client(https, "other.test", env.ca_file)
+    status, _, _ = c.request("POST", "/chunked", "other.test",
+                             headers=[("content-type", "application/json")],
+                             chunks=[b'{"a": "' + PH.encode()[:20], PH.encode()[20:] + b'"}'],
+                             pause=0.05)
+    assert status == 403
+    assert env.events_of("secret_leak_blocked")
+    assert all(PH not in s["body"].decode() for s in env.upstream.seen[n:])
+
+
+def test_sse_is_streamed(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    start = time.monotonic()
+    c.send("GET", "/sse", "api.test")
+    times = []
+    c.response(on_data=lambda d: times.append((time.monotonic() - start, d)))
+    assert len(times) >= 4
+    assert times[0][0] < 0.5 and times[-1][0] >= 0.9
+
+
+def test_large_download_and_chunked_upload(env, https):
+    mb = 200
+    c = Client(https, "api.test", env.ca_file, timeout=120)
+    h = hashlib.sha256()
+    t = time.monotonic()
+    c.send("GET", f"/download/{mb}", "api.test")
+    status, _, _ = c.response(on_data=h.update)
+    down = time.monotonic() - t
+    expect = hashlib.sha256()
+    for i in range(mb):
+        expect.update(_block(i))
+    assert status == 200 and h.hexdigest() == expect.hexdigest()
+
+    t = time.monotonic()
+    status, _, body = c.request("POST", "/upload", "api.test",
+                                headers=[("content-type", "application/octet-stream")],
+                                chunks=(_block(i) for i in range(mb)))
+    up = time.monotonic() - t
+    assert status == 200 and body.decode() == expect.hexdigest()
+    print(f"\n{mb} MB via proxy: download {mb / down:.0f} MB/s, upload {mb / up:.0f} MB/s")
+
+
+def test_upgrade_relays_raw_bytes(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    c.send("GET", "/ws", "api.test", headers=[("connection", "upgrade"), ("upgrade", "echo")])
+    ev = c.event()
+    assert isinstance(ev, h11.InformationalResponse) and ev.status_code == 101
+    buf = c.conn.trailing_data[0]
+    c.sock.sendall(b"ping one\n")
+    while b"PING ONE\n" not in buf:
+        buf += c.sock.recv(65536)
+    assert buf.startswith(b"hello from upstream\n")
+    c.close()
+    assert env.events_of("upgraded")
+
+
+def test_plain_http_port(env):
+    env.events.clear()
+    port = env.listen(env.proxy(), PLAIN_IP, env.plain_port)
+    c = Client(port, None, None)
+    assert c.request("GET", "/p", "plain.test")[::2] == (200, b"ok")
+    assert env.upstream.seen[-1]["target"] == "/p"
+    status, _, body = c.request("GET", "/", "evil.test")
+    assert status == 403
+    assert body.decode().strip() == (
+        "matchlock: blocked request to evil.test: host evil.test is not allowed by this "
+        "sandbox's network policy; allow it with --allow-host evil.test")
+    assert env.events_of("blocked")[0].host == "evil.test"
+
+
+def test_plain_http_foreign_placeholder_blocked(env):
+    env.events.clear()
+    port = env.listen(env.proxy(), PLAIN_IP, env.plain_port)
+    c = Client(port, None, None)
+    status, _, _ = c.request("GET", f"/p?k={PH}", "plain.test")
+    assert status == 403  # plain.test is not API_TOKEN's host
+    assert env.events_of("secret_leak_blocked")
+
+
+def test_upstream_tls_is_verified(env):
+    env.events.clear()
+    port = env.listen(env.proxy(upstream_ca_file=None), UP_IP, env.up_port)
+    c = Client(port, "api.test", env.ca_file)
+    status, _, body = c.request("GET", "/", "api.test")
+    assert status == 502
+    assert any("verification" in e.detail for e in env.events_of("upstream_error"))
+
+
+def test_policy_exception_fails_closed(env):
+    class Broken(Policy):
+        def secrets_for_host(self, host):
+            raise RuntimeError(REAL)
+
+    env.events.clear()
+    n = len(env.upstream.seen)
+    pol = Broken(NetworkConfig(mode="intercept", allow_hosts=("api.test",),
+                               add_hosts=(("api.test", UP_IP),), secrets=SECRETS))
+    port = env.listen(env.proxy(pol), UP_IP, env.up_port)
+    c = Client(port, "api.test", env.ca_file)
+    status, _, body = c.request("GET", "/", "api.test")
+    assert status == 502 and REAL.encode() not in body
+    assert len(env.upstream.seen) == n
+    assert env.events_of("error")
+    _no_real_values(env)
+
+
+def test_no_sni_uses_address_name(env):
+    env.events.clear()
+    port = env.listen(env.proxy(), UP_IP, env.up_port)
+    ctx = ssl.create_default_context(cafile=str(env.ca_file))
+    ctx.check_hostname = False  # no SNI is sent for an IP server_hostname… so send none
+    c = Client(port, None, None, ctx=ctx)
+    # UP_IP maps to several --add-host names; host_for_ip picks one of them
+    name = env.proxy().policy.host_for_ip(UP_IP)
+    status, _, _ = c.request("GET", "/", name)
+    assert status in (200, 403)
+
+
+def test_tls12_seclevel0_client(env, https):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(env.ca_file))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:@SECLEVEL=0")
+    c = Client(https, "api.test", env.ca_file, ctx=ctx)
+    assert c.sock.version() == "TLSv1.2"
+    assert c.request("GET", "/", "api.test")[::2] == (200, b"ok")
+
+
+def _client_hello_without_sigalgs(sni: bytes) -> bytes:
+    """TLS 1.2 ClientHello like busybox wget's: no signature_algorithms extension."""
+    def ext(t, body):
+        return t.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+    name = b"\x00" + len(sni).to_bytes(2, "big") + sni
+    exts = (ext(0, (len(name)).to_bytes(2, "big") + name)
+            + ext(10, b"\x00\x02\x00\x17")  # supported_groups: secp256r1
+            + ext(11, b"\x01\x00"))  # ec_point_formats: uncompressed
+    suites = b"\xc0\x2b\xc0\x2f\x00\x9c"
+    body = (b"\x03\x03" + bytes(32) + b"\x00" + len(suites).to_bytes(2, "big") + suites
+            + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
+
+def test_tls12_hello_without_signature_algorithms_gets_server_hello(env, https):
+    s = socket.create_connection(("127.0.0.1", https), timeout=10)
+    s.sendall(_client_hello_without_sigalgs(b"api.test"))
+    data = b""
+    while len(data) < 6:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    assert data[:1] == b"\x16" and data[5:6] == b"\x02", data[:16]  # handshake: ServerHello
+
+
+def test_passthrough_port_by_name(env):
+    env.events.clear()
+    port = env.listen(env.proxy(), PLAIN_IP, env.echo_port)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"SSH-2.0-test\r\n")
+    assert s.recv(100) == b"SSH-2.0-test\r\n"
+    s.close()
+    port = env.listen(env.proxy(), "127.0.0.9", env.echo_port)  # no name for this address
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"x")
+    assert s.recv(100) == b""
+    assert env.events_of("blocked")
+
+
+def test_tcp_relay_open_mode(env, monkeypatch):
+    env.events.clear()
+    relay = TcpRelay(env.policy(mode="open", allow_hosts=(), secrets=()), env.events.append)
+    dialled = []
+    orig = relay.dial
+
+    async def dial(ip, port, idle):
+        dialled.append(ip)
+        return await orig(ip, port, idle)
+
+    monkeypatch.setattr(relay, "dial", dial)
+    port = env.listen(relay, "10.0.0.1", 443)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert s.recv(10) == b""
+    assert dialled == []
+    (ev,) = env.events_of("blocked")
+    assert "10.0.0.1" in ev.detail
+    # an --add-host address is dialled; half-close passes through
+    port = env.listen(relay, PLAIN_IP, env.echo_port)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"abc" * 1000)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    assert got == b"abc" * 1000 and dialled == [PLAIN_IP]
+
+
+# ------------------------------------------------------------------------ sans-I/O helpers
+
+def test_stream_rewriter_every_split():
+    rules = SecretRules([SECRETS[0]], [SECRETS[1]])
+    data = b"a" + PH.encode() + b"bc" + PH.encode()
+    for cut in range(len(data) + 1):
+        w = rules.stream()
+        out = w.feed(data[:cut]) + w.feed(data[cut:]) + w.finish()
+        assert out == data.replace(PH.encode(), REAL.encode()), cut
+        assert w.used == {"API_TOKEN"} and w.leaked == []
+    for size in (1, 3, 7):
+        w = rules.stream()
+        bad = b"xx" + PH_OTHER.encode() + b"yy"
+        for i in range(0, len(bad), size):
+            w.feed(bad[i:i + size])
+        w.finish()
+        assert w.leaked == ["OTHER_TOKEN"]
+
+
+def test_helpers():
+    pol = Policy(NetworkConfig(mode="intercept", allow_hosts=("api.test",), secrets=SECRETS))
+    assert replace_placeholders(b"x" + PH.encode(), SECRETS) == b"x" + REAL.encode()
+    assert foreign_placeholders(PH.encode() + PH_OTHER.encode(), "api.test", pol) == \
+        ["OTHER_TOKEN"]
+    assert foreign_placeholders(PH.encode(), "api.test", pol) == []
+    assert normalize_host(b"API.Test:443") == "api.test"
+    assert normalize_host("[::1]:443") == "::1"
+    assert is_tls_client_hello(b"\x16\x03\x01") and not is_tls_client_hello(b"GET /")
