@@ -91,6 +91,7 @@ class _Stream:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  idle: _Idle, pending: bytes = b"") -> None:
         self.reader, self.writer, self._idle, self._pending = reader, writer, idle, pending
+        self._out: list = []
         idle.streams.append(self)
 
     async def read(self) -> bytes:
@@ -104,17 +105,28 @@ class _Stream:
     def unread(self, data: bytes) -> None:
         self._pending = data + self._pending
 
+    # Writes are corked: buffered until flush()/drain(), so a response head and a small body
+    # leave in one segment (one TLS record on the guest side) instead of two.
     def write(self, data) -> None:
-        self.writer.write(data)
+        if data:
+            self._out.append(data)
 
     def writelines(self, parts) -> None:
-        self.writer.writelines(parts)
+        self._out.extend(parts)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     async def drain(self) -> None:
+        self.flush()
         await self.writer.drain()
 
     def write_eof(self) -> None:
         with contextlib.suppress(Exception):
+            self.flush()
             if self.writer.can_write_eof():
                 self.writer.write_eof()
 
@@ -122,6 +134,8 @@ class _Stream:
         return self.reader.at_eof() or self.writer.is_closing()
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.flush()
         with contextlib.suppress(Exception):
             self.writer.close()
 
@@ -137,14 +151,22 @@ class _TlsServerStream(_Stream):
     def __init__(self, raw: _Stream, ctx: ssl.SSLContext) -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self._in, self._out, server_side=True)
+        self._tls_out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self._in, self._tls_out, server_side=True)
         self._pending = b""
+        self._plain: list = []
         self._eof = False
 
     def _flush(self) -> None:
-        if self._out.pending:
-            self.raw.write(self._out.read())
+        """Encrypt corked plaintext and push all TLS output to the socket."""
+        if self._plain:
+            self.obj.write(b"".join(self._plain))
+            self._plain.clear()
+        if self._tls_out.pending:
+            self.raw.write(self._tls_out.read())
+        self.raw.flush()
+
+    flush = _flush
 
     async def _fill(self) -> bool:
         self._flush()
@@ -194,26 +216,24 @@ class _TlsServerStream(_Stream):
                 break
             parts.append(more)
             size += len(more)
-        if self._out.pending:  # post-handshake messages (key update, tickets)
+        if self._tls_out.pending:  # post-handshake messages (key update, tickets)
             self._flush()
         return data if len(parts) == 1 else b"".join(parts)
 
     def write(self, data) -> None:
         if data:
-            self.obj.write(data)
-            self.raw.write(self._out.read())
+            self._plain.append(data)
 
     def writelines(self, parts) -> None:
-        for p in parts:
-            if p:
-                self.obj.write(p)
-        self._flush()
+        self._plain.extend(parts)
 
     async def drain(self) -> None:
+        self._flush()
         await self.raw.drain()
 
     def write_eof(self) -> None:
         with contextlib.suppress(ssl.SSLError, ValueError):
+            self._flush()
             self.obj.unwrap()  # close_notify; raises wanting the peer's, which we don't wait for
         self._flush()
         self.raw.write_eof()
@@ -223,6 +243,7 @@ class _TlsServerStream(_Stream):
 
     def close(self) -> None:
         with contextlib.suppress(ssl.SSLError, ValueError):
+            self._flush()
             self.obj.unwrap()
         with contextlib.suppress(Exception):
             self._flush()
@@ -678,11 +699,14 @@ class _Session:
             if body:
                 up.stream.writelines(up.conn.send_with_data_passthrough(h11.Data(data=body)))
             up.stream.write(up.conn.send(h11.EndOfMessage()))
+            await up.stream.drain()
         else:
             ev = self.conn.next_event()  # no body: EndOfMessage is already there
             if type(ev) is h11.EndOfMessage:
                 up.stream.write(up.conn.send(h11.EndOfMessage()))
+                await up.stream.drain()
             else:
+                up.stream.flush()
                 rewriter = rules.stream() if scan else None
                 pump = asyncio.get_running_loop().create_task(
                     self._pump_body(up, ev, rewriter, host), name="matchlock-proxy-body")
@@ -698,6 +722,7 @@ class _Session:
                            used: set[str]) -> tuple[bytes, h11.Request]:
         if self.conn.client_is_waiting_for_100_continue:
             self.guest.write(self.conn.send(h11.InformationalResponse(status_code=100)))
+            await self.guest.drain()
         parts: list[bytes] = []
         size = 0
         while True:
