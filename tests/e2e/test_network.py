@@ -176,6 +176,9 @@ try() {{
 # Every TCP handshake succeeds (all TCP goes to the relay): "reachable" means an answer.
 answers() {{ test -n "$(echo hello | timeout 5 nc -w 3 "$1" "$2")"; }}
 try fetch sh -c 'timeout 10 wget -q -O - http://{UP_NS}:8080/ | grep -q {PAGE}'
+try fetch_by_name sh -c 'timeout 10 wget -q -O - http://up.test:8080/ | grep -q {PAGE}'
+# DNS to any address lands on our resolver (the sink on {UP_NS}:53 must see nothing).
+try dns_redirected sh -c 'nslookup up.test {UP_NS} | grep -q {UP_NS}'
 try private10 timeout 5 wget -q -O /dev/null http://10.0.0.1/
 try loopback timeout 5 wget -q -O /dev/null http://127.0.0.1:{host_port}/
 try metadata timeout 5 wget -q -O /dev/null http://169.254.169.254/latest/meta-data/
@@ -188,11 +191,14 @@ try ipv6 timeout 5 nc -w 3 2001:db8::1 80 </dev/null
 try ipv6_ll timeout 5 ping6 -c 1 -W 2 ff02::2%eth0
 hostname
 """
-    p = ml("run", "--image", "matchlock/busybox", "--", "sh", "-c", script, check=True)
+    # --dns-servers on loopback: a query the resolver forwards never leaves the machine.
+    p = ml("run", "--image", "matchlock/busybox", "--add-host", f"up.test:{UP_NS}",
+           "--dns-servers", "127.0.0.1", "--", "sh", "-c", script, check=True)
     lines = p.stdout.decode().split("\n")
     results = dict(line.split(" ", 1)[::-1] for line in lines if line[:3] in ("OK ", "FAI"))
     assert results == {
-        "fetch": "OK", "private10": "FAIL", "loopback": "FAIL", "metadata": "FAIL",
+        "fetch": "OK", "fetch_by_name": "OK", "dns_redirected": "OK",
+        "private10": "FAIL", "loopback": "FAIL", "metadata": "FAIL",
         "gateway": "FAIL", "gateway_dns_tcp": "FAIL", "ping_gw": "FAIL", "ping_up": "FAIL",
         "udp": "FAIL", "ipv6": "FAIL", "ipv6_ll": "FAIL",
     }, p.stdout.decode() + p.stderr.decode()

@@ -23,7 +23,9 @@ import struct
 import time
 from pathlib import Path
 
+from matchlock.net.dns.resolver import GuestResolver
 from matchlock.net.netns import NetNamespace
+from matchlock.net.policy import Policy
 from matchlock.net.types import (
     GATEWAY_IP,
     GUEST_IP,
@@ -49,7 +51,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 
 class NetworkStack:
     def __init__(self, vm_id: str, vm_dir: Path, config: NetworkConfig,
-                 handler: ConnectionHandler | None = None) -> None:
+                 handler: ConnectionHandler | None = None, ca=None) -> None:
         if config.mode == "none":
             raise ValueError("NetworkStack is for networked modes only")
         self.vm_id = vm_id
@@ -57,6 +59,9 @@ class NetworkStack:
         self.events_path = Path(vm_dir) / "logs" / "net.jsonl"
         self.ns = NetNamespace(vm_id, config.mtu)
         self._handler = handler
+        self.ca = ca  # intercept mode: the VM's CertificateAuthority (made if not given)
+        # One policy for the resolver and the proxy: DNS answers feed the IP checks.
+        self.policy = Policy(config, self.emit)
         self._server: asyncio.base_events.Server | None = None
         self._dns_task: asyncio.Task | None = None
         self._conns: set[asyncio.Task] = set()
@@ -97,12 +102,11 @@ class NetworkStack:
             await asyncio.to_thread(self.prepare)
         assert self.ns.tcp_listener is not None and self.ns.udp_socket is not None
         if self._handler is None:
-            self._handler = _default_handler(self.config, self.emit)
+            self._handler = self._default_handler()
         self._server = await asyncio.start_server(
             self._on_connection, sock=self.ns.tcp_listener, limit=1 << 16)
-        resolver = _default_resolver(self.config, self.emit)
-        if resolver is not None:
-            self._dns_task = asyncio.ensure_future(resolver.serve(self.ns.udp_socket))
+        resolver = GuestResolver(self.policy, self.config.dns_servers, self.emit)
+        self._dns_task = asyncio.ensure_future(resolver.serve(self.ns.udp_socket))
         log.debug("network of %s: relay %s:%d, mode %s", self.vm_id, GATEWAY_IP,
                   self.ns.relay_port, self.config.mode)
 
@@ -175,13 +179,18 @@ class NetworkStack:
         self._closed = True
         self.ns.close()
 
+    def _default_handler(self) -> ConnectionHandler:
+        try:
+            from matchlock.net.proxy import InterceptProxy, TcpRelay
+        except ImportError:
+            return _FallbackRelay(self.emit)
+        if self.config.mode == "open":
+            return TcpRelay(self.policy, self.emit)
+        if self.ca is None:
+            from matchlock.net.ca import CertificateAuthority
 
-def _default_handler(config: NetworkConfig, emit) -> ConnectionHandler:
-    return _FallbackRelay(emit)
-
-
-def _default_resolver(config: NetworkConfig, emit):
-    return None
+            self.ca = CertificateAuthority.generate()
+        return InterceptProxy(self.policy, self.ca, self.emit)
 
 
 # -- temporary: until matchlock.net.proxy lands ---------------------------------------------
