@@ -124,13 +124,14 @@ def run_upstream(port: int, leaf: str, key: str) -> None:
     async def main():
         server = await asyncio.start_server(serve, "127.0.0.1", port, ssl=ctx)
         async with server:
-            try:
-                await asyncio.sleep(3600)
-            finally:
-                print(f"upstream: {stats}", file=sys.stderr)
+            await asyncio.sleep(3600)
+
+    def stop(*_):
+        print(f"upstream: {stats}", file=sys.stderr, flush=True)
+        os._exit(0)
 
     import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, stop)
     asyncio.run(main())
 
 
@@ -163,11 +164,11 @@ def run_matchlock(port: int, up_port: int, up_ca: str, ca_out: str, profile: str
         def stop(*_):
             prof.disable()
             prof.dump_stats(profile)
-            sys.exit(0)
+            os._exit(0)
         signal.signal(signal.SIGTERM, stop)
         prof.enable()
     else:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     asyncio.run(main())
 
 
