@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -39,6 +40,8 @@ from pathlib import Path
 from matchlock.errors import DependencyError, MatchlockError, NotFoundError
 from matchlock.paths import cache_dir
 from matchlock.vm import _deb
+
+log = logging.getLogger(__name__)
 
 ENV_KERNEL = "MATCHLOCK_KERNEL"
 ENV_KERNEL_MODULES = "MATCHLOCK_KERNEL_MODULES"
@@ -184,7 +187,29 @@ def _load(d: Path, arch: str) -> Kernel | None:
     mods = d / "modules"
     if not image.is_file():
         return None
-    return Kernel(version=meta["version"], image=image, modules_dir=mods if mods.is_dir() else None)
+    return Kernel(
+        version=meta["version"], image=_pvh_image(d, image),
+        modules_dir=mods if mods.is_dir() else None,
+    )
+
+
+def _pvh_image(d: Path, bzimage: Path) -> Path:
+    """The uncompressed vmlinux beside the bzImage (extracted once), else the bzImage."""
+    vmlinux = d / "vmlinux"
+    if vmlinux.is_file():
+        return vmlinux
+    if (d / "vmlinux.none").exists():
+        return bzimage
+    from matchlock.vm._vmlinux import extract_vmlinux
+
+    try:
+        with _locked(d / ".vmlinux.lock"):  # not kernels/.lock: _fetch holds that one
+            if vmlinux.is_file() or extract_vmlinux(bzimage, vmlinux):
+                return vmlinux
+            (d / "vmlinux.none").touch()  # remember: this kernel has no PVH entry
+    except OSError as e:
+        log.debug("cannot extract vmlinux from %s: %s", bzimage, e)
+    return bzimage
 
 
 def _newest_cached(kernels: Path) -> Kernel | None:
