@@ -903,6 +903,13 @@ static int handle_open(uint32_t sid, const unsigned char *p, size_t len)
     } else if (!strcmp(op->str, "sync")) {
         sync();
         send_reply(sid, NULL);
+    } else if (!strcmp(op->str, "install_ca")) {
+        const struct jnode *pem = json_get(req, "pem");
+        char err[256];
+        if (!pem || pem->type != J_STR)
+            send_reply(sid, "install_ca: missing \"pem\"");
+        else
+            send_reply(sid, install_ca(pem->str, err, sizeof err) < 0 ? err : NULL);
     } else if (!strcmp(op->str, "poweroff")) {
         send_reply(sid, NULL);
         A.want_poweroff = 1;

@@ -64,5 +64,6 @@ void jb_str(struct jbuf *b, const char *s); /* quoted, escaped JSON string */
 int init_main(void);                 /* init.c: PID 1; never returns */
 int agent_run(int port_fd, int pid1); /* agent.c: returns the exit code in --fd mode */
 void guest_poweroff(void) __attribute__((noreturn)); /* init.c: kill all, sync, power off */
+int install_ca(const char *pem, char *err, size_t errsz); /* trust.c */
 
 #endif
