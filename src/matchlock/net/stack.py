@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import socket
@@ -23,9 +22,11 @@ import struct
 import time
 from pathlib import Path
 
+from matchlock.net.ca import CertificateAuthority
 from matchlock.net.dns.resolver import GuestResolver
 from matchlock.net.netns import NetNamespace
 from matchlock.net.policy import Policy
+from matchlock.net.proxy import InterceptProxy, TcpRelay
 from matchlock.net.types import (
     GATEWAY_IP,
     GUEST_IP,
@@ -180,56 +181,9 @@ class NetworkStack:
         self.ns.close()
 
     def _default_handler(self) -> ConnectionHandler:
-        try:
-            from matchlock.net.proxy import InterceptProxy, TcpRelay
-        except ImportError:
-            return _FallbackRelay(self.emit)
         if self.config.mode == "open":
             return TcpRelay(self.policy, self.emit)
         if self.ca is None:
-            from matchlock.net.ca import CertificateAuthority
-
             self.ca = CertificateAuthority.generate()
         return InterceptProxy(self.policy, self.ca, self.emit)
 
-
-# -- temporary: until matchlock.net.proxy lands ---------------------------------------------
-
-_BLOCKED_NETS = tuple(ipaddress.IPv4Network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-    "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-))
-
-
-class _FallbackRelay:
-    """Open-mode TCP relay for this module's own tests: private ranges blocked."""
-
-    def __init__(self, emit) -> None:
-        self.emit = emit
-
-    async def handle(self, reader, writer, dst_ip: str, dst_port: int) -> None:
-        addr = ipaddress.IPv4Address(dst_ip)
-        if any(addr in n for n in _BLOCKED_NETS):
-            self.emit(NetEvent("blocked", host=f"{dst_ip}:{dst_port}", detail="private address"))
-            return
-        try:
-            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(dst_ip, dst_port), 10)
-        except (TimeoutError, OSError) as e:
-            self.emit(NetEvent("error", host=f"{dst_ip}:{dst_port}", detail=str(e)))
-            return
-        self.emit(NetEvent("allowed", host=f"{dst_ip}:{dst_port}"))
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-                if w.can_write_eof():
-                    w.write_eof()
-            except OSError:
-                pass
-
-        try:
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-        finally:
-            up_w.close()
