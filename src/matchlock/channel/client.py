@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from matchlock.channel import (
     CLOSED,
-    DEFAULT_WINDOW,
     NEED_DATA,
     ChannelConnection,
     ChannelError,
@@ -34,6 +33,9 @@ from matchlock.channel import (
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
+# Credit the host grants per stream for guest output. Larger than the protocol default:
+# under TCG one WINDOW round trip costs milliseconds, and the window must cover it.
+HOST_WINDOW = 4 << 20
 
 
 class ChannelClosed(ChannelError):
@@ -67,7 +69,7 @@ class GuestChannel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
-        self._conn = ChannelConnection(role="host")
+        self._conn = ChannelConnection(role="host", window=HOST_WINDOW)
         self._write_lock = asyncio.Lock()
         self._streams: dict[int, _Stream] = {}
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
@@ -121,7 +123,7 @@ class GuestChannel:
 
     async def _dispatch(self, ev: object) -> None:
         if isinstance(ev, Hello):
-            reply = Hello(version=ev.version, window=DEFAULT_WINDOW)
+            reply = Hello(version=ev.version, window=self._conn.window)
             await self._write(self._conn.send(reply))
             if not self._hello.done():
                 self._hello.set_result(ev)
@@ -229,6 +231,7 @@ class ExecHandle:
 
     async def wait(self) -> ExitStatus:
         chan, st = self._chan, self._st
+        unacked = 0
         try:
             while True:
                 ev = await st.events.get()
@@ -236,7 +239,12 @@ class ExecHandle:
                     raise ev
                 if isinstance(ev, Data):
                     self._on_output(ev.fd, ev.data)
-                    await chan._write(chan._conn.send(Window(st.id, len(ev.data))))
+                    # Return credit in quarter-window batches: each WINDOW wakes the guest,
+                    # and the guest still holds >= 3/4 of the window meanwhile.
+                    unacked += len(ev.data)
+                    if unacked >= chan._conn.window // 4:
+                        await chan._write(chan._conn.send(Window(st.id, unacked)))
+                        unacked = 0
                 elif isinstance(ev, Exit):
                     self._done = True
                     return ExitStatus(ev.code, ev.signal, ev.error)
