@@ -11,6 +11,7 @@ PKGS=(
   python3 python3-venv python3-dev
   ca-certificates apt-utils
   # test suite: Debian test image, registry, terminal tests
+  nftables iproute2                 # per-VM network namespaces
   mmdebstrap tmux docker-registry
 )
 SUDO=""

@@ -157,8 +157,7 @@ class RunSession:
                 "no command given and the image has no CMD/ENTRYPOINT: add a command"
             )
         env = compose_env(defaults, self.env_files, self.env, self._host_env, tty=self.tty)
-        # The guest only ever sees placeholders; the proxy swaps in the real values.
-        env.update({sec.name: sec.placeholder for sec in self.config.net.secrets})
+        env.update(self.sandbox.extra_env())
         req = {
             "argv": argv,
             "env": [f"{k}={v}" for k, v in env.items()],

@@ -37,6 +37,8 @@ Progress = Callable[[str], None]
 
 BOOT_TIMEOUT_S = float(os.environ.get("MATCHLOCK_BOOT_TIMEOUT", "90"))
 MAX_DISK_SIZE_MIB = 1 << 20  # 1 TiB: sparse, but a typo of a few zeros should be caught
+GUEST_CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"  # written by the guest's install_ca
+CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 ROOT_SERIAL = "ml-root"
 UPPER_SERIAL = "ml-upper"
 
@@ -239,6 +241,13 @@ class Sandbox:
             self.timings["ready"] = time.monotonic() - t0
             if hello.uptime_ns:
                 self.timings["guest_uptime_at_ready"] = hello.uptime_ns / 1e9
+            if self.net is not None and self.net.ca is not None:
+                # Before any exec: so curl, Python, Node and git trust the proxy's leaves.
+                reply = await self.channel.request(
+                    {"op": "install_ca", "pem": self.net.ca.cert_pem.decode()}
+                )
+                if not reply.get("ok"):
+                    raise VmStartError(f"cannot install the sandbox CA: {reply.get('error')}")
             log.debug("sandbox %s ready: %s", self.id, self.timings)
             return
         hello_task.cancel()
@@ -288,6 +297,17 @@ class Sandbox:
         if self.channel is None:
             raise VmStartError("the sandbox is not running")
         return await self.channel.exec({"op": "exec", **request}, on_output, stdin)
+
+    def extra_env(self) -> dict[str, str]:
+        """Variables every exec gets on top of the user's: CA paths, secret placeholders."""
+        env: dict[str, str] = {}
+        if self.net is not None and self.net.ca is not None:
+            for var in CA_ENV_VARS:
+                env[var] = GUEST_CA_PATH
+        if self.net is not None:
+            # The guest only ever sees placeholders; the proxy swaps in the real values.
+            env.update({sec.name: sec.placeholder for sec in self.net.config.secrets})
+        return env
 
     def crashed_reason(self) -> str:
         rc = self.qemu.poll() if self.qemu else None
