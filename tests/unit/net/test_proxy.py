@@ -478,6 +478,31 @@ def test_plain_http_port(env):
     assert env.events_of("blocked")[0].host == "evil.test"
 
 
+def test_http10_upstream_answered_as_http11(env):
+    """Python's http.server speaks HTTP/1.0 with a close-delimited body: the guest still gets
+    a valid HTTP/1.1 response (re-framed as chunked), and a second request works."""
+    async def http10(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6\r\n"
+                     b"Content-Type: text/plain\r\n\r\nhello from 1.0")
+        await writer.drain()
+        writer.close()
+
+    env.events.clear()
+    up_port = env.call(env._serve(http10, PLAIN_IP, None))
+    proxy = env.proxy()
+    proxy.http_ports = frozenset({up_port})
+    port = env.listen(proxy, PLAIN_IP, up_port)
+    c = Client(port, None, None)
+    for _ in range(2):
+        status, headers, body = c.request("GET", "/", "plain.test")
+        assert (status, body) == (200, b"hello from 1.0")
+        assert headers.get("transfer-encoding") == "chunked"
+    assert c.conn.their_http_version == b"1.1"
+    c.close()
+    assert not env.events_of("upstream_error") and not env.events_of("error")
+
+
 def test_plain_http_foreign_placeholder_blocked(env):
     env.events.clear()
     port = env.listen(env.proxy(), PLAIN_IP, env.plain_port)

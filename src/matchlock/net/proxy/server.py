@@ -520,6 +520,15 @@ class InterceptProxy:
                              f"{type(last).__name__}: {last}")
 
 
+def _as_http11(ev):
+    """The guest always talks HTTP/1.1 to us (h11 only sends 1.1): an HTTP/1.0 upstream's
+    response is passed on as 1.1; h11 re-frames its body (chunked, or close-delimited for an
+    HTTP/1.0 guest) when the upstream gave no Content-Length."""
+    if ev.http_version == b"1.1":
+        return ev
+    return type(ev)(status_code=ev.status_code, headers=ev.headers, reason=ev.reason)
+
+
 async def _refuse_http(guest: _Stream, status: int, text: str) -> None:
     """After a blocked TLS handshake: if the guest then speaks HTTP, answer `status`."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_INCOMPLETE_EVENT)
@@ -824,13 +833,13 @@ class _Session:
                     self.proxy._event("allowed", host, method=req.method.decode(),
                                       target=req.target[:200].decode("latin-1"),
                                       status=ev.status_code)
-                    guest.write(gconn.send(ev))
+                    guest.write(gconn.send(_as_http11(ev)))
                     break
                 if t is h11.InformationalResponse:
                     if ev.status_code == 101:
                         await self._upgrade(up, host, ev)
                         return False
-                    guest.write(gconn.send(ev))
+                    guest.write(gconn.send(_as_http11(ev)))
                     await guest.drain()
                 else:  # ConnectionClosed before a response
                     raise _UpstreamError(f"{host} closed the connection without a response")
@@ -879,7 +888,7 @@ class _Session:
         if gconn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             raise _UpstreamError(f"{host} switched protocols without an upgrade request")
         self.proxy._event("upgraded", host, detail="101 Switching Protocols")
-        self.guest.write(gconn.send(resp))
+        self.guest.write(gconn.send(_as_http11(resp)))
         await self.guest.drain()
         self.guest.unread(gconn.trailing_data[0])
         up.stream.unread(up.conn.trailing_data[0])
