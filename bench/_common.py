@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from matchlock.guest import guest_binary  # noqa: E402
-from matchlock.sandbox._sandbox import base_cmdline  # noqa: E402
+from matchlock.sandbox._sandbox import base_cmdline, modules_for, pick_machine  # noqa: E402
 from matchlock.vm.accel import detect_accel  # noqa: E402
 from matchlock.vm.initramfs import build_initramfs  # noqa: E402
 from matchlock.vm.kernel import host_tsc_khz, resolve_kernel  # noqa: E402
@@ -25,11 +25,13 @@ def bare_vm(tmp: Path, extra_cmdline: tuple[str, ...], memory_mib: int = 512):
     """Start QEMU exactly as a sandbox would, minus disks; returns (Popen, host socket)."""
     accel, _ = detect_accel()
     kernel = resolve_kernel()
-    initrd = build_initramfs(kernel, guest_binary())
     tsc = host_tsc_khz()
+    machine = pick_machine(None, accel, tsc)
+    # The same initramfs `matchlock run --no-network` boots.
+    initrd = build_initramfs(kernel, guest_binary(), modules_for(machine, networked=False))
     spec = VmSpec(
         kernel=kernel.image, initrd=initrd, memory_mib=memory_mib, vcpus=1, accel=accel,
-        machine="microvm" if (accel != "tcg" or tsc) else "q35", log_path=tmp / "console.log",
+        machine=machine, log_path=tmp / "console.log",
         cmdline=(*base_cmdline(accel, tsc), *extra_cmdline),
     )
     host, guest = socket.socketpair()

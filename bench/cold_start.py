@@ -32,7 +32,8 @@ def run_once(tmp: Path) -> tuple[float, dict]:
     e = env()
     e["MATCHLOCK_TIMINGS"] = str(timings)
     t0 = time.perf_counter()
-    p = subprocess.run([*matchlock_cmd(), "run", "--image", "matchlock/busybox", "true"],
+    p = subprocess.run([*matchlock_cmd(), "run", "--image", "matchlock/busybox", "--no-network",
+                        "true"],
                        env=e, capture_output=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
