@@ -38,7 +38,7 @@ DEFAULT_MODULES = (
     "fuse",
 )
 
-_FORMAT = 1  # bump when the archive layout changes (invalidates the cache)
+_FORMAT = 2  # bump when the archive layout changes (invalidates the cache)
 
 
 # --------------------------------------------------------------------------- cpio
@@ -206,6 +206,21 @@ def module_closure(kernel: Kernel, names: Sequence[str]) -> list[Path]:
 # --------------------------------------------------------------------------- build
 
 
+_SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(ko: bytes) -> bytes:
+    """Drop the appended module signature: checking it costs boot time under TCG, and
+    the modules come from the package we verified (apt) ourselves."""
+    if not ko.endswith(_SIG_MAGIC) or len(ko) < len(_SIG_MAGIC) + 12:
+        return ko
+    # struct module_signature (12 bytes) precedes the magic; sig_len is its last field.
+    info = ko[-len(_SIG_MAGIC) - 12 : -len(_SIG_MAGIC)]
+    sig_len = int.from_bytes(info[8:12], "big")
+    end = len(ko) - len(_SIG_MAGIC) - 12 - sig_len
+    return ko[:end] if end > 0 else ko
+
+
 def initramfs_entries(guest: bytes, modules: Sequence[Path]) -> list[CpioEntry]:
     entries = [
         CpioEntry.dir("dev"),
@@ -220,7 +235,8 @@ def initramfs_entries(guest: bytes, modules: Sequence[Path]) -> list[CpioEntry]:
     names = [p.name for p in modules]
     if len(set(names)) != len(names):
         raise MatchlockError(f"duplicate module file names in {names}")
-    entries += [CpioEntry.file(f"modules/{p.name}", source=p) for p in modules]
+    entries += [CpioEntry.file(f"modules/{p.name}", strip_signature(p.read_bytes()))
+                for p in modules]
     entries.append(CpioEntry.file("modules/order", "".join(n + "\n" for n in names).encode()))
     return entries
 

@@ -285,3 +285,14 @@ def test_boot_tiny_init(real_kernel, cache, tmp_path):
     print(f"boot to poweroff: {seconds:.2f} s")
     assert "MATCHLOCK-BOOT-OK" in console, console[-3000:] + r.stderr.decode(errors="replace")
     assert r.returncode == 0, r.stderr.decode(errors="replace")
+
+
+def test_strip_signature():
+    from matchlock.vm.initramfs import strip_signature
+
+    body = b"\x7fELF-module-body"
+    sig = b"S" * 20
+    info = b"\0" * 8 + len(sig).to_bytes(4, "big")
+    signed = body + sig + info + b"~Module signature appended~\n"
+    assert strip_signature(signed) == body
+    assert strip_signature(body) == body
