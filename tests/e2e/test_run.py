@@ -164,3 +164,24 @@ def test_twenty_sequential_runs_leave_no_residue(ml, qemu_present, state_home):
     assert Path("/proc/mounts").read_text() == mounts_before
     leaked = {n for n in set(os.listdir("/tmp")) - tmp_before if "matchlock" in n or "tmp" in n}
     assert not leaked
+
+
+def test_guest_crash_is_reported_and_cleaned_up(ml, qemu_present, state_home):
+    p = ml("run", "--image", BB, "--", "sh", "-c",
+           "echo before; echo c > /proc/sysrq-trigger; sleep 5; echo after")
+    assert p.returncode == 1
+    assert p.stdout == b"before\n"
+    err = p.stderr.decode().strip().splitlines()[-1]
+    assert "VM stopped unexpectedly" in err and "Kernel panic" in err
+    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+
+
+def test_cpus_memory_disk_size(ml, qemu_present):
+    p = ml("run", "--image", BB, "--cpus", "2", "--memory", "300", "--disk-size", "1000",
+           "--", "sh", "-c", "nproc; grep MemTotal /proc/meminfo; df -m / | tail -1")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.decode().splitlines()
+    assert lines[0] == "2"
+    mem_kb = int(lines[1].split()[1])
+    assert 200_000 < mem_kb < 300 * 1024
+    assert 900 < int(lines[2].split()[1]) <= 1000  # size of the writable layer, MB

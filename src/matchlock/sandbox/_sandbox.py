@@ -295,12 +295,14 @@ class Sandbox:
         return why
 
     def console_tail(self, lines: int = 3) -> str:
+        """The console lines that explain a failure: a panic or init's FATAL if any."""
         try:
             text = (self.dir / "logs" / "vm.log").read_text(errors="replace")
         except OSError:
             return ""
         rows = [r.strip() for r in text.splitlines() if r.strip()]
-        return " | ".join(rows[-lines:])
+        key = [r for r in rows if "Kernel panic" in r or "FATAL" in r]
+        return " | ".join(key[:1] if key else rows[-lines:])
 
     # -- exec ----------------------------------------------------------------------------
 
