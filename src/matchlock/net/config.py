@@ -88,6 +88,25 @@ def _parse_secret(raw: str, host_env: Mapping[str, str]) -> Secret:
     return Secret(name=name, value=value, hosts=globs, placeholder=new_placeholder())
 
 
+def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
+    """The host's own resolvers: our DNS runs on the host, so it asks what the host asks
+    (a corporate or local resolver works as it does for every other host program).
+    Falls back to DEFAULT_DNS_SERVERS when the file names none."""
+    found = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        found.append(str(ipaddress.ip_address(parts[1].split("%")[0])))
+                    except ValueError:
+                        continue
+    except OSError:
+        pass
+    return tuple(dict.fromkeys(found)) or DEFAULT_DNS_SERVERS
+
+
 def parse_network_flags(*, no_network: bool, allow_hosts: Sequence[str],
                         add_hosts: Sequence[str], secrets: Sequence[str],
                         dns_servers: Sequence[str], network_intercept: bool, mtu: int,
@@ -140,6 +159,6 @@ def parse_network_flags(*, no_network: bool, allow_hosts: Sequence[str],
         allow_hosts=_dedup(globs),
         add_hosts=pairs,
         secrets=tuple(parsed),
-        dns_servers=_dedup(servers) or DEFAULT_DNS_SERVERS,
+        dns_servers=_dedup(servers) or host_resolvers(),
         mtu=mtu,
     )

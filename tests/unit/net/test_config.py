@@ -7,7 +7,7 @@ import re
 import pytest
 
 from matchlock.errors import UsageError
-from matchlock.net.config import new_placeholder, parse_network_flags
+from matchlock.net.config import host_resolvers, new_placeholder, parse_network_flags
 from matchlock.net.types import DEFAULT_DNS_SERVERS
 
 
@@ -28,7 +28,17 @@ def test_defaults_open():
     c = parse()
     assert c.mode == "open"
     assert c.allow_hosts == () and c.secrets == () and c.add_hosts == ()
-    assert c.dns_servers == DEFAULT_DNS_SERVERS and c.mtu == 1500
+    assert c.dns_servers == host_resolvers() and c.mtu == 1500
+
+
+def test_host_resolvers(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# comment\nnameserver 10.1.2.3\nnameserver fe80::1%eth0\n"
+                    "nameserver bogus\nnameserver 10.1.2.3\nsearch x\n")
+    assert host_resolvers(str(conf)) == ("10.1.2.3", "fe80::1")
+    conf.write_text("search only\n")
+    assert host_resolvers(str(conf)) == DEFAULT_DNS_SERVERS
+    assert host_resolvers(str(tmp_path / "missing")) == DEFAULT_DNS_SERVERS
 
 
 def test_modes():
