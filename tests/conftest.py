@@ -27,6 +27,11 @@ def state_home(tmp_path_factory) -> Path:
 def ml_env(state_home) -> dict[str, str]:
     env = dict(os.environ)
     env["MATCHLOCK_HOME"] = str(state_home)
+    # Guest DNS lookups a test did not route to its own server must never leave the
+    # machine: the default upstream resolver becomes loopback.
+    resolv = state_home / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\n")
+    env["MATCHLOCK_RESOLV_CONF"] = str(resolv)
     env.pop("MATCHLOCK_DEBUG", None)
     return env
 

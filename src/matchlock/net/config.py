@@ -5,6 +5,7 @@ that never contains a secret's value."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets as _secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,10 +89,12 @@ def _parse_secret(raw: str, host_env: Mapping[str, str]) -> Secret:
     return Secret(name=name, value=value, hosts=globs, placeholder=new_placeholder())
 
 
-def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
+def host_resolvers(path: str | None = None) -> tuple[str, ...]:
     """The host's own resolvers: our DNS runs on the host, so it asks what the host asks
     (a corporate or local resolver works as it does for every other host program).
     Falls back to DEFAULT_DNS_SERVERS when the file names none."""
+    # MATCHLOCK_RESOLV_CONF: the test suite points it at a loopback-only file.
+    path = path or os.environ.get("MATCHLOCK_RESOLV_CONF") or "/etc/resolv.conf"
     found = []
     try:
         with open(path) as f:
