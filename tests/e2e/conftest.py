@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -132,3 +136,33 @@ def residue(state_home: Path) -> dict:
         "qemu": qemu_pids(state_home),
         "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
     }
+
+
+@contextlib.contextmanager
+def veth_netns(hosts: tuple[int, ...] = (2,)) -> Iterator[tuple[str, str]]:
+    """A network namespace `mltest-<tag>` joined to the host by a veth pair on a free
+    198.18.X.0/24 (X random, so concurrent runs do not clash): the host side is .1, the
+    namespace holds .<h> for each h in `hosts`. Yields (namespace, "198.18.X")."""
+    used = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    free = [x for x in range(100, 250) if f"198.18.{x}." not in used]
+    net = f"198.18.{random.choice(free)}"
+    tag = uuid.uuid4().hex[:6]
+    ns, veth_h, veth_n = f"mltest-{tag}", f"mlth{tag}", f"mltn{tag}"
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True)
+
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", veth_h, "type", "veth", "peer", "name", veth_n)
+        sh("ip", "link", "set", veth_n, "netns", ns)
+        sh("ip", "addr", "add", f"{net}.1/24", "dev", veth_h)
+        sh("ip", "link", "set", veth_h, "up")
+        for h in hosts:
+            sh("ip", "-n", ns, "addr", "add", f"{net}.{h}/24", "dev", veth_n)
+        sh("ip", "-n", ns, "link", "set", veth_n, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield ns, net
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", veth_h], capture_output=True)
