@@ -425,6 +425,12 @@ static void setup_nic(int s)
         LOG_WARN("no network interface appeared");
         return;
     }
+    /* The host side drops all IPv6 anyway; without an address the guest fails fast
+     * instead of timing out, and has no link-local surface at all. Before link-up, so
+     * no fe80:: address is ever assigned. */
+    char v6[96];
+    snprintf(v6, sizeof v6, "/proc/sys/net/ipv6/conf/%s/disable_ipv6", nic);
+    write_file(v6, "1\n");
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", nic);
