@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from matchlock.errors import DependencyError, VmStartError
-from matchlock.net import nft
+from matchlock.net import _userns, nft
 from matchlock.net._setns import run_in_netns
 from matchlock.net.types import DEFAULT_MTU, GATEWAY_IP, PREFIX_LEN, TAP_NAME
 
@@ -61,12 +61,18 @@ def _find_tool(name: str) -> str | None:
 
 
 def check_requirements() -> tuple[str, str]:
-    """Fail with one line naming what is missing; returns the paths of `ip` and `nft`."""
+    """Fail with one line naming what is missing; returns the paths of `ip` and `nft`.
+
+    Without root the namespace is built in an unprivileged user namespace (`_userns`):
+    that needs user namespaces, /dev/net/tun and nft, and the error names what is missing.
+    """
     if os.geteuid() != 0:
-        raise DependencyError(
-            "sealed networking needs root (network namespace, TAP device, nftables): "
-            "run as root, or use --no-network"
-        )
+        nft_bin = _find_tool("nft")
+        missing = _userns.missing_requirements(nft=nft_bin)
+        if missing:
+            raise _userns.requirement_error(missing)
+        assert nft_bin is not None
+        return _find_tool("ip") or "ip", nft_bin
     if not os.path.exists("/dev/net/tun"):
         raise DependencyError(
             "/dev/net/tun is missing: load the tun module (modprobe tun), or use --no-network"
@@ -166,6 +172,7 @@ class NetNamespace:
         self._nft = "nft"
         self._created = False
         self._closed = False
+        self._userns: _userns.UserNetNamespace | None = None  # the unprivileged path
         self.timings: dict[str, float] = {}
 
     @property
@@ -176,6 +183,9 @@ class NetNamespace:
     def create(self, dns_port: int = nft.DNS_PORT) -> None:
         """Namespace, TAP, addresses, rules, and the relay/DNS sockets. Cleans up on failure."""
         self._ip, self._nft = check_requirements()
+        if os.geteuid() != 0:
+            self._create_unprivileged(dns_port)
+            return
         t0 = time.monotonic()
         try:
             OWNER_DIR.mkdir(parents=True, exist_ok=True)
@@ -193,6 +203,20 @@ class NetNamespace:
         except BaseException:
             self.close()
             raise
+
+    def _create_unprivileged(self, dns_port: int) -> None:
+        """The same namespace, owned by a user namespace a helper process made for us."""
+        t0 = time.monotonic()
+        try:
+            u = _userns.spawn(self.mtu, dns_port, self._nft, self.vm_id)
+        except BaseException:
+            self.close()
+            raise
+        self._userns = u
+        self.tap_fd, self.tcp_listener, self.udp_socket = u.tap_fd, u.tcp_listener, u.udp_socket
+        self.path = f"/proc/{u.pid}/ns/net"
+        self.timings["netns_add"] = u.timings.get("userns", 0.0)
+        self.timings["netns_setup"] = time.monotonic() - t0
 
     def _setup_inside(self, dns_port: int) -> None:
         # Before the TAP exists, so it never even gets an IPv6 link-local address.
@@ -219,6 +243,8 @@ class NetNamespace:
 
     def ruleset_text(self) -> str:
         """The live ruleset (for tests and debugging)."""
+        if self._userns is not None:
+            return self._userns.ruleset_text()
         return run_in_netns(self.path, lambda: subprocess.run(
             [self._nft, "list", "ruleset"], capture_output=True, text=True, check=True).stdout)
 
@@ -235,7 +261,9 @@ class NetNamespace:
             with contextlib.suppress(OSError):
                 os.close(self.tap_fd)
             self.tap_fd = None
-        if self._created:
+        if self._userns is not None:
+            self._userns.close_helper()  # with the fds closed, the namespaces are gone
+        elif self._created:
             remove_namespace(self.name, self._ip)
         else:
             with contextlib.suppress(OSError):
