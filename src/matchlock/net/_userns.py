@@ -115,7 +115,7 @@ def spawn(mtu: int, dns_port: int, nft_bin: str, vm_id: str) -> UserNetNamespace
             "from matchlock.net._userns import _child_main; _child_main()")
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, src_root, str(child.fileno()), vm_id, str(mtu),
+            [sys.executable, "-I", "-S", "-c", code, src_root, str(child.fileno()), vm_id, str(mtu),
              str(dns_port), nft_bin],
             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True,
@@ -179,6 +179,8 @@ def _child_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we end
     fd, vm_id, mtu, dns_port, nft_bin = sys.argv[2:7]  # argv[1]: the source root
     ctl = socket.socket(fileno=int(fd))
+    from matchlock.net.netns import NetNamespace
+
     t0 = time.monotonic()
     try:
         _enter_userns(os.getuid(), os.getgid())
@@ -186,8 +188,6 @@ def _child_main() -> None:
         ctl.send(json.dumps({"ok": False, "stage": "userns", "error": str(e)}).encode())
         sys.exit(1)
     t1 = time.monotonic()
-    from matchlock.net.netns import NetNamespace
-
     ns = NetNamespace(vm_id, int(mtu))
     ns._nft = nft_bin
     try:
