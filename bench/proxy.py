@@ -169,7 +169,9 @@ def run_matchlock(port: int, up_port: int, up_ca: str, ca_out: str, profile: str
         prof.enable()
     else:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    asyncio.run(main())
+    from matchlock._aio import run as aio_run
+
+    aio_run(main())  # the same event loop the matchlock CLI runs
 
 
 MITM_ADDON = f'''

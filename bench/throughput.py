@@ -15,12 +15,13 @@ usage: python bench/throughput.py [--mib 256]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
 import time
 from pathlib import Path
 
 from _common import bare_vm
+
+from matchlock._aio import run as aio_run
 
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -91,7 +92,7 @@ def main() -> None:
     mb = n / 1e6
     with tempfile.TemporaryDirectory() as d:
         raw = raw_floor(Path(d), n)
-    results = asyncio.run(in_guest(n))
+    results = aio_run(in_guest(n))
     print(f"{args.mib} MiB of guest stdout to the host")
     print(f"raw floor (virtio-serial, no protocol): {mb / raw:7.1f} MB/s")
     for name, (floor, chan) in results.items():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 
 import click
 
+from matchlock._aio import run as aio_run
 from matchlock.errors import UsageError
 
 
@@ -89,7 +89,7 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         config, list(command), env=env, env_files=env_file, workdir=workdir, user=user,
         entrypoint=entrypoint, interactive=interactive, tty=tty, progress=_progress,
     )
-    rc = asyncio.run(session.run())
+    rc = aio_run(session.run())
     sys.stdout.flush()
     raise SystemExit(rc)
 
