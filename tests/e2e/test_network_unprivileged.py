@@ -87,7 +87,10 @@ def nobody(qemu_present):
             "PYTHONPATH": ":".join(pypath), "LD_LIBRARY_PATH": str(work / "py" / "lib"),
             "PY_PREFIX": base, "PY_VENV": prefix if prefix != base else "",
         }
-        python = remap(sys.executable)
+        # The real interpreter, not a venv's bin/python: that is a symlink into the
+        # (unreadable for nobody) base prefix, and matchlock re-executes sys.executable
+        # for its user-namespace helper. The venv's packages come in via PYTHONPATH.
+        python = remap(os.path.realpath(sys.executable))
 
         def run(*args: str, tun_mode: str = "0666", extra_env: dict | None = None,
                 timeout: float = 240) -> subprocess.CompletedProcess:
