@@ -22,7 +22,6 @@ import struct
 import time
 from pathlib import Path
 
-from matchlock.net.ca import CertificateAuthority
 from matchlock.net.dns.resolver import GuestResolver
 from matchlock.net.netns import NetNamespace
 from matchlock.net.policy import Policy
@@ -184,6 +183,8 @@ class NetworkStack:
         if self.config.mode == "open":
             return TcpRelay(self.policy, self.emit)
         if self.ca is None:
+            from matchlock.net.ca import CertificateAuthority  # intercept mode only
+
             self.ca = CertificateAuthority.generate()
         return InterceptProxy(self.policy, self.ca, self.emit)
 

@@ -13,11 +13,12 @@ import logging
 import os
 import socket
 import ssl
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h11
 
-from ..ca import CertificateAuthority
+if TYPE_CHECKING:  # cryptography costs ~40 ms to import; open mode never needs it
+    from ..ca import CertificateAuthority
 from ..types import EventSink, NetEvent
 from ._http import (
     MAX_BUFFERED_BODY,
