@@ -291,7 +291,9 @@ static void assemble_root(void)
     LOG_DEBUG("root disk %s, upper disk %s", rootdev, upperdev[0] ? upperdev : "(tmpfs)");
     do_mount(rootdev, "/run/ml/lower", "ext4", MS_RDONLY, "noload", 1);
     if (upperdev[0])
-        do_mount(upperdev, "/run/ml/upperfs", "ext4", 0, NULL, 1);
+        /* noinit_itable: no background thread zeroing inode tables, which would take
+         * CPU from the workload (the disk is fresh and thrown away with the VM). */
+        do_mount(upperdev, "/run/ml/upperfs", "ext4", MS_NOATIME, "noinit_itable", 1);
     else
         do_mount("tmpfs", "/run/ml/upperfs", "tmpfs", 0, "mode=0755", 1);
     mkdir_p("/run/ml/upperfs/upper", 0755);
