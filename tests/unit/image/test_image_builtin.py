@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -20,10 +21,22 @@ from matchlock.errors import DependencyError, MatchlockError
 from matchlock.image import BUILTIN_IMAGE, ImageStore, _builtin
 
 SRC = Path(__file__).resolve().parents[3] / "src"
-pytestmark = pytest.mark.skipif(DEBUGFS is None, reason="debugfs (e2fsprogs) not installed")
-needs_busybox = pytest.mark.skipif(
-    not _builtin.BUSYBOX.is_file(), reason="busybox-static not installed"
-)
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    # Installed by scripts/install.sh: missing tools fail the run, they never skip it.
+    if DEBUGFS is None:
+        pytest.fail("debugfs not found: install e2fsprogs (./scripts/install.sh)", False)
+
+
+def needs_busybox(fn):
+    def wrapper(*args, **kwargs):
+        if not _builtin.BUSYBOX.is_file():
+            pytest.fail("busybox-static not installed (./scripts/install.sh)", False)
+        return fn(*args, **kwargs)
+
+    return functools.wraps(fn)(wrapper)
 
 
 @needs_busybox
@@ -177,24 +190,24 @@ def _unprivileged_python() -> str | None:
     return None
 
 
-@pytest.mark.skipif(shutil.which("fakeroot") is None, reason="fakeroot not installed")
 def test_import_as_non_root_keeps_ownership():
+    if shutil.which("fakeroot") is None:
+        pytest.fail("fakeroot not installed (./scripts/install.sh)", False)
     prefix = _nonroot_prefix()
     if prefix is None:
-        pytest.skip("no setpriv/runuser to drop privileges")
+        pytest.fail("no setpriv/runuser to drop privileges (util-linux)", False)
     python = _unprivileged_python()
     if python is None:
-        pytest.skip("no python usable by an unprivileged user")
-    if (
-        os.geteuid() == 0
-        and subprocess.run(
-            [*prefix, python, "-c", f"import os; os.listdir({str(SRC)!r})"], capture_output=True
-        ).returncode
-    ):
-        pytest.skip("source tree not readable by nobody")
+        pytest.fail("no python usable by an unprivileged user (install python3)", False)
     work = Path(tempfile.mkdtemp(prefix="matchlock-nonroot-"))
     try:
         os.chmod(work, 0o777)
+        # A copy of the sources nobody can read, wherever the checkout lives.
+        src = work / "src"
+        shutil.copytree(SRC / "matchlock", src / "matchlock",
+                        ignore=shutil.ignore_patterns("__pycache__", "_guest"))
+        for p in [src, *src.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
         lay1 = layer(
             d("home"),
             d("home/user", mode=0o750, uid=1000, gid=1000),
@@ -217,7 +230,7 @@ def test_import_as_non_root_keeps_ownership():
             "print('DISK', img.disk)"
         )
         r = subprocess.run(
-            [*prefix, python, "-c", code, str(SRC), str(work / "store"), str(tarball)],
+            [*prefix, python, "-c", code, str(src), str(work / "store"), str(tarball)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -255,7 +268,7 @@ def test_import_as_non_root_keeps_ownership():
             "except MatchlockError as e: print('ERR', e); sys.exit(3)"
         )
         r = subprocess.run(
-            [*prefix, python, "-c", code, str(SRC), str(work / "store"), str(evil)],
+            [*prefix, python, "-c", code, str(src), str(work / "store"), str(evil)],
             capture_output=True,
             text=True,
             timeout=120,
