@@ -30,8 +30,8 @@ def _progress(msg: str) -> None:
 @click.option("--memory", type=int, default=512, show_default=True, help="Guest RAM in MB.")
 @click.option("--disk-size", type=int, default=5120, show_default=True,
               help="Size of the writable root layer in MB (sparse).")
-@click.option("--rm/--no-rm", default=True, show_default=True,
-              help="Remove the sandbox when the command exits.")
+@click.option("--rm", is_flag=True, default=True,
+              help="Remove the sandbox when the command exits (the only mode for now).")
 @click.option("--hostname", default="", help="Guest hostname (default: the VM id).")
 @click.option("--no-network", is_flag=True, help="No network interface at all.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
@@ -42,7 +42,8 @@ def _progress(msg: str) -> None:
               help="Give the guest a placeholder for NAME, replaced by the real value "
               "(from the host env when no VALUE) only on requests to HOST (repeatable).")
 @click.option("--dns-servers", "dns_servers", multiple=True, metavar="IP[,IP]",
-              help="Upstream DNS servers the host-side resolver uses.")
+              help="Upstream DNS servers the host-side resolver uses "
+                   "(default: the host's).")
 @click.option("--network-intercept", is_flag=True,
               help="Inspect HTTP/HTTPS even without --allow-host or --secret.")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Guest NIC MTU.")
@@ -66,8 +67,6 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     from matchlock.net.config import parse_network_flags
     from matchlock.sandbox import SandboxConfig
 
-    if not rm:
-        raise UsageError("--no-rm needs long-lived sandboxes, which this version lacks")
     if tty and not interactive:
         interactive = True  # -t alone is useless; behave like docker's common -it
     if tty and not os.isatty(0):
