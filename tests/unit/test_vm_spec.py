@@ -63,3 +63,10 @@ def test_accel_auto_needs_virt_flags(monkeypatch):
     monkeypatch.setattr(accel, "_cpu_has_virt_flags", lambda: False)
     name, warning = detect_accel()
     assert name == "tcg" and "TCG" in warning
+
+
+def test_qemu_runs_under_its_seccomp_sandbox(tmp_path):
+    argv = build_argv(_spec(tmp_path), "qemu", 7)
+    sandbox = argv[argv.index("-sandbox") + 1]
+    assert sandbox.startswith("on,") and "spawn=deny" in sandbox
+    assert "elevateprivileges=deny" in sandbox

@@ -51,6 +51,9 @@ def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
         "-m", str(spec.memory_mib),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-monitor", "none",
+        # QEMU's own seccomp filter: a guest that breaks out of the emulator still cannot
+        # exec, fork, setuid or change resource limits on the host.
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"file,id=con,path={spec.log_path}",
         "-serial", "chardev:con",
         "-kernel", str(spec.kernel),
