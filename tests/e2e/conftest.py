@@ -9,9 +9,11 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -166,3 +168,38 @@ def veth_netns(hosts: tuple[int, ...] = (2,)) -> Iterator[tuple[str, str]]:
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", veth_h], capture_output=True)
+
+
+def _recording_server():
+    """A TCP server on the host's 127.0.0.1 that records every connection (a sealed
+    guest must never reach it)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    hits: list[tuple] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, peer = srv.accept()
+            except OSError:
+                return
+            hits.append(peer)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, hits
+
+
+@pytest.fixture
+def host_server():
+    srv, hits = _recording_server()
+    yield srv.getsockname()[1], hits
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def host_loopback():
+    srv, hits = _recording_server()
+    yield srv.getsockname()[1], hits
+    srv.close()

@@ -23,11 +23,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -143,28 +141,6 @@ def upstreams(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-@pytest.fixture(scope="module")
-def host_loopback():
-    """A TCP server on the host's 127.0.0.1 that records every connection."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    hits: list = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, peer = srv.accept()
-            except OSError:
-                return
-            hits.append(peer)
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield srv.getsockname()[1], hits
-    srv.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -91,28 +90,6 @@ def upstream(tmp_path_factory):
                 p.wait()
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", veth_h], capture_output=True)
-
-
-@pytest.fixture
-def host_server():
-    """A TCP server on the host's 127.0.0.1 that records whether anyone connected."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    hits: list[tuple] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, peer = srv.accept()
-            except OSError:
-                return
-            hits.append(peer)
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield srv.getsockname()[1], hits
-    srv.close()
 
 
 def _vm_ns_gone(vm_id: str, state_home: Path) -> None:

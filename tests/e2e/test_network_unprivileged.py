@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -133,27 +132,6 @@ def upstream(tmp_path):
         finally:
             srv.send_signal(signal.SIGTERM)
             srv.wait(5)
-
-
-@pytest.fixture
-def host_server():
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    hits: list[tuple] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, peer = srv.accept()
-            except OSError:
-                return
-            hits.append(peer)
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield srv.getsockname()[1], hits
-    srv.close()
 
 
 def _helpers_of(vm_id: str) -> list[int]:
