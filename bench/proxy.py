@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import shutil
 import socket
@@ -50,42 +49,9 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def make_upstream_ca(tmp: Path) -> tuple[Path, Path, Path]:
-    import ipaddress
+    from matchlock.net.testing import write_test_pki
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    day = datetime.timedelta(days=1)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench upstream CA")])
-    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - day).not_valid_after(now + day)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-          .sign(key, hashes.SHA256()))
-    lkey = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-            .issuer_name(name).public_key(lkey.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - day).not_valid_after(now + day)
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName(HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                key.public_key()), False)
-            .sign(key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (tmp / "up-ca.pem").write_bytes(ca.public_bytes(pem))
-    (tmp / "up-leaf.pem").write_bytes(leaf.public_bytes(pem))
-    (tmp / "up-key.pem").write_bytes(lkey.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return tmp / "up-ca.pem", tmp / "up-leaf.pem", tmp / "up-key.pem"
+    return write_test_pki(tmp, [HOST], ips=["127.0.0.1"])
 
 
 # ------------------------------------------------------------------------- server roles

@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 
 from matchlock.net.netns import NETNS_DIR
+from matchlock.net.testing import write_test_pki
 from tests.e2e.conftest import residue, veth_netns
-from tests.unit.net.test_proxy import make_ca_files
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +69,7 @@ class Upstreams:
         self.ns, self.net, self.work = ns, net, work
         self.api, self.other, self.host = f"{net}.2", f"{net}.3", f"{net}.1"
         self.log = work / "upstream.jsonl"
-        self.ca, _, _ = make_ca_files(work, ["api.test", "free.test", "other.test",
+        self.ca, _, _ = write_test_pki(work, ["api.test", "free.test", "other.test",
                                              "real.dns.test"])
 
     def mark(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import platform
@@ -12,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 from matchlock.errors import DependencyError
+from matchlock.image import _disk
 
 BUSYBOX = Path("/bin/busybox")
 RECIPE = "1"
@@ -85,14 +85,6 @@ def find_busybox() -> Path:
     return BUSYBOX
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_blob(busybox: Path) -> bytes:
     """The synthesized image config; its sha256 is the image id."""
     cfg = {
@@ -104,7 +96,7 @@ def config_blob(busybox: Path) -> bytes:
             "Cmd": ["sh"],
             "Labels": {
                 "org.matchlock.builtin": "busybox",
-                "org.matchlock.busybox.sha256": _sha256_file(busybox),
+                "org.matchlock.busybox.sha256": _disk.sha256_file(busybox),
                 "org.matchlock.recipe": RECIPE,
             },
         },

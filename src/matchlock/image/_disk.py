@@ -8,6 +8,7 @@ SPEC`. As root they run in-process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,15 @@ BLOCK = 4096
 LABEL = "matchlock-root"
 _SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 def find_tool(name: str) -> str | None:
     """`shutil.which`, also looking in sbin dirs (not on a normal user's PATH on Debian)."""

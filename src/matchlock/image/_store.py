@@ -254,7 +254,7 @@ class ImageStore:
             with self._workdir() as work:
                 blob = work / "layer.tar"
                 _builtin.write_layer(busybox, blob)
-                st = Staged(blob, blob.stat().st_size, _sha256_file(blob))
+                st = Staged(blob, blob.stat().st_size, _disk.sha256_file(blob))
                 return self._install(
                     work, norm, image_id, config, [(st, "busybox layer")], "builtin", _noop
                 )
@@ -356,14 +356,6 @@ class ImageStore:
             if not conn.execute("SELECT 1 FROM layers WHERE digest=?", (d,)).fetchone():
                 doomed.append(self._blobs / d.removeprefix("sha256:"))
         return doomed
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unlink_ro(path: Path) -> None:

@@ -9,7 +9,6 @@ tests are synchronous clients using `ssl` with the proxy's CA.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import json
 import socket
@@ -19,10 +18,6 @@ import time
 
 import h11
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from matchlock.net.ca import CertificateAuthority
 from matchlock.net.policy import Policy
@@ -33,6 +28,7 @@ from matchlock.net.proxy import (
     replace_placeholders,
 )
 from matchlock.net.proxy._http import SecretRules, is_tls_client_hello, normalize_host
+from matchlock.net.testing import write_test_pki
 from matchlock.net.types import NetworkConfig, Secret
 
 UP_IP = "127.0.0.2"
@@ -51,39 +47,6 @@ def _block(i: int) -> bytes:
 
 
 # ------------------------------------------------------------------------ test upstream CA
-
-def make_ca_files(tmp, names):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-          .sign(key, hashes.SHA256()))
-    lkey = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_name).public_key(lkey.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                           False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                key.public_key()), False)
-            .sign(key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (tmp / "up-ca.pem").write_bytes(ca.public_bytes(pem))
-    (tmp / "up-leaf.pem").write_bytes(leaf.public_bytes(pem))
-    (tmp / "up-key.pem").write_bytes(lkey.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return tmp / "up-ca.pem", tmp / "up-leaf.pem", tmp / "up-key.pem"
-
 
 # --------------------------------------------------------------------------- test upstream
 
@@ -182,7 +145,7 @@ class Env:
         self.ca = CertificateAuthority.generate()
         self.ca_file = tmp / "proxy-ca.pem"
         self.ca_file.write_bytes(self.ca.cert_pem)
-        self.up_ca, leaf, key = make_ca_files(tmp, ["api.test", "other.test", "else.test"])
+        self.up_ca, leaf, key = write_test_pki(tmp, ["api.test", "other.test", "else.test"])
         self.upstream = Upstream()
         up_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         up_ctx.load_cert_chain(leaf, key)
