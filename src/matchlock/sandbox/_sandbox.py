@@ -29,7 +29,7 @@ from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
 from matchlock.vm.kernel import host_tsc_khz, resolve_kernel
 from matchlock.vm.qemu import QemuProcess, qemu_binary
-from matchlock.vm.spec import Disk, Nic, VmSpec, mac_for, vcpus_for
+from matchlock.vm.spec import MIN_MEMORY_MIB, Disk, Nic, VmSpec, mac_for, vcpus_for
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ class SandboxConfig:
     def validate(self) -> int:
         """Check everything that needs no I/O; returns the vCPU count."""
         vcpus = vcpus_for(self.cpus)
-        if self.memory_mib < 64:
-            raise UsageError(f"--memory must be at least 64 MB (got {self.memory_mib})")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise UsageError(
+                f"--memory must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})"
+            )
         if not 64 <= self.disk_size_mib <= MAX_DISK_SIZE_MIB:
             raise UsageError(
                 f"--disk-size must be between 64 and {MAX_DISK_SIZE_MIB} MB "
