@@ -36,3 +36,33 @@ def test_env_errors(tmp_path):
 def test_tty_sets_term():
     assert compose_env(IMG, host_env={"TERM": "screen"}, tty=True)["TERM"] == "screen"
     assert "TERM" not in compose_env(IMG, host_env={"TERM": "screen"})
+
+
+def test_env_file_errors_name_file_and_line_never_the_content(tmp_path):
+    secret = "sk-live-0123456789abcdef"
+    f = tmp_path / "app.env"
+    f.write_text(f"# c\nOK=1\n\nBAD KEY={secret}\n")
+    with pytest.raises(UsageError) as e:
+        compose_env(IMG, env_files=[str(f)], host_env={})
+    assert str(e.value) == f"--env-file {f} line 4: invalid variable name"
+    f.write_text(f"OK=1\n{secret}\n")  # a bare value pasted without KEY=
+    with pytest.raises(UsageError) as e:
+        compose_env(IMG, env_files=[str(f)], host_env={})
+    assert str(e.value) == f"--env-file {f} line 2: the variable is not set in the host environment"
+    f.write_text(f"=={secret}\n")
+    with pytest.raises(UsageError) as e:
+        compose_env(IMG, env_files=[str(f)], host_env={})
+    assert str(e.value) == f"--env-file {f} line 1: invalid variable name"
+    f.write_bytes(b"A=\xff" + secret.encode())
+    with pytest.raises(UsageError) as e:
+        compose_env(IMG, env_files=[str(f)], host_env={})
+    assert str(e.value) == f"--env-file {f}: not a UTF-8 text file"
+    # A positive control with the same file machinery.
+    f.write_text(f"TOKEN={secret}\n")
+    assert compose_env(IMG, env_files=[str(f)], host_env={})["TOKEN"] == secret
+
+
+def test_env_flag_errors_never_echo_the_value():
+    with pytest.raises(UsageError) as e:
+        compose_env(IMG, env=["BAD KEY=hunter2"], host_env={})
+    assert "hunter2" not in str(e.value) and "invalid variable name" in str(e.value)

@@ -31,30 +31,50 @@ def compose_argv(
     return ep + ([] if entrypoint is not None else list(image.cmd))
 
 
-def parse_env_item(item: str, host_env: Mapping[str, str], origin: str) -> tuple[str, str]:
-    if "=" in item:
-        key, value = item.split("=", 1)
-    else:
-        key = item
-        if key not in host_env:
-            raise UsageError(f"{origin} {key}: {key} is not set in the host environment")
-        value = host_env[key]
+_NOT_SET = "is not set in the host environment"
+_BAD_NAME = "invalid variable name"
+
+
+def _split_env_item(item: str, host_env: Mapping[str, str]) -> tuple[str, str]:
+    """KEY=VALUE, or KEY alone copied from the host. ValueError(_NOT_SET | _BAD_NAME)."""
+    key, eq, value = item.partition("=")
     if not key or any(c in key for c in " \t\n\0"):
-        raise UsageError(f"{origin} {item!r}: invalid variable name")
+        raise ValueError(_BAD_NAME)
+    if not eq:
+        if key not in host_env:
+            raise ValueError(_NOT_SET)
+        value = host_env[key]
     return key, value
+
+
+def parse_env_item(item: str, host_env: Mapping[str, str], origin: str) -> tuple[str, str]:
+    try:
+        return _split_env_item(item, host_env)
+    except ValueError as e:
+        key = item.partition("=")[0]  # never the value: it may be a secret
+        raise UsageError(f"{origin} {key}: {key} {e}" if str(e) == _NOT_SET
+                         else f"{origin} {key!r}: {e}") from None
 
 
 def read_env_file(path: str, host_env: Mapping[str, str]) -> list[tuple[str, str]]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise UsageError(f"--env-file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--env-file {path}: not a UTF-8 text file") from None
     out = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(parse_env_item(line, host_env, "--env-file"))
+        if not line or line.startswith("#"):
+            continue
+        try:
+            out.append(_split_env_item(line, host_env))
+        except ValueError as e:
+            # Env files usually hold secrets: name the place, never echo the line.
+            reason = f"the variable {e}" if str(e) == _NOT_SET else str(e)
+            raise UsageError(f"--env-file {path} line {number}: {reason}") from None
     return out
 
 
