@@ -7,15 +7,14 @@
 
 `prepare()` (blocking) builds the namespace, TAP, rules and sockets; `start()` serves
 them on the running loop; `close()` stops serving, ends every relayed connection and
-deletes the namespace. Events from the handlers land in `<vm dir>/logs/net.jsonl`.
+deletes the namespace. Events from the handlers land in `<vm dir>/logs/net.jsonl`
+(bounded: net/eventlog.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import socket
 import struct
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from matchlock.net.dns.resolver import GuestResolver
+from matchlock.net.eventlog import EventLog
 from matchlock.net.netns import NetNamespace
 from matchlock.net.policy import Policy
 from matchlock.net.proxy import InterceptProxy, TcpRelay
@@ -65,7 +65,7 @@ class NetworkStack:
         self._server: asyncio.base_events.Server | None = None
         self._dns_task: asyncio.Task | None = None
         self._conns: set[asyncio.Task] = set()
-        self._events = None
+        self._events = EventLog(self.events_path, label=vm_id)
         self._prepared = False
         self._closed = False
         self.timings: dict[str, float] = {}
@@ -139,16 +139,8 @@ class NetworkStack:
             writer.close()
 
     def emit(self, event: NetEvent) -> None:
-        """One JSON line per event in logs/net.jsonl, and an INFO log line."""
-        rec = {"ts": round(time.time(), 3), **dataclasses.asdict(event)}
-        line = json.dumps(rec, separators=(",", ":"), default=str)
-        log.info("net %s: %s %s %s", self.vm_id, event.kind, event.host, event.detail)
-        try:
-            if self._events is None:
-                self._events = open(self.events_path, "a", buffering=1)  # noqa: SIM115
-            self._events.write(line + "\n")
-        except OSError as e:
-            log.debug("cannot write %s: %s", self.events_path, e)
+        """Into logs/net.jsonl (rate-limited, rotated by size: see net/eventlog.py)."""
+        self._events.emit(event)
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -170,13 +162,13 @@ class NetworkStack:
             with contextlib.suppress(Exception):
                 await closer()
         await asyncio.to_thread(self.ns.close)
-        if self._events is not None:
-            self._events.close()
+        self._events.close()
         self.timings["net_teardown"] = time.monotonic() - t0
 
     def close_sync(self) -> None:
         """For paths without a running loop (setup failed before start()): ns only."""
         self._closed = True
+        self._events.close()
         self.ns.close()
 
     def _default_handler(self) -> ConnectionHandler:
