@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 10.0
 PER_KEY = 10  # events per key and window written in full
-RATE = 50.0  # lines/s sustained, all keys together
-BURST = 500  # lines at once
+RATE = 20.0  # lines/s sustained, all keys together
+BURST = 200  # lines at once
 MAX_KEYS = 4096  # keys tracked per window (bounded memory); more share one counter
 MAX_SUMMARIES = 20  # `suppressed` lines per window, the biggest keys first
 MAX_BYTES = 4 << 20  # per file before it rotates
