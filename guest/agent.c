@@ -39,7 +39,7 @@
 #define KILL_GRACE_MS 5000          /* RESET: SIGTERM, then SIGKILL after this */
 #define RECONNECT_POLL_MS 100       /* PID 1: how often to look for a returning host */
 #define FLUSH_TIMEOUT_MS 1000       /* last words (GOAWAY, poweroff REPLY) */
-#define MAX_ARGV 4096
+#define MAX_ARGV 262144 /* ARG_MAX (2 MiB) / sizeof(char *): execve takes no more */
 #define ERRMSG_MAX 512
 
 enum sstate { S_FREE, S_OPEN, S_RESET };
@@ -80,6 +80,9 @@ static struct {
     size_t oq_off, oq_len, oq_cap;
     struct stream streams[MAX_OPEN_STREAMS];
     char proto_err[256];
+    uint32_t req_sid;          /* a fragmented OPEN is being received (0: none) */
+    unsigned char *req;        /* its bytes so far */
+    size_t req_len, req_cap;
 } A;
 
 /* ------------------------------------------------------------------ output queue */
@@ -922,6 +925,47 @@ static int handle_open(uint32_t sid, const unsigned char *p, size_t len)
     return 0;
 }
 
+static void drop_request(void)
+{
+    free(A.req);
+    A.req = NULL;
+    A.req_len = A.req_cap = 0;
+    A.req_sid = 0;
+}
+
+/* One OPEN frame. A request bigger than a frame comes as contiguous frames with F_MORE set
+ * on all but the last; they are collected in A.req (bounded by MAX_REQUEST). */
+static int open_frame(uint32_t sid, int flags, const unsigned char *p, size_t len)
+{
+    if (flags & ~F_MORE)
+        return proto_error("frame type %d with flags %d", T_OPEN, flags);
+    if (!A.req_sid && sid <= A.max_id)
+        return proto_error("OPEN %u: stream id not increasing", sid);
+    if (!A.req_sid && !(flags & F_MORE))
+        return handle_open(sid, p, len); /* the usual case: one frame, no copy */
+    if (len > MAX_REQUEST - A.req_len)
+        return proto_error("OPEN %u: request exceeds %u bytes", sid, MAX_REQUEST);
+    if (A.req_len + len > A.req_cap) {
+        size_t cap = A.req_cap ? A.req_cap : 4 * MAX_PAYLOAD;
+        while (cap < A.req_len + len)
+            cap *= 2;
+        unsigned char *q = realloc(A.req, cap);
+        if (!q)
+            return proto_error("OPEN %u: out of memory for a %zu-byte request", sid,
+                               A.req_len + len);
+        A.req = q;
+        A.req_cap = cap;
+    }
+    memcpy(A.req + A.req_len, p, len);
+    A.req_len += len;
+    A.req_sid = sid;
+    if (flags & F_MORE)
+        return 0;
+    int rc = handle_open(sid, A.req, A.req_len);
+    drop_request();
+    return rc;
+}
+
 static int handle_frame(int type, int flags, uint32_t sid, const unsigned char *p, size_t len)
 {
     if (type == T_HELLO) {
@@ -955,13 +999,13 @@ static int handle_frame(int type, int flags, uint32_t sid, const unsigned char *
         return proto_error("frame type %d before HELLO", type);
     if (!sid)
         return proto_error("frame type %d on stream 0", type);
+    if (A.req_sid && (type != T_OPEN || sid != A.req_sid))
+        return proto_error("frame type %d for stream %u inside the fragmented OPEN of stream %u",
+                           type, sid, A.req_sid);
+    if (type == T_OPEN)
+        return open_frame(sid, flags, p, len);
     if (flags && type != T_DATA && type != T_EOF)
         return proto_error("frame type %d with flags %d", type, flags);
-    if (type == T_OPEN) {
-        if (sid <= A.max_id)
-            return proto_error("OPEN %u: stream id not increasing", sid);
-        return handle_open(sid, p, len);
-    }
     if (type == T_EXIT || type == T_REPLY)
         return proto_error("frame type %d may only be sent by the guest", type);
     if ((type == T_DATA || type == T_EOF) && flags != 0)
@@ -1054,6 +1098,7 @@ static void host_gone(void)
     if (A.pid1)
         LOG_WARN("host disconnected");
     kill_all_streams();
+    drop_request();
     A.disconnected = 1;
     A.inlen = 0;
     A.oq_off = A.oq_len = 0;

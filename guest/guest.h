@@ -12,9 +12,11 @@
 #include <sys/types.h>
 
 /* ---- protocol constants (mirror src/matchlock/channel/_frames.py) ---- */
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 2
 #define HEADER_SIZE 12
 #define MAX_PAYLOAD 65536
+#define F_MORE 0x01               /* OPEN: more of this request follows in the next frame */
+#define MAX_REQUEST (16u << 20)   /* a reassembled OPEN request */
 #define DEFAULT_WINDOW 262144
 #define MAX_WINDOW 0x7fffffffLL
 #define MAX_OPEN_STREAMS 256

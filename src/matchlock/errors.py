@@ -25,3 +25,7 @@ class VmStartError(MatchlockError):
 
 class GuestError(MatchlockError):
     """The guest runtime misbehaved or the channel broke."""
+
+
+class CommandTooLargeError(UsageError):
+    """A command line or environment the guest could not exec (Linux ARG_MAX limits)."""

@@ -8,8 +8,8 @@ guest counts its own attempts, which is what an unbounded log would have grown w
 from __future__ import annotations
 
 import pytest
-
 from bench.eventlog_flood import run_flood
+
 from matchlock.net import eventlog
 from tests.conftest import ROOT
 from tests.e2e.conftest import residue

@@ -7,10 +7,12 @@ No networking here: feed bytes to `ChannelConnection.receive_data`, pull events 
 from matchlock.channel._connection import CLOSED, NEED_DATA, ChannelConnection
 from matchlock.channel._frames import (
     DEFAULT_WINDOW,
+    F_MORE,
     HEADER_SIZE,
     MAX_JSON_PAYLOAD,
     MAX_OPEN_STREAMS,
     MAX_PAYLOAD,
+    MAX_REQUEST,
     MAX_WINDOW,
     PROTOCOL_VERSION,
     ChannelError,
@@ -33,10 +35,12 @@ from matchlock.channel._frames import (
 __all__ = [
     "CLOSED",
     "DEFAULT_WINDOW",
+    "F_MORE",
     "HEADER_SIZE",
     "MAX_JSON_PAYLOAD",
     "MAX_OPEN_STREAMS",
     "MAX_PAYLOAD",
+    "MAX_REQUEST",
     "MAX_WINDOW",
     "NEED_DATA",
     "PROTOCOL_VERSION",

@@ -20,12 +20,15 @@ from typing import Literal
 
 from matchlock.channel._frames import (
     DEFAULT_WINDOW,
+    F_MORE,
     HEADER_SIZE,
     MAX_OPEN_STREAMS,
     MAX_PAYLOAD,
+    MAX_REQUEST,
     MAX_STREAM_ID,
     MAX_WINDOW,
     PROTOCOL_VERSION,
+    T_OPEN,
     ChannelError,
     Data,
     Eof,
@@ -128,6 +131,10 @@ class ChannelConnection:
         self._buf = bytearray()
         self._off = 0
         self._eof = False
+        # A fragmented OPEN being received (guest role): its stream id and parts so far.
+        self._open_sid = 0
+        self._open_parts: list[bytes] | None = None
+        self._open_len = 0
 
     # ---- public API -----------------------------------------------------------------
 
@@ -170,10 +177,13 @@ class ChannelConnection:
             self._fail(LocalChannelError("cannot send after GOAWAY"))
         if not isinstance(event, _EVENT_TYPES):
             self._fail(LocalChannelError(f"not a channel event: {event!r}"))
+        # Encoding first: a payload that cannot be sent (too big, not JSON) is refused before
+        # anything is recorded, so the connection stays usable for other requests.
+        raw = encode(event)
         try:
             if not self._apply(event, local=True):
                 return b""
-            return encode(event)
+            return raw
         except ChannelError as e:
             self._fail(e)
             raise
@@ -237,6 +247,11 @@ class ChannelConnection:
         if self._off >= _COMPACT_AT and self._off * 2 >= len(buf):
             del buf[: self._off]
             self._off = 0
+        if self._open_parts is not None or (ftype == T_OPEN and flags & F_MORE):
+            whole = self._reassemble(ftype, flags, sid, payload)
+            if whole is None:
+                return None  # more of the OPEN to come
+            flags, payload = 0, whole
         ev = decode(ftype, flags, sid, payload)
         return ev if self._apply(ev, local=False) else None
 
@@ -245,7 +260,36 @@ class ChannelConnection:
             return NEED_DATA
         if avail:
             raise RemoteChannelError(f"transport closed inside a frame ({avail} bytes left)")
+        if self._open_parts is not None:
+            raise RemoteChannelError("transport closed inside a fragmented OPEN")
         return CLOSED
+
+    def _reassemble(self, ftype: int, flags: int, sid: int, payload: bytes) -> bytes | None:
+        """One frame of a fragmented OPEN: None while more follows, then the whole request.
+        The fragments are contiguous: any other frame in between is a protocol error."""
+        if self._open_parts is not None and (ftype != T_OPEN or sid != self._open_sid):
+            raise RemoteChannelError(
+                f"frame type 0x{ftype:02x} for stream {sid} inside the fragmented OPEN of "
+                f"stream {self._open_sid}")
+        if self.peer_role != "host":
+            raise RemoteChannelError("Open may only be sent by the host")
+        if self.peer_hello is None:
+            raise RemoteChannelError("Open before HELLO")
+        if flags & ~F_MORE:
+            raise RemoteChannelError(f"bad frame type 0x{ftype:02x}: nonzero flags {flags}")
+        if self._open_parts is None:
+            if sid <= self._highest_id:
+                raise RemoteChannelError(f"stream id {sid} reused or not increasing")
+            self._open_sid, self._open_parts, self._open_len = sid, [], 0
+        self._open_len += len(payload)
+        if self._open_len > MAX_REQUEST:
+            raise RemoteChannelError(f"OPEN request of stream {sid} exceeds {MAX_REQUEST} bytes")
+        self._open_parts.append(payload)
+        if flags & F_MORE:
+            return None
+        whole = b"".join(self._open_parts)
+        self._open_parts = None
+        return whole
 
     def _apply(self, ev: Event, *, local: bool) -> bool:
         """Validate and record `ev`. Returns False when it is a no-op (closed stream)."""

@@ -16,8 +16,9 @@ from typing import Any
 
 from matchlock.errors import GuestError
 
-# Version spoken in HELLO; a mismatch ends the connection (there is no negotiation).
-PROTOCOL_VERSION = 1
+# Version spoken in HELLO; a mismatch ends the connection (there is no negotiation: host
+# and guest ship together). 2: an OPEN request may span several frames (F_MORE).
+PROTOCOL_VERSION = 2
 # Largest frame payload: a 64 KiB DATA frame amortises the header and bounds each read.
 MAX_PAYLOAD = 65536
 # Initial per-stream credit: enough to keep a virtio-serial link busy, small enough that
@@ -25,8 +26,13 @@ MAX_PAYLOAD = 65536
 DEFAULT_WINDOW = 262144
 # type u8, flags u8, reserved u16, stream id u32, length u32.
 HEADER_SIZE = 12
-# JSON frames (HELLO, OPEN, EXIT, REPLY, GOAWAY) must fit one frame; no reassembly.
+# JSON frames (HELLO, EXIT, REPLY, GOAWAY) must fit one frame; no reassembly.
 MAX_JSON_PAYLOAD = MAX_PAYLOAD
+# OPEN flag: more of this request follows in the next OPEN frame (same stream id, nothing
+# else in between). A request (an exec's argv and env) may reach the guest's ARG_MAX, and
+# its JSON escaping may make it up to 6x that: 16 MiB bounds the guest's reassembly buffer.
+F_MORE = 0x01
+MAX_REQUEST = 16 << 20
 # Credit and window sizes stay below 2^31 so that neither end ever overflows a signed int.
 MAX_WINDOW = 2**31 - 1
 # Stream ids are u32; 0 is the connection itself.
@@ -214,19 +220,29 @@ def _frame(ftype: int, flags: int, stream_id: int, payload: bytes) -> bytes:
     return _HEADER.pack(ftype, flags, 0, stream_id, len(payload)) + payload
 
 
-def _json(obj: dict[str, Any]) -> bytes:
+def _json(obj: dict[str, Any], limit: int = MAX_JSON_PAYLOAD) -> bytes:
     try:
-        out = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
+        raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                         allow_nan=False).encode()
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError: a lone surrogate
         raise LocalChannelError(f"not JSON-serialisable: {e}") from None
-    raw = out.encode()
-    if len(raw) > MAX_JSON_PAYLOAD:
-        raise LocalChannelError(f"JSON payload of {len(raw)} bytes exceeds {MAX_JSON_PAYLOAD}")
+    if len(raw) > limit:
+        raise LocalChannelError(f"JSON payload of {len(raw)} bytes exceeds {limit}")
     return raw
 
 
+def _open_frames(stream_id: int, request: dict[str, Any]) -> bytes:
+    raw = _json(request, MAX_REQUEST)
+    last = max(0, (len(raw) - 1) // MAX_PAYLOAD)
+    return b"".join(
+        _frame(T_OPEN, F_MORE if i < last else 0, stream_id,
+               raw[i * MAX_PAYLOAD:(i + 1) * MAX_PAYLOAD])
+        for i in range(last + 1))
+
+
 def encode(event: Event) -> bytes:
-    """Encode one event as one frame (no state checks; see ChannelConnection.send)."""
+    """Encode one event as one frame, an OPEN as one or more (no state checks; see
+    ChannelConnection.send)."""
     match event:
         case Hello(version=v, window=w, uptime_ns=u):
             body: dict[str, Any] = {"version": v, "window": w}
@@ -234,7 +250,7 @@ def encode(event: Event) -> bytes:
                 body["uptime_ns"] = u
             return _frame(T_HELLO, 0, 0, _json(body))
         case Open(stream_id=s, request=r):
-            return _frame(T_OPEN, 0, s, _json(r))
+            return _open_frames(s, r)
         case Data(stream_id=s, fd=fd, data=d):
             return _frame(T_DATA, fd, s, d)
         case Window(stream_id=s, increment=i):

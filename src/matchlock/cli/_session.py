@@ -23,7 +23,14 @@ from collections.abc import Sequence
 from matchlock.channel import ChannelError
 from matchlock.channel.client import ExecHandle
 from matchlock.errors import GuestError, MatchlockError, UsageError
-from matchlock.sandbox import ImageDefaults, Sandbox, SandboxConfig, compose_argv, compose_env
+from matchlock.sandbox import (
+    ImageDefaults,
+    Sandbox,
+    SandboxConfig,
+    check_exec_size,
+    compose_argv,
+    compose_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +106,8 @@ class RunSession:
         self._main: asyncio.Task | None = None
         # Validate what we can before booting anything (so bad input costs nothing).
         self._host_env = dict(os.environ)
-        compose_env(ImageDefaults(), env_files, env, self._host_env)
+        check_exec_size(compose_argv(ImageDefaults(), self.args, entrypoint),
+                        compose_env(ImageDefaults(), env_files, env, self._host_env))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

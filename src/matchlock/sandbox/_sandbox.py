@@ -24,6 +24,7 @@ from matchlock.guest import guest_binary
 from matchlock.image import BUILTIN_IMAGE, Image, ImageStore
 from matchlock.net.types import NetworkConfig
 from matchlock.paths import vms_dir
+from matchlock.sandbox._exec_limits import check_exec_size
 from matchlock.state import StateDB
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
@@ -316,6 +317,8 @@ class Sandbox:
     ) -> ExecHandle:
         if self.channel is None:
             raise VmStartError("the sandbox is not running")
+        # Faces check before booting; this catches what the image and the sandbox added.
+        check_exec_size(request.get("argv", ()), request.get("env", ()))
         return await self.channel.exec({"op": "exec", **request}, on_output, stdin)
 
     def extra_env(self) -> dict[str, str]:

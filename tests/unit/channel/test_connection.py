@@ -10,7 +10,9 @@ import pytest
 from matchlock.channel import (
     CLOSED,
     DEFAULT_WINDOW,
+    F_MORE,
     MAX_PAYLOAD,
+    MAX_REQUEST,
     NEED_DATA,
     PROTOCOL_VERSION,
     ChannelConnection,
@@ -126,8 +128,8 @@ def test_every_event_round_trips(chunking):
 
 def test_hello_round_trip_fields():
     p = ConnectionPair(host_window=1000, guest_window=2000)
-    assert p.host.peer_hello == Hello(1, 2000, uptime_ns=123)
-    assert p.guest.peer_hello == Hello(1, 1000)
+    assert p.host.peer_hello == Hello(PROTOCOL_VERSION, 2000, uptime_ns=123)
+    assert p.guest.peer_hello == Hello(PROTOCOL_VERSION, 1000)
 
 
 def test_trailing_bytes_and_many_frames_in_one_chunk(pair):
@@ -178,10 +180,10 @@ def test_window_returns_credit(pair):
 def test_receive_beyond_window_is_remote_error():
     host = ChannelConnection("host")
     guest = ChannelConnection("guest", window=10)
-    host.receive_data(guest.send(Hello(1, 10)))
+    host.receive_data(guest.send(Hello(PROTOCOL_VERSION, 10)))
     drain(host)
     # A host that ignores the window: forge the frame with a second, larger-window guest view.
-    guest.receive_data(host.send(Hello(1, DEFAULT_WINDOW)))
+    guest.receive_data(host.send(Hello(PROTOCOL_VERSION, DEFAULT_WINDOW)))
     drain(guest)
     guest.receive_data(host.send(host.open({"op": "exec"})))
     drain(guest)
@@ -198,7 +200,7 @@ def test_receive_beyond_window_is_remote_error():
 
 def test_data_before_peer_hello_is_local_error():
     host = ChannelConnection("host")
-    host.send(Hello(1, DEFAULT_WINDOW))
+    host.send(Hello(PROTOCOL_VERSION, DEFAULT_WINDOW))
     with pytest.raises(LocalChannelError):
         host.credit(1)
 
@@ -210,8 +212,9 @@ def test_first_frame_must_be_hello():
 
 
 def test_version_mismatch():
+    # A version-1 peer would not understand fragmented OPENs: refused, not guessed at.
     host = ChannelConnection("host")
-    raw = frame(1, 0, 0, b'{"version":2,"window":65536}')
+    raw = frame(1, 0, 0, b'{"version":1,"window":65536}')
     host.receive_data(raw)
     with pytest.raises(RemoteChannelError, match="version"):
         host.next_event()
@@ -240,7 +243,7 @@ def _guest_with_stream() -> tuple[ChannelConnection, ChannelConnection]:
         (frame(2, 0, 1, b'{"op":"x"}'), "not increasing"),
         (frame(2, 0, 5, b"[1]"), "not an object"),
         (struct.pack(">BBHII", 2, 0, 0, 5, 3) + b"{x}", "invalid JSON"),
-        (frame(1, 0, 0, b'{"version":1,"window":5}'), "duplicate HELLO"),
+        (frame(1, 0, 0, b'{"version":2,"window":5}'), "duplicate HELLO"),
         (struct.pack(">BBHII", 11, 0, 0, 3, 2) + b"{}", "nonzero stream id"),
     ],
 )
@@ -308,7 +311,7 @@ def test_wrong_direction_is_local_error(pair):
         lambda: Signal(1, 0),
         lambda: Open(1, {"argv": []}),
         lambda: Reply(1, {"error": "x"}),
-        lambda: Hello(1, 0),
+        lambda: Hello(PROTOCOL_VERSION, 0),
     ],
 )
 def test_events_validate_at_construction(make):
@@ -346,9 +349,10 @@ def test_fuzz_random_bytes_only_events_or_remote_errors():
     for _ in range(3000):
         role = rng.choice(["host", "guest"])
         conn = ChannelConnection(role)
-        conn.send(Hello(1, DEFAULT_WINDOW))
+        conn.send(Hello(PROTOCOL_VERSION, DEFAULT_WINDOW))
         if rng.random() < 0.5:
-            conn.receive_data(ChannelConnection("host").send(Hello(1, DEFAULT_WINDOW)))
+            host_hello = ChannelConnection("host").send(Hello(PROTOCOL_VERSION, DEFAULT_WINDOW))
+            conn.receive_data(host_hello)
         parts = []
         for _ in range(rng.randrange(1, 6)):
             if rng.random() < 0.5:
@@ -370,3 +374,106 @@ def test_fuzz_random_bytes_only_events_or_remote_errors():
             drain(conn)
         except RemoteChannelError:
             pass
+
+
+# ---- fragmented OPEN (protocol 2) -----------------------------------------------------------
+
+
+def _frames_of(raw: bytes) -> list[tuple[int, int, int, int]]:
+    out, off = [], 0
+    while off < len(raw):
+        ftype, flags, _, sid, length = struct.unpack_from(">BBHII", raw, off)
+        out.append((ftype, flags, sid, length))
+        off += 12 + length
+    return out
+
+
+def _deliver_in_random_chunks(receiver, raw: bytes, seed: int) -> list:
+    rng, events, pos = random.Random(seed), [], 0
+    while pos < len(raw):
+        step = rng.choice([1, 7, 12, 13, 4096, 65547, 200_000])
+        receiver.receive_data(raw[pos : pos + step])
+        pos += step
+        events += drain(receiver)
+    return events
+
+
+def test_big_open_is_split_and_reassembled():
+    p = ConnectionPair()
+    big = "v" * (2 << 20)
+    op = p.host.open({"op": "exec", "argv": ["sh", "-c", "x" * 100_000], "env": [f"BIG={big}"]})
+    raw = p.host.send(op)
+    frames = _frames_of(raw)
+    assert len(frames) == -(-len(raw) // (MAX_PAYLOAD + 12))
+    assert all(f[:3] == (2, F_MORE, 1) and f[3] == MAX_PAYLOAD for f in frames[:-1])
+    assert frames[-1][:3] == (2, 0, 1) and 0 < frames[-1][3] <= MAX_PAYLOAD
+    assert _deliver_in_random_chunks(p.guest, raw, 7) == [op]
+    # The stream works as usual afterwards, and so does the next (small) OPEN.
+    assert p.send("guest", Exit(1, code=0)) == [Exit(1, code=0)]
+    op2 = p.host.open({"op": "ping"})
+    assert p.send("host", op2) == [op2]
+
+
+@pytest.mark.parametrize("extra, frames", [(0, 1), (1, 2)])
+def test_open_split_boundary(extra, frames):
+    p = ConnectionPair()
+    skeleton = len(b'{"op":"exec","pad":""}')
+    op = p.host.open({"op": "exec", "pad": "p" * (MAX_PAYLOAD - skeleton + extra)})
+    raw = p.host.send(op)
+    assert len(_frames_of(raw)) == frames
+    assert p.deliver(p.guest, raw) == [op]
+
+
+def _fragment(sid: int, payload: bytes, more: bool = True) -> bytes:
+    return frame(2, F_MORE if more else 0, sid, payload)
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (_fragment(5, b'{"op":') + frame(4, 0, 1, b"\0\0\0\1"), "inside the fragmented OPEN"),
+        (_fragment(5, b'{"op":') + _fragment(6, b'"x"}', more=False), "inside the fragmented"),
+        (_fragment(1, b'{"op":'), "not increasing"),
+        (frame(2, 0x02, 5, b'{"op":"x"}'), "flags"),
+        (_fragment(5, b'{"op":') + frame(2, 0x03, 5, b'"x"}'), "flags"),
+        (_fragment(5, b'{"op":') + _fragment(5, b'"x"', more=False), "invalid JSON"),
+    ],
+)
+def test_guest_rejects_bad_fragments(raw, match):
+    _, guest = _guest_with_stream()
+    with pytest.raises(RemoteChannelError, match=match):
+        ConnectionPair.deliver(guest, raw)
+
+
+def test_fragmented_open_is_bounded():
+    _, guest = _guest_with_stream()
+    chunk = _fragment(5, b" " * MAX_PAYLOAD)
+    with pytest.raises(RemoteChannelError, match="exceeds"):
+        for _ in range(MAX_REQUEST // MAX_PAYLOAD + 1):
+            guest.receive_data(chunk)
+            drain(guest)
+
+
+def test_eof_inside_fragmented_open_is_an_error():
+    _, guest = _guest_with_stream()
+    guest.receive_data(_fragment(5, b'{"op":'))
+    assert drain(guest) == []
+    guest.receive_data(b"")
+    with pytest.raises(RemoteChannelError, match="fragmented OPEN"):
+        guest.next_event()
+
+
+def test_host_refuses_open_fragments_from_the_guest(pair):
+    with pytest.raises(RemoteChannelError, match="only be sent by the host"):
+        ConnectionPair.deliver(pair.host, _fragment(1, b'{"op":'))
+
+
+def test_request_over_max_request_is_a_local_error_that_spares_the_connection(pair):
+    op = pair.host.open({"op": "exec", "env": ["A=" + "a" * MAX_REQUEST]})
+    with pytest.raises(LocalChannelError, match="exceeds"):
+        pair.host.send(op)
+    with pytest.raises(LocalChannelError, match="JSON"):
+        pair.host.send(pair.host.open({"op": "exec", "env": ["\udcff"]}))  # lone surrogate
+    assert not pair.host.open_streams  # nothing recorded
+    ping = pair.host.open({"op": "ping"})  # a later id: gaps are fine, reuse is not
+    assert pair.send("host", ping) == [ping]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import resource
 import select
 import socket
 import struct
@@ -21,7 +22,9 @@ import pytest
 from matchlock.channel import (
     CLOSED,
     DEFAULT_WINDOW,
+    F_MORE,
     MAX_PAYLOAD,
+    MAX_REQUEST,
     NEED_DATA,
     PROTOCOL_VERSION,
     ChannelConnection,
@@ -35,7 +38,10 @@ from matchlock.channel import (
     Resize,
     Window,
 )
+from matchlock.errors import CommandTooLargeError
 from matchlock.guest_build import build_guest
+from matchlock.sandbox import check_exec_size
+from matchlock.sandbox._exec_limits import ARG_MAX, EXEC_RESERVE, MAX_ARG_STRLEN
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,13 +55,19 @@ def guest_binary(tmp_path_factory) -> Path:
     return build_guest(ROOT / "guest", tmp_path_factory.mktemp("guest") / "matchlock-guest")
 
 
+def _guest_stack_limit() -> None:
+    # What the VM's agent has (the kernel's default for init): ARG_MAX is a quarter of it.
+    resource.setrlimit(resource.RLIMIT_STACK, (8 << 20, resource.RLIM_INFINITY))
+
+
 class Guest:
     """A running agent plus the host end of its channel."""
 
     def __init__(self, binary: Path):
         self.sock, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [str(binary), "agent", "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+            [str(binary), "agent", "--fd", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+            preexec_fn=_guest_stack_limit,
         )
         theirs.close()
         self.sock.settimeout(15)
@@ -470,3 +482,116 @@ def test_no_fd_leaks_into_children(guest):
     fds = [int(x) for x in out.split()]
     # 0,1,2 plus the fd `ls` opens on /proc/self/fd itself.
     assert [f for f in fds if f > 2] in ([], [3]), out
+
+
+# ---- requests bigger than a frame (protocol 2: fragmented OPEN) ---------------------------
+
+DIGESTS = 'for v in "$@"; do printf %s "$v" | sha256sum; done'
+
+
+def _sha(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def test_one_mib_of_environment_reaches_the_child_intact(guest):
+    # 1 MiB of values over 9 variables: one variable may hold at most MAX_ARG_STRLEN.
+    vals = {f"BIG{i}": os.urandom(60_000).hex()[: 116_600 + i] for i in range(9)}
+    env = ENV + [f"{k}={v}" for k, v in vals.items()]
+    assert sum(len(v) for v in vals.values()) >= 1 << 20
+    check_exec_size(["sh"], env)
+    names = " ".join(f'"${k}"' for k in vals)
+    sid = guest.exec(["sh", "-c", f"set -- {names}; {DIGESTS}"], env=env)
+    out, err, ex, _ = guest.collect(sid)
+    assert ex.code == 0, (ex, err)
+    assert [line.split()[0] for line in out.decode().splitlines()] == \
+        [_sha(v) for v in vals.values()]
+
+
+def test_long_argv_reaches_the_child_intact(guest):
+    args = [os.urandom(605 + i % 100).hex() for i in range(1200)]  # ~1.5 MiB, 1200 strings
+    argv = ["sh", "-c", DIGESTS, "sh", *args]
+    assert 1.4 * (1 << 20) < sum(map(len, args)) < 1.6 * (1 << 20)
+    check_exec_size(argv, ENV)
+    op = guest.conn.open({"op": "exec", "argv": argv, "env": ENV, "cwd": "/"})
+    raw = guest.conn.send(op)
+    frames = len(raw) // (MAX_PAYLOAD + 12) + 1
+    assert frames >= 24 and raw[1] == F_MORE
+    guest.sock.sendall(raw)
+    out, _, ex, _ = guest.collect(op.stream_id)
+    assert ex.code == 0, ex
+    assert [line.split()[0] for line in out.decode().splitlines()] == [_sha(a) for a in args]
+    ping = guest.open({"op": "ping"})  # the connection is in step afterwards
+    assert guest.event() == Reply(ping, {"ok": True})
+
+
+def _runs(guest, argv, env) -> Exit:
+    sid = guest.open({"op": "exec", "argv": argv, "env": env, "cwd": "/"})
+    return guest.collect(sid)[2]
+
+
+def test_the_host_check_matches_the_kernel_for_one_string(guest):
+    """MAX_ARG_STRLEN as the kernel applies it: the longest string execs, one byte more
+    fails in execve (E2BIG), and the host check draws the line at the same byte."""
+    longest = "a" * (MAX_ARG_STRLEN - 1)
+    assert _runs(guest, ["true", longest], ENV).code == 0
+    check_exec_size(["true", longest], ENV)
+    ex = _runs(guest, ["true", longest + "a"], ENV)
+    assert ex.error and "Argument list too long" in ex.error, ex
+    with pytest.raises(CommandTooLargeError, match=r"argv\[1\]"):
+        check_exec_size(["true", longest + "a"], ENV)
+    var = "V=" + "v" * (MAX_ARG_STRLEN - 3)
+    assert _runs(guest, ["true"], [*ENV, var]).code == 0
+    ex = _runs(guest, ["true"], [*ENV, var + "v"])
+    assert ex.error and "Argument list too long" in ex.error, ex
+    with pytest.raises(CommandTooLargeError, match="variable V "):
+        check_exec_size(["true"], [*ENV, var + "v"])
+
+
+def _filling(budget: int) -> list[str]:
+    """Arguments that take exactly `budget` bytes as check_exec_size counts them."""
+    args, per = [], 100_000 + 1 + 8
+    while budget > per + 200:
+        args.append("x" * 100_000)
+        budget -= per
+    args.append("y" * (budget - 9))
+    return args
+
+
+def test_the_host_check_total_is_safe_and_close_to_the_kernel(guest):
+    base = ["/bin/true"]
+    fixed = check_exec_size(base, ENV)
+    at_limit = base + _filling(ARG_MAX - EXEC_RESERVE - fixed)
+    assert check_exec_size(at_limit, ENV) == ARG_MAX - EXEC_RESERVE
+    assert _runs(guest, at_limit, ENV).code == 0  # what the check lets through execs
+    with pytest.raises(CommandTooLargeError, match="ARG_MAX"):
+        check_exec_size(at_limit + ["z"], ENV)
+    over = base + _filling(ARG_MAX - fixed + 64)  # beyond the kernel's own limit
+    ex = _runs(guest, over, ENV)
+    assert ex.error and "Argument list too long" in ex.error, ex
+    ping = guest.open({"op": "ping"})
+    assert guest.event() == Reply(ping, {"ok": True})
+
+
+@pytest.mark.parametrize("tail", [
+    struct.pack(">BBHII", 4, 0, 0, 1, 4) + b"\0\0\0\1",  # another frame in between
+    struct.pack(">BBHII", 2, F_MORE, 0, 2, 2) + b"{}",  # another stream's OPEN
+    struct.pack(">BBHII", 2, 0x02, 0, 1, 2) + b"{}",  # unknown OPEN flag
+])
+def test_broken_fragmented_open_is_a_protocol_error(guest, tail):
+    raw = struct.pack(">BBHII", 2, F_MORE, 0, 1, 7) + b'{"op":"'
+    guest.sock.sendall(raw + tail)
+    ev = guest.event()
+    assert isinstance(ev, GoAway) and ev.error, ev
+    assert guest.proc.wait(5) == 2
+
+
+def test_fragmented_open_over_max_request_is_a_protocol_error(guest):
+    part = struct.pack(">BBHII", 2, F_MORE, 0, 1, MAX_PAYLOAD) + b" " * MAX_PAYLOAD
+    try:
+        for _ in range(MAX_REQUEST // MAX_PAYLOAD + 1):
+            guest.sock.sendall(part)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the guest hung up after its GOAWAY
+    ev = guest.event()
+    assert isinstance(ev, GoAway) and "exceeds" in ev.error, ev
+    assert guest.proc.wait(5) == 2
