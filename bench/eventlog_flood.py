@@ -26,6 +26,7 @@ from io import BytesIO
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 IMAGE = "debian:test"  # the e2e suite's image (python3); `pytest tests/e2e -k debian` makes it
 
 GUEST = r"""
@@ -81,6 +82,13 @@ sys.stdin.readline()
 """
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def run_flood(src: Path, seconds: float, home: Path, base_env: dict | None = None) -> dict:
     """One flood; the event log measured at its end (the e2e test calls this too)."""
     env = dict(base_env or os.environ, PYTHONPATH=str(src), MATCHLOCK_HOME=str(home))
@@ -114,6 +122,7 @@ def run_flood(src: Path, seconds: float, home: Path, base_env: dict | None = Non
                 "kinds": kinds,
                 "suppressed_count": sum(e["fields"].get("count", 0) for e in events
                                         if e["kind"] == "suppressed"),
+                "host_rss_kib": _rss_kib(p.pid),  # the process that runs the VM's stack
             }
             p.stdin.write(b"\n")
             p.stdin.close()
@@ -149,9 +158,14 @@ def main() -> None:
     for name, r in runs.items():
         rate = r["bytes"] / args.seconds
         print(f"{name:9s} {r['bytes']:>10,d} B in {args.seconds} s  ({rate * 3600 / 1e6:,.1f} MB/h "
-              f"at this rate)  lines {r['lines']:,d}  files {r['files']}")
+              f"at this rate)  lines {r['lines']:,d}  files {r['files']}  "
+              f"host RSS {r['host_rss_kib'] / 1024:.0f} MiB")
         print(f"          kinds {r['kinds']}  suppressed {r['suppressed_count']:,d}  "
               f"guest attempts {r['guest_attempts']}")
+    from matchlock.net import eventlog  # the bound the current sources enforce
+
+    print(f"current bound: {eventlog.RATE:.0f} lines/s after a burst of {eventlog.BURST}; "
+          f"on disk at most {(eventlog.BACKUPS + 1) * eventlog.MAX_BYTES >> 20} MiB (rotation)")
     if "baseline" in runs:
         ratio = runs["baseline"]["bytes"] / max(1, runs["current"]["bytes"])
         print(f"baseline/current size ratio: {ratio:.1f}x")
