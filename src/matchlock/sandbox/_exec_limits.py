@@ -71,7 +71,7 @@ def check_exec_size(argv: Sequence[str], env: Mapping[str, str] | Iterable[str])
         raise CommandTooLargeError(
             f"the command and its environment take {_size(total)} ({_size(total_argv)} "
             f"arguments + {_size(total_env)} environment, counting a NUL and an 8-byte pointer "
-            f"per string); the guest can exec at most {_size(ARG_MAX - EXEC_RESERVE)} "
-            f"(ARG_MAX {_size(ARG_MAX)}, less {_size(EXEC_RESERVE)} for the program path "
+            f"per string); the guest can exec at most {ARG_MAX - EXEC_RESERVE} bytes "
+            f"(ARG_MAX {ARG_MAX >> 20} MiB less {EXEC_RESERVE >> 10} KiB for the program path "
             f"and HOME): {_ADVICE}")
     return total
