@@ -8,12 +8,19 @@ import sys
 
 import click
 
-from matchlock import __version__
+from matchlock._version import version_line
 from matchlock.errors import MatchlockError
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", message="matchlock version %(version)s")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Print the version and commit, and exit.")
 @click.option("--debug", is_flag=True, envvar="MATCHLOCK_DEBUG", help="Verbose logs on stderr.")
 def cli(debug: bool) -> None:
     """Run commands in disposable micro-VMs with a sealed network."""
@@ -25,8 +32,8 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 def version() -> None:
-    """Print the version."""
-    click.echo(f"matchlock {__version__}")
+    """Print the version and the commit it was built from."""
+    click.echo(version_line())
 
 
 def _register() -> None:
