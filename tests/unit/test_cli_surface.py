@@ -1,15 +1,20 @@
-"""`version` / `--version` name the commit, also in a non-editable build."""
+"""The CLI's self-description: `--help` lists every command with its whole summary, and
+`version` / `--version` name the commit, also in a non-editable build."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
 
 from matchlock import __version__, _version
+from matchlock.cli._help import summary
+from matchlock.cli._main import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +27,45 @@ def ml(*args: str, **kw) -> subprocess.CompletedProcess:
 def head_sha() -> str:
     return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _groups(group: click.Group, path: tuple[str, ...] = ()):
+    yield path, group
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _groups(cmd, (*path, name))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _groups(cli)], ids=lambda p: " ".join(p) or "-")
+def test_help_lists_every_command_with_its_whole_summary(path):
+    group = cli
+    for name in path:
+        group = group.commands[name]
+    p = ml(*path, "--help")
+    assert p.returncode == 0 and p.stderr == ""
+    # The Commands section, with wrapped summaries joined back into one line each.
+    section = p.stdout.split("\nCommands:\n", 1)[1]
+    listed: dict[str, str] = {}
+    last = None
+    for line in section.splitlines():
+        m = re.match(r"^  (\S+)\s+(.*)$", line)
+        if m and not line.startswith("   "):
+            last = m.group(1)
+            listed[last] = m.group(2).strip()
+        elif last and line.strip():
+            listed[last] += " " + line.strip()
+    visible = {n for n, c in group.commands.items() if not c.hidden}
+    assert set(listed) == visible
+    for name in visible:
+        text = summary(group.commands[name])
+        assert text and not text.endswith("..."), f"{name}: summary {text!r}"
+        assert listed[name] == text, name
+
+
+def test_top_level_help_names_the_commands_users_look_for():
+    out = ml("--help").stdout
+    for name in ("run", "image", "version"):
+        assert re.search(rf"^  {name}\s", out, re.M), name
 
 
 @pytest.mark.parametrize("args", [("version",), ("--version",)])

@@ -9,6 +9,7 @@ import sys
 import click
 
 from matchlock._version import version_line
+from matchlock.cli._help import Group
 from matchlock.errors import MatchlockError
 
 
@@ -18,7 +19,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_print_version, help="Print the version and commit, and exit.")
 @click.option("--debug", is_flag=True, envvar="MATCHLOCK_DEBUG", help="Verbose logs on stderr.")
