@@ -457,3 +457,46 @@ def test_ipv6_loopback_listener(agent_binary, http_server):
 
     status, body = run(main())
     assert status == 200 and body == body_for("/v6")
+
+
+def test_a_guest_without_tcp_streams_is_a_connect_error():
+    """An older guest answers the "tcp" OPEN with REPLY unknown op (docs: History)."""
+    from matchlock.channel import (
+        DEFAULT_WINDOW,
+        NEED_DATA,
+        PROTOCOL_VERSION,
+        ChannelConnection,
+        Hello,
+        Open,
+        Reply,
+    )
+    from matchlock.channel.client import GuestConnectError
+
+    host_sock, guest_sock = socket.socketpair()
+
+    def old_guest():
+        conn = ChannelConnection("guest")
+        guest_sock.sendall(conn.send(Hello(PROTOCOL_VERSION, DEFAULT_WINDOW, uptime_ns=1)))
+        while data := guest_sock.recv(65536):
+            conn.receive_data(data)
+            while (ev := conn.next_event()) is not NEED_DATA:
+                if isinstance(ev, Open):
+                    op = ev.request["op"]
+                    guest_sock.sendall(conn.send(Reply(ev.stream_id, {
+                        "ok": False, "error": f"unknown op {op}"})))
+
+    threading.Thread(target=old_guest, daemon=True).start()
+
+    async def main():
+        chan = GuestChannel(host_sock)
+        chan.start()
+        await asyncio.wait_for(chan.wait_ready(), 10)
+        stream = await chan.open_tcp(80)
+        with pytest.raises(GuestConnectError, match="unknown op tcp"):
+            await stream.read()
+        assert (await stream.wait_closed()).error == "unknown op tcp"
+        assert await chan.request({"op": "ping"}) == {"ok": False, "error": "unknown op ping"}
+        await chan.close()
+
+    run(main())
+    guest_sock.close()
