@@ -1,12 +1,24 @@
-"""Build hook: compile the static guest runtime into the package (pip install . produces it)."""
+"""Build hook: compile the static guest runtime into the package (pip install . produces it)
+and record the commit the package was built from (matchlock/_build_info.py)."""
 
 import os
+import subprocess
 import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "src"))
+
+
+def _commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
 class BuildPyWithGuest(build_py):
@@ -14,9 +26,11 @@ class BuildPyWithGuest(build_py):
         super().run()
         from matchlock.guest_build import build_guest
 
-        here = os.path.dirname(os.path.abspath(__file__))
         out = os.path.join(self.build_lib, "matchlock", "_guest", "matchlock-guest")
-        build_guest(os.path.join(here, "guest"), out)
+        build_guest(os.path.join(HERE, "guest"), out)
+        info = os.path.join(self.build_lib, "matchlock", "_build_info.py")
+        with open(info, "w") as f:
+            f.write(f'"""Written by setup.py at build time."""\n\nCOMMIT = "{_commit()}"\n')
 
 
 setup(cmdclass={"build_py": BuildPyWithGuest})

@@ -1,5 +1,5 @@
 /* The channel agent: one poll(2) loop that serves the host over the control port, runs
- * processes for OPEN "exec" and reaps children.
+ * processes for OPEN "exec", relays TCP for OPEN "tcp" (port forwarding) and reaps children.
  *
  * Never blocks: every fd is nonblocking, outgoing frames go through `outq`, child output is
  * read only while its stream has credit and the queue is below OUTQ_SOFT, and host input is
@@ -27,8 +27,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -48,6 +51,9 @@ struct stream {
     enum sstate state;
     uint32_t id;
     int tty;
+    int tcp;                   /* a "tcp" stream: master is the socket, in_fd/out[1] alias it */
+    int connecting;            /* tcp: nonblocking connect in progress */
+    int port;                  /* tcp: the guest port dialled */
     pid_t pid;
     int reaped, wstatus;
     int errfd;                 /* exec error pipe, -1 once resolved */
@@ -246,7 +252,11 @@ static void drop_inq(struct stream *s)
 /* Close the child's stdin (the PTY master stays open for output). */
 static void close_stdin(struct stream *s)
 {
-    if (s->tty)
+    if (s->tcp) {
+        if (s->in_fd >= 0)
+            shutdown(s->in_fd, SHUT_WR); /* the host half-closed: pass the FIN on */
+        s->in_fd = -1;
+    } else if (s->tty)
         s->in_fd = -1;
     else
         close_fd(&s->in_fd);
@@ -257,7 +267,7 @@ static void out_eof(struct stream *s, int i, int announce)
 {
     if (s->out[i] < 0)
         return;
-    if (!s->tty)
+    if (!s->tty && !s->tcp)
         close(s->out[i]);
     s->out[i] = -1;
     if (announce)
@@ -267,7 +277,7 @@ static void out_eof(struct stream *s, int i, int announce)
 static void free_stream(struct stream *s)
 {
     close_fd(&s->errfd);
-    if (!s->tty) {
+    if (!s->tty && !s->tcp) {
         close_fd(&s->in_fd);
         close_fd(&s->out[1]);
         close_fd(&s->out[2]);
@@ -291,10 +301,17 @@ static void signal_group(struct stream *s, int sig)
         kill(s->pid, sig);
 }
 
+static void abort_tcp(struct stream *s);
+static void tcp_fail(struct stream *s, const char *what, int err);
+
 static void reset_stream(struct stream *s)
 {
     if (s->state != S_OPEN)
         return;
+    if (s->tcp) {
+        abort_tcp(s);
+        return;
+    }
     s->state = S_RESET;
     signal_group(s, SIGTERM);
     s->kill_at = mono_ms() + KILL_GRACE_MS;
@@ -308,6 +325,8 @@ static void try_finish(struct stream *s)
 {
     if (s->state == S_FREE || !s->reaped || s->errfd >= 0 || s->out[1] >= 0 || s->out[2] >= 0)
         return;
+    if (s->tcp && s->in_fd >= 0 && !s->errlen)
+        return; /* tcp: both directions must have ended */
     if (s->errlen) {
         send_exit_error(s->id, s->errmsg);
     } else {
@@ -351,6 +370,10 @@ static void kill_all_streams(void)
             continue;
         if (!s->reaped)
             signal_group(s, SIGKILL);
+        if (s->tcp) {
+            struct linger l = {1, 0}; /* host gone: reset the guest's connection */
+            setsockopt(s->master, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+        }
         free_stream(s);
     }
 }
@@ -765,6 +788,8 @@ fail_early:
 static void pump_stdin(struct stream *s)
 {
     size_t consumed = 0;
+    if (s->connecting)
+        return; /* queued until the connection is up */
     while (s->inq_len && s->in_fd >= 0) {
         ssize_t n = write(s->in_fd, s->inq + s->inq_off, s->inq_len);
         if (n > 0) {
@@ -844,6 +869,10 @@ static void pump_output(struct stream *s, int i)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return;
+        if (n < 0 && s->tcp) {
+            tcp_fail(s, "recv", errno);
+            return;
+        }
         out_eof(s, i, 1); /* 0 = EOF; EIO on a PTY master = all slaves closed */
     }
 }
@@ -868,6 +897,113 @@ static void pump_errpipe(struct stream *s)
         out_eof(s, 1, 0);
         out_eof(s, 2, 0);
     }
+}
+
+/* ------------------------------------------------------------------ tcp (port forwarding) */
+
+/* OPEN {"op":"tcp","port":N}: connect to 127.0.0.1:N inside the guest and relay bytes.
+ * DATA/EOF fd 0 from the host go to the socket (EOF = shutdown(SHUT_WR)); what the socket
+ * yields goes to the host as DATA fd 1, its end as EOF fd 1. Credit works as for exec: the
+ * socket is read only while the stream has credit, and host bytes are acknowledged once
+ * written to the socket. EXIT {"code":0} once both directions have ended; EXIT {"error"}
+ * when the connect or the socket fails. RESET aborts the connection (RST). */
+
+static void tcp_fail(struct stream *s, const char *what, int err)
+{
+    if (!s->errlen) {
+        snprintf(s->errmsg, sizeof s->errmsg, "%s 127.0.0.1:%d: %s", what, s->port,
+                 strerror(err));
+        s->errlen = strlen(s->errmsg);
+    }
+    s->in_fd = -1;
+    drop_inq(s);
+    out_eof(s, 1, !s->connecting); /* a connection that never came up has no output */
+    s->connecting = 0;
+}
+
+static void abort_tcp(struct stream *s)
+{
+    struct linger l = {1, 0}; /* close() then sends RST, not FIN */
+    setsockopt(s->master, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    s->state = S_RESET;
+    if (!s->errlen) {
+        snprintf(s->errmsg, sizeof s->errmsg, "reset by the host");
+        s->errlen = strlen(s->errmsg);
+    }
+    s->in_fd = -1;
+    drop_inq(s);
+    out_eof(s, 1, !s->connecting);
+    s->connecting = 0;
+}
+
+static void tcp_connected(struct stream *s)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(s->master, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err) {
+        tcp_fail(s, "connect", err);
+        return;
+    }
+    s->connecting = 0;
+    LOG_DEBUG("stream %u: connected to port %d", s->id, s->port);
+    pump_stdin(s); /* what the host sent meanwhile, and its EOF */
+}
+
+static void start_tcp(uint32_t sid, const struct jnode *req)
+{
+    struct stream *s = NULL;
+    char err[ERRMSG_MAX];
+    int bad = 0;
+    for (int i = 0; i < MAX_OPEN_STREAMS && !s; i++)
+        if (A.streams[i].state == S_FREE)
+            s = &A.streams[i];
+    if (!s) {
+        send_exit_error(sid, "too many open streams");
+        return;
+    }
+    long long port = get_int(req, "port", 0, 1, 65535, &bad);
+    if (bad || !port) {
+        send_exit_error(sid, "bad request: port must be an integer in 1..65535");
+        return;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, sizeof err, "socket: %s", strerror(errno));
+        send_exit_error(sid, err);
+        return;
+    }
+    int one = 1; /* a relay must not add Nagle delays to interactive protocols */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int connecting = 0;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        if (errno != EINPROGRESS) {
+            snprintf(err, sizeof err, "connect 127.0.0.1:%lld: %s", port, strerror(errno));
+            close(fd);
+            send_exit_error(sid, err);
+            return;
+        }
+        connecting = 1;
+    }
+    memset(s, 0, sizeof *s);
+    s->state = S_OPEN;
+    s->id = sid;
+    s->tcp = 1;
+    s->port = (int)port;
+    s->connecting = connecting;
+    s->reaped = 1; /* no process: only the two directions decide when it ends */
+    s->errfd = -1;
+    s->master = fd;
+    s->in_fd = fd;
+    s->out[0] = -1;
+    s->out[1] = fd;
+    s->out[2] = -1;
+    s->credit = A.host_window;
+    s->recv_avail = DEFAULT_WINDOW;
+    LOG_DEBUG("stream %u: tcp to port %lld", sid, port);
 }
 
 /* ------------------------------------------------------------------ frames from the host */
@@ -901,6 +1037,8 @@ static int handle_open(uint32_t sid, const unsigned char *p, size_t len)
     A.max_id = sid;
     if (!strcmp(op->str, "exec")) {
         start_exec(sid, req);
+    } else if (!strcmp(op->str, "tcp")) {
+        start_tcp(sid, req);
     } else if (!strcmp(op->str, "ping")) {
         send_reply(sid, NULL);
     } else if (!strcmp(op->str, "sync")) {
@@ -1186,7 +1324,7 @@ int agent_run(int port_fd, int pid1)
 
     struct pollfd pfd[2 + 3 * MAX_OPEN_STREAMS];
     struct { struct stream *s; int what; } map[2 + 3 * MAX_OPEN_STREAMS];
-    enum { W_ERR = 0, W_IN = 3 }; /* 'what': 0 errpipe, 1/2 output fd, 3 stdin */
+    enum { W_ERR = 0, W_IN = 3, W_CONN = 4 }; /* 0 errpipe, 1/2 output, 3 stdin, 4 connect */
 
     for (;;) {
         if (A.want_poweroff && (!oq_pending() || A.disconnected)) {
@@ -1224,6 +1362,12 @@ int agent_run(int port_fd, int pid1)
                     if (timeout < 0 || t < timeout)
                         timeout = t;
                 }
+            }
+            if (s->connecting) {
+                pfd[n] = (struct pollfd){s->master, POLLOUT, 0};
+                map[n].s = s;
+                map[n++].what = W_CONN;
+                continue;
             }
             if (s->errfd >= 0) {
                 pfd[n] = (struct pollfd){s->errfd, POLLIN, 0};
@@ -1281,7 +1425,9 @@ int agent_run(int port_fd, int pid1)
             struct stream *s = map[i].s;
             if (s->state == S_FREE)
                 continue;
-            if (map[i].what == W_ERR && s->errfd == pfd[i].fd)
+            if (map[i].what == W_CONN && s->connecting && s->master == pfd[i].fd)
+                tcp_connected(s);
+            else if (map[i].what == W_ERR && s->errfd == pfd[i].fd)
                 pump_errpipe(s);
             else if (map[i].what == W_IN && s->in_fd == pfd[i].fd)
                 pump_stdin(s);

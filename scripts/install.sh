@@ -1,19 +1,37 @@
 #!/usr/bin/env bash
-# Install everything matchlock needs on a Debian machine (idempotent), into ./.venv.
+# Install everything matchlock and its test suite need on a Debian machine (idempotent),
+# with matchlock itself into ./.venv. Ends by checking that every tool is really there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+case "$(dpkg --print-architecture)" in
+  amd64) QEMU_PKG=qemu-system-x86 QEMU_BIN=qemu-system-x86_64 ;;
+  arm64) QEMU_PKG=qemu-system-arm QEMU_BIN=qemu-system-aarch64 ;;
+  *) echo "unsupported architecture $(dpkg --print-architecture)" >&2; exit 1 ;;
+esac
+
 PKGS=(
-  qemu-system-x86 qemu-utils        # the VMM
-  musl-tools linux-libc-dev         # builds the static guest runtime
-  e2fsprogs fakeroot                # root disks without root
+  "$QEMU_PKG"                       # the VMM
+  musl-tools gcc binutils linux-libc-dev  # the static guest runtime (musl-gcc runs gcc; strip)
+  e2fsprogs fakeroot                # root disks without root (mke2fs -d, debugfs in tests)
   busybox-static                    # the built-in default image
-  python3 python3-venv python3-dev
-  ca-certificates apt-utils
-  # test suite: Debian test image, registry, terminal tests
+  zstd                              # zstd-compressed kernel packages
   nftables iproute2                 # per-VM network namespaces
-  mmdebstrap tmux docker-registry
+  python3 python3-venv python3-dev
+  ca-certificates apt-utils git
+  # test suite: GNU cpio reads our initramfs, Debian test image, registry, terminal tests
+  cpio mmdebstrap uidmap docker-registry tmux
 )
+# Every external command that src/, tests/ or bench/ runs, and the package it comes from
+# (tests/unit/test_install_script.py keeps this list complete).
+TOOLS=(
+  "$QEMU_BIN:$QEMU_PKG" musl-gcc:musl-tools gcc:gcc strip:binutils
+  mke2fs:e2fsprogs debugfs:e2fsprogs fakeroot:fakeroot busybox:busybox-static zstd:zstd
+  nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
+  docker-registry:docker-registry dpkg-deb:dpkg apt-get:apt apt-cache:apt
+  unshare:util-linux setpriv:util-linux runuser:util-linux dmesg:util-linux
+)
+
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
@@ -24,6 +42,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "Installing system packages: ${missing[*]}" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+absent=()
+for t in "${TOOLS[@]}"; do
+  tool=${t%%:*}
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || absent+=("$tool (${t#*:})")
+done
+if [ ${#absent[@]} -gt 0 ]; then
+  echo "error: still missing after install: ${absent[*]}" >&2
+  exit 1
 fi
 
 PY=${PYTHON:-python3}

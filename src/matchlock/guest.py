@@ -31,6 +31,19 @@ def guest_binary() -> Path:
     )
 
 
+def locate() -> tuple[str, Path | None]:
+    """Where guest_binary() would take the runtime from, without building it:
+    ("env" | "source" | "packaged" | "missing", path)."""
+    env = os.environ.get("MATCHLOCK_GUEST")
+    if env:
+        return "env", Path(env)
+    if _SOURCE_DIR.is_dir() and any(_SOURCE_DIR.glob("*.c")):
+        return "source", _SOURCE_DIR
+    if _PACKAGED.is_file():
+        return "packaged", _PACKAGED
+    return "missing", None
+
+
 def _build_from_source() -> Path:
     from matchlock.guest_build import build_guest, source_digest
 

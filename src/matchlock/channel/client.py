@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from matchlock.channel import (
     CLOSED,
+    MAX_OPEN_STREAMS,
+    MAX_PAYLOAD,
     NEED_DATA,
     ChannelConnection,
     ChannelError,
@@ -29,6 +31,7 @@ from matchlock.channel import (
     Signal,
     Window,
 )
+from matchlock.errors import GuestError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,14 @@ HOST_WINDOW = 4 << 20
 
 class ChannelClosed(ChannelError):
     """The guest end went away (VM powered off or crashed)."""
+
+
+class GuestConnectError(GuestError):
+    """A guest TCP connection failed (refused, reset); the channel itself is fine."""
+
+
+class ChannelBusy(GuestError):
+    """Every stream slot of the channel is in use; try again when one is free."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +85,7 @@ class GuestChannel:
         self._streams: dict[int, _Stream] = {}
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         self._closed_error: BaseException | None = None
+        self._closed = asyncio.Event()
         self._reader: asyncio.Task | None = None
 
     # -- connection ---------------------------------------------------------------------
@@ -112,8 +124,13 @@ class GuestChannel:
         except (ChannelError, OSError) as e:
             self._fail(e if isinstance(e, ChannelError) else ChannelClosed(str(e)))
 
+    async def wait_closed(self) -> None:
+        """Return once the channel is gone (guest powered off or crashed, or close())."""
+        await self._closed.wait()
+
     def _fail(self, err: BaseException) -> None:
         self._closed_error = err
+        self._closed.set()
         if not self._hello.done():
             self._hello.set_exception(err)
             self._hello.exception()  # mark retrieved
@@ -137,6 +154,8 @@ class GuestChannel:
             st.credit_changed.set()
             return
         st.events.put_nowait(ev)
+        if isinstance(ev, Exit | Reset | Reply):
+            st.credit_changed.set()  # a writer waiting for credit must see the stream end
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -179,6 +198,22 @@ class GuestChannel:
         st, wire = self._open(request)
         await self._write(wire)
         return ExecHandle(self, st, on_output, stdin)
+
+    async def open_tcp(self, port: int) -> TcpStream:
+        """A byte stream to 127.0.0.1:`port` inside the guest (port forwarding).
+
+        Returns at once: bytes written before the guest has connected wait in the guest
+        (within credit). A refused or failed connection surfaces as GuestConnectError
+        from read()/write()/wait_closed().
+        """
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {port!r}")
+        if len(self._conn.open_streams) >= MAX_OPEN_STREAMS:
+            # Checked here: the connection core treats one more OPEN as a fatal misuse.
+            raise ChannelBusy(f"all {MAX_OPEN_STREAMS} channel streams are in use")
+        st, wire = self._open({"op": "tcp", "port": port})
+        await self._write(wire)
+        return TcpStream(self, st, port)
 
     async def _send_stdin(self, st: _Stream, data: bytes) -> None:
         view = memoryview(data)
@@ -257,3 +292,127 @@ class ExecHandle:
             chan._streams.pop(st.id, None)
             if self._stdin_task is not None:
                 self._stdin_task.cancel()
+
+
+class TcpStream:
+    """One guest TCP connection over the channel: read, write, half-close, abort.
+
+    Not safe for two concurrent readers or two concurrent writers; one of each is fine.
+    """
+
+    def __init__(self, chan: GuestChannel, st: _Stream, port: int) -> None:
+        self._chan = chan
+        self._st = st
+        self.port = port
+        self._pending = bytearray()  # guest bytes taken from the queue, not yet read()
+        self._read_eof = False  # the guest's side of the connection ended (EOF fd 1)
+        self._write_eof = False  # we sent EOF fd 0
+        self._reset = False
+        self._status: ExitStatus | None = None
+        self._unacked = 0
+
+    @property
+    def done(self) -> bool:
+        return self._status is not None
+
+    def _take(self, ev: object) -> None:
+        if isinstance(ev, BaseException):
+            self._finish(ExitStatus(error=str(ev)))
+            raise ev
+        if isinstance(ev, Data):
+            self._pending += ev.data
+        elif isinstance(ev, Eof):
+            self._read_eof = True
+        elif isinstance(ev, Exit):
+            self._read_eof = True
+            self._finish(ExitStatus(ev.code, ev.signal, ev.error))
+        elif isinstance(ev, Reset):
+            self._read_eof = True
+            self._finish(ExitStatus(error="the guest dropped the connection"))
+        elif isinstance(ev, Reply):  # a guest without the "tcp" op answers REPLY
+            self._read_eof = True
+            self._finish(ExitStatus(error=str(ev.body.get("error") or "not supported")))
+
+    def _finish(self, status: ExitStatus) -> None:
+        if self._status is None:
+            self._status = status
+            self._chan._streams.pop(self._st.id, None)
+
+    def _raise_if_failed(self) -> None:
+        st = self._status
+        if st is not None and st.error is not None and not self._reset:
+            raise GuestConnectError(st.error)
+
+    async def read(self) -> bytes:
+        """The next bytes from the guest; b"" once the guest's side has ended."""
+        while not self._pending and not self._read_eof:
+            ev = await self._st.events.get()
+            if isinstance(ev, Data):  # the common case: hand it over without a copy
+                await self._ack(len(ev.data))
+                return ev.data
+            self._take(ev)
+        if not self._pending:
+            self._raise_if_failed()
+            return b""
+        data = bytes(self._pending)
+        self._pending.clear()
+        await self._ack(len(data))
+        return data
+
+    async def _ack(self, n: int) -> None:
+        # Credit goes back in quarter-window batches (each WINDOW wakes the guest); the
+        # guest still holds at least 3/4 of the window meanwhile.
+        self._unacked += n
+        conn = self._chan._conn
+        if self._unacked >= conn.window // 4 and conn.is_open(self._st.id):
+            n, self._unacked = self._unacked, 0
+            await self._chan._write(conn.send(Window(self._st.id, n)))
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the guest connection, waiting for credit (backpressure)."""
+        if self._write_eof:
+            raise GuestConnectError("write after write_eof()")
+        chan, sid = self._chan, self._st.id
+        view = memoryview(data)
+        while view:
+            self._raise_if_failed()
+            if self._reset or not chan._conn.is_open(sid) or chan._closed_error is not None:
+                if chan._closed_error is not None:
+                    raise ChannelClosed(str(chan._closed_error))
+                raise GuestConnectError("the guest connection is closed")
+            credit = chan._conn.credit(sid)
+            if credit <= 0:
+                self._st.credit_changed.clear()
+                await self._st.credit_changed.wait()
+                continue
+            n = min(credit, len(view), MAX_PAYLOAD)
+            # send() runs before the await: no frame can slip in between check and send.
+            await chan._write(chan._conn.send(Data(sid, 0, bytes(view[:n]))))
+            view = view[n:]
+
+    async def write_eof(self) -> None:
+        """Half-close: the guest's socket sees EOF; reading goes on."""
+        if self._write_eof or self._reset:
+            return
+        self._write_eof = True
+        conn = self._chan._conn
+        if conn.is_open(self._st.id) and self._chan._closed_error is None:
+            await self._chan._write(conn.send(Eof(self._st.id, 0)))
+
+    async def abort(self) -> None:
+        """Reset the connection (the guest side gets RST). Idempotent."""
+        if self._reset or self.done:
+            return
+        self._reset = True
+        conn = self._chan._conn
+        if conn.is_open(self._st.id) and self._chan._closed_error is None:
+            try:
+                await self._chan._write(conn.send(Reset(self._st.id)))
+            except (ChannelError, OSError) as e:
+                log.debug("reset of tcp stream %d failed: %s", self._st.id, e)
+
+    async def wait_closed(self) -> ExitStatus:
+        """Wait for the guest's EXIT. Unread guest bytes stay readable (bounded by credit)."""
+        while self._status is None:
+            self._take(await self._st.events.get())
+        return self._status

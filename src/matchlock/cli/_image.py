@@ -6,10 +6,11 @@ import sys
 
 import click
 
+from matchlock.cli._help import Group
 from matchlock.cli._output import human_size, print_table
 
 
-@click.group(invoke_without_command=True)
+@click.group(cls=Group, invoke_without_command=True)
 @click.pass_context
 def image(ctx: click.Context) -> None:
     """Manage local images."""

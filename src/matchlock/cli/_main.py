@@ -8,12 +8,20 @@ import sys
 
 import click
 
-from matchlock import __version__
+from matchlock._version import version_line
+from matchlock.cli._help import Group
 from matchlock.errors import MatchlockError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", message="matchlock version %(version)s")
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Print the version and commit, and exit.")
 @click.option("--debug", is_flag=True, envvar="MATCHLOCK_DEBUG", help="Verbose logs on stderr.")
 def cli(debug: bool) -> None:
     """Run commands in disposable micro-VMs with a sealed network."""
@@ -25,15 +33,16 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 def version() -> None:
-    """Print the version."""
-    click.echo(f"matchlock {__version__}")
+    """Print the version and the commit it was built from."""
+    click.echo(version_line())
 
 
 def _register() -> None:
-    from matchlock.cli import _image, _run
+    from matchlock.cli import _diagnose, _image, _run
 
     cli.add_command(_run.run)
     cli.add_command(_image.image)
+    cli.add_command(_diagnose.diagnose)
 
 
 _register()

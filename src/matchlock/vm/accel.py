@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
 from matchlock.errors import UsageError
 
@@ -13,11 +15,11 @@ log = logging.getLogger(__name__)
 ACCELS = ("kvm", "hvf", "tcg")
 
 
-def _cpu_has_virt_flags() -> bool:
+def _cpu_has_virt_flags(cpuinfo: str = "/proc/cpuinfo") -> bool:
     # /dev/kvm can exist without hardware virtualisation (e.g. a PVM device on our CI
     # hosts): unmodified kernels crash or crawl there, so also require vmx/svm.
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = line.split(":", 1)[1].split()
@@ -25,6 +27,33 @@ def _cpu_has_virt_flags() -> bool:
     except OSError:
         pass
     return False
+
+
+KvmReason = Literal["ok", "not-linux", "no-device", "no-access", "no-virt-flags"]
+
+
+@dataclass(frozen=True, slots=True)
+class KvmStatus:
+    """Whether KVM can run our VMs, and if not the first reason why not."""
+
+    reason: KvmReason
+    device: str = "/dev/kvm"
+
+    @property
+    def usable(self) -> bool:
+        return self.reason == "ok"
+
+
+def kvm_status(device: str = "/dev/kvm", cpuinfo: str | None = None) -> KvmStatus:
+    if not sys.platform.startswith("linux"):
+        return KvmStatus("not-linux", device)
+    if not os.path.exists(device):
+        return KvmStatus("no-device", device)
+    if not os.access(device, os.R_OK | os.W_OK):
+        return KvmStatus("no-access", device)
+    if not (_cpu_has_virt_flags(cpuinfo) if cpuinfo else _cpu_has_virt_flags()):
+        return KvmStatus("no-virt-flags", device)
+    return KvmStatus("ok", device)
 
 
 def detect_accel(explicit: str | None = None) -> tuple[str, str | None]:
@@ -38,7 +67,7 @@ def detect_accel(explicit: str | None = None) -> tuple[str, str | None]:
         return choice, None
     if sys.platform == "darwin":
         return "hvf", None
-    if os.access("/dev/kvm", os.R_OK | os.W_OK) and _cpu_has_virt_flags():
+    if kvm_status().usable:
         return "kvm", None
     return "tcg", (
         "warning: no usable hardware virtualisation (KVM): using QEMU TCG software "

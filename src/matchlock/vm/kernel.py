@@ -119,6 +119,11 @@ def resolve_kernel(
     return _fetch(kernels, progress or (lambda _msg: None))
 
 
+def cached_kernel() -> Kernel | None:
+    """The newest Debian kernel already in the cache, without fetching anything."""
+    return _newest_cached(cache_dir() / "kernels")
+
+
 def _user_kernel(path: str, source: str) -> Kernel:
     image = Path(path).expanduser()
     if not image.is_file():

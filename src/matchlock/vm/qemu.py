@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from matchlock.errors import DependencyError
+from matchlock.vm._spawn import popen_tied
 from matchlock.vm.spec import VmSpec
 
 log = logging.getLogger(__name__)
 
 CHANNEL_PORT_NAME = "matchlock.ctl"
-_PR_SET_PDEATHSIG = 1
 
 
 def qemu_binary() -> str:
@@ -81,12 +79,6 @@ def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
     return argv
 
 
-def _child_setup() -> None:
-    # QEMU must not outlive its supervisor, even when the supervisor is SIGKILLed.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 class QemuProcess:
     """One running QEMU; owns the process and reaps it."""
 
@@ -96,14 +88,15 @@ class QemuProcess:
         argv = build_argv(spec, qemu_binary(), channel_fd)
         log.debug("qemu argv: %s", argv)
         with open(stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
+            # QEMU must not outlive its supervisor, even when the supervisor is SIGKILLed,
+            # and must not die with the thread that happened to start it.
+            self.proc = popen_tied(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
                 pass_fds=(channel_fd,) + ((spec.nic.tap_fd,) if spec.nic else ()),
                 start_new_session=True,  # a terminal Ctrl-C reaches us, not QEMU
-                preexec_fn=_child_setup,
                 env={**os.environ, **spec.extra_env},
             )
         self.started = time.monotonic()

@@ -1,0 +1,80 @@
+"""Start child processes that die with this process, whichever thread asks.
+
+`PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not when the
+process does (prctl(2): "the parent thread"). A child forked from an `asyncio.to_thread`
+worker would be SIGKILLed as soon as that worker retired, which a long-lived supervisor
+cannot allow. So every fork happens on one daemon thread that is started once and never
+returns: the signal then fires only when the whole process goes (exit, crash, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    def setup() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # the parent died before prctl took effect: the signal never comes
+
+    return setup
+
+
+class _Forker:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def call(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self._thread:
+            return fn()
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or we forked
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._serve, args=(self._jobs,),
+                                                name="matchlock-forker", daemon=True)
+                self._pid = os.getpid()
+                self._thread.start()
+            jobs = self._jobs
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        jobs.put((fn, fut))
+        return fut.result()
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while True:  # never returns: its exit would fire every child's death signal
+            fn, fut = jobs.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+
+_FORKER = _Forker()
+
+
+def popen_tied(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    """subprocess.Popen(argv, **kwargs), but the child gets SIGKILL when this process dies
+    (and only then). `preexec_fn` must not be given."""
+    if "preexec_fn" in kwargs:
+        raise TypeError("popen_tied sets preexec_fn itself")
+    parent = os.getpid()
+    return _FORKER.call(lambda: subprocess.Popen(argv, preexec_fn=_die_with(parent), **kwargs))

@@ -1,0 +1,114 @@
+"""The CLI's self-description: `--help` lists every command with its whole summary, and
+`version` / `--version` name the commit, also in a non-editable build."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import click
+import pytest
+
+from matchlock import __version__, _version
+from matchlock.cli._help import summary
+from matchlock.cli._main import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ml(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "matchlock", *args], capture_output=True,
+                          text=True, timeout=60, **kw)
+
+
+def head_sha() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _groups(group: click.Group, path: tuple[str, ...] = ()):
+    yield path, group
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _groups(cmd, (*path, name))
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _groups(cli)], ids=lambda p: " ".join(p) or "-")
+def test_help_lists_every_command_with_its_whole_summary(path):
+    group = cli
+    for name in path:
+        group = group.commands[name]
+    p = ml(*path, "--help")
+    assert p.returncode == 0 and p.stderr == ""
+    # The Commands section, with wrapped summaries joined back into one line each.
+    section = p.stdout.split("\nCommands:\n", 1)[1]
+    listed: dict[str, str] = {}
+    last = None
+    for line in section.splitlines():
+        m = re.match(r"^  (\S+)\s+(.*)$", line)
+        if m and not line.startswith("   "):
+            last = m.group(1)
+            listed[last] = m.group(2).strip()
+        elif last and line.strip():
+            listed[last] += " " + line.strip()
+    visible = {n for n, c in group.commands.items() if not c.hidden}
+    assert set(listed) == visible
+    for name in visible:
+        text = summary(group.commands[name])
+        assert text and not text.endswith("..."), f"{name}: summary {text!r}"
+        assert listed[name] == text, name
+
+
+def test_top_level_help_names_the_commands_users_look_for():
+    out = ml("--help").stdout
+    for name in ("run", "image", "version"):
+        assert re.search(rf"^  {name}\s", out, re.M), name
+
+
+@pytest.mark.parametrize("args", [("version",), ("--version",)])
+def test_version_names_the_commit(args):
+    p = ml(*args)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"matchlock {__version__} (commit: {head_sha()})\n"
+
+
+def test_commit_is_unknown_outside_a_checkout_without_build_info(monkeypatch, tmp_path):
+    monkeypatch.setattr(_version, "_CHECKOUT", tmp_path)
+    monkeypatch.setitem(sys.modules, "matchlock._build_info", None)  # import fails
+    _version.commit.cache_clear()
+    try:
+        assert _version.commit() == "unknown"
+        assert _version.version_line() == f"matchlock {__version__} (commit: unknown)"
+    finally:
+        _version.commit.cache_clear()
+
+
+@pytest.mark.timeout(600)
+def test_non_editable_build_records_the_commit(tmp_path):
+    # What `pip install .` installs is this wheel: it must carry the commit itself, since
+    # the installed package is no longer inside a checkout.
+    wheels = tmp_path / "wheels"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    [whl] = wheels.glob("matchlock-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(whl) as z:
+        assert "matchlock/_build_info.py" in z.namelist()
+        assert "matchlock/_guest/matchlock-guest" in z.namelist()
+        z.extractall(site)
+    p = subprocess.run(
+        [sys.executable, "-c", "from matchlock._version import version_line, _CHECKOUT;"
+         "print(_CHECKOUT); print(version_line())"],
+        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(site)},
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    checkout, line = p.stdout.splitlines()
+    assert Path(checkout) == tmp_path  # not inside the checkout: no git to ask
+    assert line == f"matchlock {__version__} (commit: {head_sha()})"
