@@ -170,6 +170,7 @@ class NetworkStack:
             with contextlib.suppress(Exception):
                 await closer()
         await asyncio.to_thread(self.ns.close)
+        self.policy.close()
         if self._events is not None:
             self._events.close()
         self.timings["net_teardown"] = time.monotonic() - t0
@@ -178,6 +179,7 @@ class NetworkStack:
         """For paths without a running loop (setup failed before start()): ns only."""
         self._closed = True
         self.ns.close()
+        self.policy.close()
 
     def _default_handler(self) -> ConnectionHandler:
         if self.config.mode == "open":
