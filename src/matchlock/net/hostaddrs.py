@@ -7,7 +7,8 @@ its own, including prefixes such as 127.0.0.0/8 and AnyIP routes) plus the inter
 addresses. `KernelHostAddresses` dumps both once over rtnetlink and keeps a netlink socket
 subscribed to address and route changes; `is_local()` first drains that socket without
 blocking, so a change the kernel made before the dial (the notification is queued before
-`ip addr add` returns) is always seen. On overflow (ENOBUFS) it dumps again.
+`ip addr add` returns) is always seen. On overflow (ENOBUFS) it dumps again. The dumps
+happen at start and after an overflow only; they block briefly (the kernel answers at once).
 
 Hand-written rather than pyroute2: `IPRoute().route("get", ...)` measured ~570 µs per call
 here, over ten times the budget of a whole dial check; draining an idle socket is ~3 µs.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import select
 import socket
 import struct
 import threading
@@ -230,9 +230,15 @@ class HostAddressError(OSError):
 
 
 class KernelHostAddresses:
-    """`HostAddresses` from rtnetlink (see the module docstring). Thread-safe."""
+    """`HostAddresses` from rtnetlink (see the module docstring). Thread-safe.
 
-    def __init__(self) -> None:
+    Two sockets: `_mon` is subscribed to the address and route groups and drained at each
+    check; `_dump` only carries full dumps (at start and after `_mon` overflowed), so a
+    dump's own backpressure is never mistaken for lost changes. A resync empties `_mon`,
+    dumps, then applies what `_mon` got meanwhile in order: for a key that changed since the
+    drain the last change wins, for any other key the dump (taken later) is current."""
+
+    def __init__(self, rcvbuf: int = RCVBUF) -> None:
         here = _netns_inode("/proc/thread-self/ns/net")
         if here is not None and here != _netns_inode("/proc/self/ns/net"):
             raise HostAddressError("the host address view must be opened in the host network "
@@ -240,26 +246,32 @@ class KernelHostAddresses:
         self._lock = threading.Lock()
         self._table = LocalTable()
         self._seq = 0
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             NETLINK_ROUTE)
+        self._resyncs = 0
+        self._mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                  NETLINK_ROUTE)
+        self._dump = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   NETLINK_ROUTE)
         try:
             for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, RCVBUF)
+                    self._mon.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
                     break
                 except OSError:
                     continue
-            sock.bind((0, GROUPS))  # subscribe first, then dump: no change is missed
-            sock.setblocking(False)
-            self._sock = sock
+            self._mon.bind((0, GROUPS))  # subscribed before the first dump: nothing missed
+            self._mon.setblocking(False)
+            self._dump.bind((0, 0))
+            self._dump.settimeout(DUMP_TIMEOUT_S)
             self._resync()
         except BaseException:
-            sock.close()
+            self._mon.close()
+            self._dump.close()
             raise
 
     def close(self) -> None:
         with self._lock:
-            self._sock.close()
+            self._mon.close()
+            self._dump.close()
 
     def is_local(self, addr: IPAddress) -> bool:
         with self._lock:
@@ -271,62 +283,84 @@ class KernelHostAddresses:
             self._drain()
             return self._table.prefixes()
 
+    @property
+    def resyncs(self) -> int:
+        """How many full dumps were needed (1 at start; more after overflows)."""
+        return self._resyncs
+
     # -- internals (lock held) ------------------------------------------------------------
 
-    def _drain(self) -> None:
+    def _recv_changes(self) -> list[bytes] | None:
+        """Everything queued on the change socket; None if changes were lost (overflow)."""
+        out = []
         while True:
             try:
-                data = self._sock.recv(RECV_SIZE)
+                out.append(self._mon.recv(RECV_SIZE))
             except BlockingIOError:
-                return
+                return out
             except OSError as e:
-                if e.errno == errno.ENOBUFS:  # we missed changes: start over
-                    self._resync()
-                    return
+                if e.errno == errno.ENOBUFS:
+                    return None
                 raise HostAddressError(f"reading the kernel's address changes: {e}") from e
+
+    def _drain(self) -> None:
+        got = self._recv_changes()
+        if got is None:  # we missed changes: start over
+            self._resync()
+            return
+        for data in got:
             for msg in parse_messages(data):
                 self._table.apply(msg)
 
     def _resync(self) -> None:
-        for _ in range(5):
+        self._resyncs += 1
+        for _ in range(10):
+            while self._recv_changes() is None:  # empty the change queue (and its error)
+                pass
             self._table.clear()
-            if self._dump():
-                return
-        raise HostAddressError("the kernel's address dump kept being interrupted")
+            if not self._dump_all():
+                continue
+            got = self._recv_changes()
+            if got is None:
+                continue
+            for data in got:
+                for msg in parse_messages(data):
+                    self._table.apply(msg)
+            return
+        raise HostAddressError("the kernel's addresses kept changing faster than we could "
+                               "read them")
 
-    def _dump(self) -> bool:
-        """One full dump; False if the kernel says it was interrupted by changes."""
+    def _dump_all(self) -> bool:
+        """One full dump into the table; False if the kernel says it was interrupted."""
         intact = True
         for seq, req in dump_requests(self._seq + 1):
             self._seq = seq
-            self._sock.send(req)
+            self._dump.send(req)
             done = False
             while not done:
                 try:
-                    data = self._sock.recv(RECV_SIZE)
-                except BlockingIOError:
-                    ready, _, _ = select.select([self._sock], [], [], DUMP_TIMEOUT_S)
-                    if not ready:
-                        raise HostAddressError("the kernel did not answer an address dump") \
-                            from None
-                    continue
+                    data = self._dump.recv(RECV_SIZE)
+                except TimeoutError:
+                    raise HostAddressError("the kernel did not answer an address dump") \
+                        from None
                 except OSError as e:
-                    if e.errno == errno.ENOBUFS:
-                        return False
+                    if e.errno == errno.ENOBUFS:  # the dump's own backpressure; it goes on
+                        continue
                     raise HostAddressError(f"dumping the kernel's addresses: {e}") from e
                 for msg in parse_messages(data):
-                    if msg.seq == seq and msg.type == NLMSG_DONE:
+                    if msg.seq != seq:
+                        continue
+                    if msg.flags & NLM_F_DUMP_INTR:
+                        intact = False
+                    if msg.type == NLMSG_DONE:
                         done = True
-                        intact = intact and not msg.flags & NLM_F_DUMP_INTR
-                    elif msg.seq == seq and msg.type == NLMSG_ERROR:
+                    elif msg.type == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", msg.payload)[0] if msg.payload else 0
                         if code:
                             raise HostAddressError(
                                 f"the kernel refused an address dump: {os.strerror(code)}")
                         done = True
                     else:
-                        if msg.seq == seq and msg.flags & NLM_F_DUMP_INTR:
-                            intact = False
                         self._table.apply(msg)
         return intact
 
