@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -125,11 +126,31 @@ def _build() -> dict[int, list[tuple[int, dict[int, _Entry]]]]:
 
 _LOOKUP = _build()
 _BITS = {4: 32, 6: 128}
+_MAPPED, _NAT64, _6TO4 = "::ffff:0:0/96", "64:ff9b::/96", "2002::/16"
 
 
-def _lookup(addr: IPAddress) -> _Entry | None:
-    value, bits = int(addr), _BITS[addr.version]
-    for plen, entries in _LOOKUP[addr.version]:
+def parse_ip(text: str) -> tuple[int, int] | None:
+    """(version, value) of an IP literal, or None. The fast path for canonical text (what
+    the kernel, getaddrinfo and our own config produce); `ipaddress` for the rest (scope
+    ids such as fe80::1%eth0)."""
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, TypeError, ValueError):
+        pass
+    try:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    except (OSError, TypeError, ValueError):
+        pass
+    try:
+        addr = ipaddress.ip_address(text)
+    except (ValueError, TypeError):
+        return None
+    return addr.version, int(addr)
+
+
+def _lookup(version: int, value: int) -> _Entry | None:
+    bits = _BITS[version]
+    for plen, entries in _LOOKUP[version]:
         found = entries.get((value >> (bits - plen)) << (bits - plen) if plen else 0)
         if found is not None:
             return found
@@ -138,25 +159,42 @@ def _lookup(addr: IPAddress) -> _Entry | None:
 
 def embedded_ipv4(addr: ipaddress.IPv6Address, via: str) -> ipaddress.IPv4Address:
     """The IPv4 address inside an IPv4-mapped, NAT64 (/96) or 6to4 address."""
-    if via == "2002::/16":
-        return ipaddress.IPv4Address((int(addr) >> 80) & 0xFFFFFFFF)
-    return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return ipaddress.IPv4Address(_embedded(int(addr), via))
+
+
+def _embedded(value: int, via: str) -> int:
+    return (value >> 80) & 0xFFFFFFFF if via == _6TO4 else value & 0xFFFFFFFF
+
+
+# (kind, deciding entry or None, carrying entry or None, target version, target value)
+Verdict = tuple[Kind, "_Entry | None", "_Entry | None", int, int]
+
+
+def classify_value(version: int, value: int) -> Verdict:
+    """The hot path of `classify`, on (version, value): no objects made for the common
+    case."""
+    entry = _lookup(version, value)
+    if entry is None or entry.kind is Kind.GLOBAL:
+        return Kind.GLOBAL, None, None, version, value
+    if entry.kind is Kind.EMBEDDED:
+        inner = _embedded(value, entry.net)
+        found = _lookup(4, inner)
+        if found is None or found.kind is Kind.GLOBAL:
+            return Kind.GLOBAL, None, entry, 4, inner
+        return found.kind, found, entry, 4, inner
+    return entry.kind, entry, None, version, value
+
+
+def _addr(version: int, value: int) -> IPAddress:
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
 
 
 def classify(addr: IPAddress) -> AddrClass:
     """What `addr` is (see the module docstring). Never raises for a parsed address."""
-    entry = _lookup(addr)
-    if entry is None:  # IPv4 outside every special range
-        return AddrClass(Kind.GLOBAL, "", "", addr)
-    if entry.kind is Kind.EMBEDDED:
-        assert isinstance(addr, ipaddress.IPv6Address)
-        inner = embedded_ipv4(addr, entry.net)
-        found = classify(inner)
-        return AddrClass(found.kind, found.net, found.label, inner,
-                         via=f"{entry.net} ({entry.label})")
-    if entry.kind is Kind.GLOBAL:
-        return AddrClass(Kind.GLOBAL, "", "", addr)
-    return AddrClass(entry.kind, entry.net, entry.label, addr)
+    kind, entry, via, tv, tval = classify_value(addr.version, int(addr))
+    target = addr if (tv, tval) == (addr.version, int(addr)) else _addr(tv, tval)
+    return AddrClass(kind, entry.net if entry else "", entry.label if entry else "", target,
+                     via=f"{via.net} ({via.label})" if via else "")
 
 
 def ranges() -> list[tuple[str, str, str]]:

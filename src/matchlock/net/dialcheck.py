@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from matchlock.net.addrs import AddrClass, IPAddress, Kind, classify
+from matchlock.net.addrs import Kind, classify_value, parse_ip
 from matchlock.net.hostaddrs import HostAddresses, KernelHostAddresses
 from matchlock.net.types import PrivateException
 
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 FLAG = "--allow-private"
 
-Resolver = Callable[[str], Sequence[str] | None]  # name -> addresses we know it has
+Resolver = Callable[[str], Sequence[str] | None]  # normalised name -> addresses it has
+Normaliser = Callable[[str], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,31 +43,38 @@ class Blocked:
     reason: str  # one line: what, which rule, and how to open it (if anything can)
 
 
-def _where(addr: IPAddress, port: int | None) -> str:
+def _ip(version: int, value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
+
+
+def _where(text: str, port: int | None) -> str:
     if port is None:
-        return str(addr)
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+        return text
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def _entry(addr: IPAddress, port: int | None) -> str:
+def _entry(version: int, value: int, port: int | None) -> str:
     """The narrowest exception naming this address (and port)."""
-    return str(PrivateException(net=f"{addr}/{addr.max_prefixlen}", port=port))
+    return _where(str(_ip(version, value)), port)
 
 
-class _Net:
-    __slots__ = ("version", "network", "shift", "exact", "port")
+def _what(entry, via, tv: int, tval: int) -> str:
+    """`is in NET (label)`, or for an embedded form `carries V4 (VIA), which is in ...`."""
+    what = f"is in {entry.net} ({entry.label})"
+    if via is not None:
+        what = f"carries {_ip(tv, tval)} ({via.net} ({via.label})), which {what}"
+    return what
 
-    def __init__(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
-                 port: int | None) -> None:
-        self.version = net.version
-        self.shift = net.max_prefixlen - net.prefixlen
-        self.network = int(net.network_address) >> self.shift
-        self.exact = net.prefixlen == net.max_prefixlen
-        self.port = port
 
-    def covers(self, addr: IPAddress, port: int | None) -> bool:
-        return (addr.version == self.version and int(addr) >> self.shift == self.network
-                and (self.port is None or port is None or self.port == port))
+# An exception network, flattened for the hot path: (version, shift, value >> shift, exact,
+# port or None).
+_Net = tuple[int, int, int, bool, int | None]
+
+
+def _net(e: PrivateException) -> _Net:
+    n = ipaddress.ip_network(e.net or "")
+    shift = n.max_prefixlen - n.prefixlen
+    return (n.version, shift, int(n.network_address) >> shift, shift == 0, e.port)
 
 
 class DialCheck:
@@ -76,15 +84,16 @@ class DialCheck:
     def __init__(self, exceptions: Sequence[PrivateException] = (), *,
                  allow_private_ranges: bool = False,
                  host_addresses: HostAddresses | None = None,
-                 resolve: Resolver | None = None) -> None:
-        self._nets = [_Net(ipaddress.ip_network(e.net), e.port)
-                      for e in exceptions if e.net is not None]
-        self._hosts = [(e.host, e.port) for e in exceptions if e.host is not None]
+                 resolve: Resolver | None = None,
+                 normalise: Normaliser | None = None) -> None:
+        self._nets = tuple(_net(e) for e in exceptions if e.net is not None)
+        self._hosts = tuple((e.host, e.port) for e in exceptions if e.host is not None)
         self._legacy = allow_private_ranges
         self._host_addrs = host_addresses
         self._owned = host_addresses is None
         self._closed = False
         self._resolve = resolve
+        self._normalise = normalise
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -98,63 +107,74 @@ class DialCheck:
 
     def check(self, ip: str, port: int | None, host: str | None = None) -> Blocked | None:
         """None if `ip` may be dialled on `port` (None: on some port, for DNS answers);
-        `host` is the name the address came from, if any."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        `host` is the name the address came from, if any. The allowed path makes no
+        objects beyond a few tuples: it runs before every connect."""
+        parsed = parse_ip(ip)
+        if parsed is None:
             return Blocked("invalid", f"address {ip!r} is not a valid IP address; it is blocked")
-        c = classify(addr)
-        where = _where(addr, port)
-        if c.kind is Kind.NEVER:
-            return Blocked("never", self._never(addr, where, c))
-        targets = (addr,) if c.target == addr else (addr, c.target)
-        if any(self._is_local(a) for a in targets):
-            if any(n.exact and n.covers(a, port) for n in self._nets for a in targets):
+        version, value = parsed
+        kind, entry, via, tv, tval = classify_value(version, value)
+        if kind is Kind.NEVER:
+            assert entry is not None
+            return Blocked("never", self._never(_where(str(_ip(version, value)), port),
+                                                _what(entry, via, tv, tval), entry.net))
+        embedded = (tv, tval) != parsed
+        if self._is_local(version, value) or (embedded and self._is_local(tv, tval)):
+            if self._covered(version, value, port, exact=True) or \
+                    (embedded and self._covered(tv, tval, port, exact=True)):
                 return None
-            return Blocked("host-local", f"address {where} is an address of this host, which a "
-                           "sandbox may not reach; allow exactly this address with "
-                           f"{FLAG} {_entry(c.target, port)}")
-        if c.kind is Kind.GLOBAL:
+            return Blocked("host-local", f"address {_where(str(_ip(version, value)), port)} is "
+                           "an address of this host, which a sandbox may not reach; allow "
+                           f"exactly this address with {FLAG} {_entry(tv, tval, port)}")
+        if kind is Kind.GLOBAL:
             return None
-        if c.kind is Kind.PRIVATE and self._legacy:
+        if kind is Kind.PRIVATE and self._legacy:
             return None
-        if any(n.covers(a, port) for n in self._nets for a in targets):
+        if self._covered(version, value, port) or (embedded and self._covered(tv, tval, port)):
             return None
-        if self._hosts and self._host_covers(targets, port, host):
+        if self._hosts and self._host_covers(parsed, (tv, tval), port, host):
             return None
-        kind = "private" if c.kind is Kind.PRIVATE else "special-use"
-        return Blocked("private" if c.kind is Kind.PRIVATE else "special",
-                       f"address {where} {self._inside(addr, c)}, a {kind} range this "
-                       f"sandbox may not reach; allow it with {FLAG} {_entry(c.target, port)}")
+        assert entry is not None
+        where = _where(str(_ip(version, value)), port)
+        what = _what(entry, via, tv, tval)
+        private = kind is Kind.PRIVATE
+        return Blocked("private" if private else "special",
+                       f"address {where} {what}, a {'private' if private else 'special-use'} "
+                       f"range this sandbox may not reach; allow it with "
+                       f"{FLAG} {_entry(tv, tval, port)}")
+
+    def _covered(self, version: int, value: int, port: int | None, exact: bool = False) -> bool:
+        for v, shift, net, is_exact, want in self._nets:
+            if (v == version and value >> shift == net and (is_exact or not exact)
+                    and (want is None or port is None or want == port)):
+                return True
+        return False
 
     @staticmethod
-    def _inside(addr: IPAddress, c: AddrClass) -> str:
-        text = f"is in {c.net} ({c.label})"
-        if c.target != addr:
-            text = f"carries {c.target} ({c.via}), which {text}"
-        return text
-
-    def _never(self, addr: IPAddress, where: str, c: AddrClass) -> str:
-        msg = f"address {where} {self._inside(addr, c)} and is never dialled"
-        if c.net in ("0.0.0.0/8", "::/128"):
+    def _never(where: str, what: str, net: str) -> str:
+        msg = f"address {where} {what} and is never dialled"
+        if net in ("0.0.0.0/8", "::/128"):
             msg += (f"; to reach a service on the host's loopback name it exactly, "
                     f"e.g. {FLAG} 127.0.0.1:PORT")
         return msg
 
-    def _host_covers(self, targets: tuple[IPAddress, ...], port: int | None,
+    def _host_covers(self, addr: tuple[int, int], target: tuple[int, int], port: int | None,
                      host: str | None) -> bool:
-        texts = {str(a) for a in targets}
-        for name, want in self._hosts:
+        name = None
+        if host is not None:
+            name = self._normalise(host) if self._normalise is not None else host
+        for entry_name, want in self._hosts:
             if want is not None and port is not None and want != port:
                 continue
-            if host is not None and host == name:
+            if name is not None and name == entry_name:
                 return True
-            known = self._resolve(name) if self._resolve is not None else None
-            if known and texts.intersection(known):
-                return True
+            known = self._resolve(entry_name) if self._resolve is not None else None
+            for text in known or ():
+                if parse_ip(text) in (addr, target):
+                    return True
         return False
 
-    def _is_local(self, addr: IPAddress) -> bool:
+    def _is_local(self, version: int, value: int) -> bool:
         try:
             with self._lock:
                 if self._closed:
@@ -162,7 +182,8 @@ class DialCheck:
                 if self._host_addrs is None:
                     self._host_addrs = KernelHostAddresses()
                 view = self._host_addrs
-            return view.is_local(addr)
+            return view.local_value(version, value)
         except OSError as e:  # fail closed: an unknown host view blocks everything special
-            log.warning("cannot read this host's addresses (%s); treating %s as local", e, addr)
+            log.warning("cannot read this host's addresses (%s); treating %s as local", e,
+                        _ip(version, value))
             return True

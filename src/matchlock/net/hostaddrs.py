@@ -61,9 +61,10 @@ DUMP_TIMEOUT_S = 5.0
 
 
 class HostAddresses(Protocol):
-    """What the policy needs to know: does dialling `addr` reach this host?"""
+    """What the policy needs to know: does dialling this address (IP version, value as an
+    int) reach this host?"""
 
-    def is_local(self, addr: IPAddress) -> bool: ...
+    def local_value(self, version: int, value: int) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -186,10 +187,13 @@ class LocalTable:
         self._index, self._dirty = index, False
 
     def contains(self, addr: IPAddress) -> bool:
+        return self.contains_value(addr.version, int(addr))
+
+    def contains_value(self, version: int, value: int) -> bool:
         if self._dirty:
             self._rebuild()
-        value, bits = int(addr), 32 if addr.version == 4 else 128
-        for plen, values in self._index[addr.version]:
+        bits = 32 if version == 4 else 128
+        for plen, values in self._index[version]:
             if ((value >> (bits - plen)) << (bits - plen) if plen else 0) in values:
                 return True
         return False
@@ -274,9 +278,12 @@ class KernelHostAddresses:
             self._dump.close()
 
     def is_local(self, addr: IPAddress) -> bool:
+        return self.local_value(addr.version, int(addr))
+
+    def local_value(self, version: int, value: int) -> bool:
         with self._lock:
             self._drain()
-            return self._table.contains(addr)
+            return self._table.contains_value(version, value)
 
     def prefixes(self) -> list[str]:
         with self._lock:
@@ -377,6 +384,9 @@ class StaticHostAddresses:
 
     def is_local(self, addr: IPAddress) -> bool:
         return self._table.contains(addr)
+
+    def local_value(self, version: int, value: int) -> bool:
+        return self._table.contains_value(version, value)
 
     def close(self) -> None:
         pass

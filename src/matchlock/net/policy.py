@@ -153,7 +153,8 @@ class Policy:
         # --add-host addresses get no pass: they face the same dial-time check as any other
         self._dial = DialCheck(config.allow_private,
                                allow_private_ranges=config.allow_private_ranges,
-                               host_addresses=host_addresses, resolve=self.ips_for_host)
+                               host_addresses=host_addresses, resolve=self._known_ips,
+                               normalise=normalise_host)
         self._secret_globs = tuple(
             (s, tuple(normalise_glob(g, f"--secret {s.name}") for g in s.hosts))
             for s in config.secrets)
@@ -234,7 +235,7 @@ class Policy:
         if self._config.mode == "none":
             return Blocked("no-network", f"address {ip} is not reachable: this sandbox has no "
                            "network")
-        return self._dial.check(ip, port, normalise_host(host) if host else None)
+        return self._dial.check(ip, port, host or None)
 
     def ip_allowed(self, ip: str, port: int, host: str | None = None) -> bool:
         """May we dial ip:port now? Asked right before every connect, for every address
@@ -328,6 +329,17 @@ class Policy:
                 del self._answers[n]
                 return None
         return list(ips)
+
+    def _known_ips(self, n: str) -> list[str] | None:
+        """`ips_for_host` for a name that is already normalised (the dial check's hot path)."""
+        found = self._add_hosts.get(n)
+        if found:
+            return list(found)
+        with self._lock:
+            entry = self._answers.get(n)
+            if entry is None or self._clock() >= entry[1]:
+                return None
+            return list(entry[0])
 
     def host_for_ip(self, ip: str) -> str | None:
         """The last name we answered with this address (or its --add-host name)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from matchlock.errors import UsageError
@@ -161,8 +163,9 @@ def test_host_local_view_is_asked_at_each_check():
         def __init__(self):
             self.local: set[str] = set()
 
-        def is_local(self, addr):
-            return str(addr) in self.local
+        def local_value(self, version, value):
+            return str(ipaddress.ip_address(value) if version == 4
+                       else ipaddress.IPv6Address(value)) in self.local
 
         def close(self):
             pass
@@ -177,7 +180,7 @@ def test_host_local_view_is_asked_at_each_check():
 
 def test_failing_host_view_fails_closed():
     class Broken:
-        def is_local(self, addr):
+        def local_value(self, version, value):
             raise OSError("netlink gone")
 
         def close(self):
