@@ -406,3 +406,22 @@ def test_view_refused_on_a_thread_in_another_namespace():
     t.start()
     t.join()
     assert result == ["refused"]
+
+
+@pytest.mark.parametrize("args,env,needles", [
+    (("--allow-private", "0.0.0.0"), {}, ("invalid --allow-private entry '0.0.0.0'",
+                                          "never dialled", "127.0.0.1:PORT")),
+    (("--allow-private", "10.0.0.1,localhost"), {}, ("'localhost'", "name the address")),
+    (("--allow-private", "10.1.2.3/8"), {}, ("did you mean 10.0.0.0/8?",)),
+    (("--allow-private", "[fd00::1]:99999"), {}, ("port must be 1 to 65535",)),
+    ((), {"MATCHLOCK_ALLOW_PRIVATE": "*.corp"}, ("invalid MATCHLOCK_ALLOW_PRIVATE entry",)),
+    (("--no-network", "--allow-private", "10.0.0.1"), {}, ("--no-network", "--allow-private")),
+])
+def test_bad_allow_private(ml, state_home, args, env, needles):
+    before = residue(state_home)
+    p = ml("run", "--image", "matchlock/busybox", *args, "true", env=env)
+    err = p.stderr.decode().strip()
+    assert p.returncode != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    assert residue(state_home) == before
