@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from matchlock.net.addrs import Kind, classify_value, parse_ip
 from matchlock.net.hostaddrs import HostAddresses, KernelHostAddresses
@@ -37,10 +36,28 @@ Resolver = Callable[[str], Sequence[str] | None]  # normalised name -> addresses
 Normaliser = Callable[[str], str | None]
 
 
-@dataclass(frozen=True, slots=True)
 class Blocked:
-    rule: str  # "invalid", "never", "host-local", "private", "special"
-    reason: str  # one line: what, which rule, and how to open it (if anything can)
+    """A refusal: `rule` ("invalid", "never", "host-local", "host-unknown", "private",
+    "special", "no-network") and `reason`, one line saying what, which rule, and how to
+    open it (if anything can). The reason is built only when asked for: a plain
+    `ip_allowed` refusal costs no string formatting."""
+
+    __slots__ = ("rule", "_make", "_reason")
+
+    def __init__(self, rule: str, reason: str | Callable[[], str]) -> None:
+        self.rule = rule
+        self._make = reason if callable(reason) else None
+        self._reason = reason if isinstance(reason, str) else None
+
+    @property
+    def reason(self) -> str:
+        if self._reason is None:
+            assert self._make is not None
+            self._reason = self._make()
+        return self._reason
+
+    def __repr__(self) -> str:
+        return f"Blocked({self.rule!r}, {self.reason!r})"
 
 
 def _ip(version: int, value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -92,6 +109,7 @@ class DialCheck:
         self._host_addrs = host_addresses
         self._owned = host_addresses is None
         self._closed = False
+        self._warned = False
         self._resolve = resolve
         self._normalise = normalise
         self._lock = threading.Lock()
@@ -116,16 +134,23 @@ class DialCheck:
         kind, entry, via, tv, tval = classify_value(version, value)
         if kind is Kind.NEVER:
             assert entry is not None
-            return Blocked("never", self._never(_where(str(_ip(version, value)), port),
-                                                _what(entry, via, tv, tval), entry.net))
+            return Blocked("never", lambda: self._never(_where(str(_ip(version, value)), port),
+                                                        _what(entry, via, tv, tval), entry.net))
         embedded = (tv, tval) != parsed
-        if self._is_local(version, value) or (embedded and self._is_local(tv, tval)):
+        try:
+            local = self._is_local((parsed, (tv, tval)) if embedded else (parsed,))
+        except OSError as e:  # fail closed: without the host's addresses nothing is dialled
+            return Blocked("host-unknown", f"address {_where(str(_ip(version, value)), port)} "
+                           f"is refused: this host's own addresses cannot be read from the "
+                           f"kernel ({e})")
+        if local:
             if self._covered(version, value, port, exact=True) or \
                     (embedded and self._covered(tv, tval, port, exact=True)):
                 return None
-            return Blocked("host-local", f"address {_where(str(_ip(version, value)), port)} is "
-                           "an address of this host, which a sandbox may not reach; allow "
-                           f"exactly this address with {FLAG} {_entry(tv, tval, port)}")
+            return Blocked("host-local", lambda: (
+                f"address {_where(str(_ip(version, value)), port)} is an address of this "
+                "host, which a sandbox may not reach; allow exactly this address with "
+                f"{FLAG} {_entry(tv, tval, port)}"))
         if kind is Kind.GLOBAL:
             return None
         if kind is Kind.PRIVATE and self._legacy:
@@ -135,13 +160,14 @@ class DialCheck:
         if self._hosts and self._host_covers(parsed, (tv, tval), port, host):
             return None
         assert entry is not None
-        where = _where(str(_ip(version, value)), port)
-        what = _what(entry, via, tv, tval)
         private = kind is Kind.PRIVATE
-        return Blocked("private" if private else "special",
-                       f"address {where} {what}, a {'private' if private else 'special-use'} "
-                       f"range this sandbox may not reach; allow it with "
-                       f"{FLAG} {_entry(tv, tval, port)}")
+
+        def reason() -> str:
+            return (f"address {_where(str(_ip(version, value)), port)} "
+                    f"{_what(entry, via, tv, tval)}, a {'private' if private else 'special-use'}"
+                    f" range this sandbox may not reach; allow it with "
+                    f"{FLAG} {_entry(tv, tval, port)}")
+        return Blocked("private" if private else "special", reason)
 
     def _covered(self, version: int, value: int, port: int | None, exact: bool = False) -> bool:
         for v, shift, net, is_exact, want in self._nets:
@@ -174,7 +200,8 @@ class DialCheck:
                     return True
         return False
 
-    def _is_local(self, version: int, value: int) -> bool:
+    def _is_local(self, addrs: tuple[tuple[int, int], ...]) -> bool:
+        """Raises OSError when the kernel's view cannot be had (the caller refuses)."""
         try:
             with self._lock:
                 if self._closed:
@@ -182,8 +209,10 @@ class DialCheck:
                 if self._host_addrs is None:
                     self._host_addrs = KernelHostAddresses()
                 view = self._host_addrs
-            return view.local_value(version, value)
-        except OSError as e:  # fail closed: an unknown host view blocks everything special
-            log.warning("cannot read this host's addresses (%s); treating %s as local", e,
-                        _ip(version, value))
-            return True
+            return view.local_any(addrs)
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot read this host's addresses from the kernel (%s): every "
+                            "dial is refused", e)
+            raise

@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,10 +61,10 @@ DUMP_TIMEOUT_S = 5.0
 
 
 class HostAddresses(Protocol):
-    """What the policy needs to know: does dialling this address (IP version, value as an
-    int) reach this host?"""
+    """What the policy needs to know: does dialling any of these addresses ((IP version,
+    value as an int) pairs: an address and the IPv4 it carries) reach this host?"""
 
-    def local_value(self, version: int, value: int) -> bool: ...
+    def local_any(self, addrs: Sequence[tuple[int, int]]) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -281,9 +281,12 @@ class KernelHostAddresses:
         return self.local_value(addr.version, int(addr))
 
     def local_value(self, version: int, value: int) -> bool:
+        return self.local_any(((version, value),))
+
+    def local_any(self, addrs: Sequence[tuple[int, int]]) -> bool:
         with self._lock:
             self._drain()
-            return self._table.contains_value(version, value)
+            return any(self._table.contains_value(v, x) for v, x in addrs)
 
     def prefixes(self) -> list[str]:
         with self._lock:
@@ -385,8 +388,8 @@ class StaticHostAddresses:
     def is_local(self, addr: IPAddress) -> bool:
         return self._table.contains(addr)
 
-    def local_value(self, version: int, value: int) -> bool:
-        return self._table.contains_value(version, value)
+    def local_any(self, addrs: Sequence[tuple[int, int]]) -> bool:
+        return any(self._table.contains_value(v, x) for v, x in addrs)
 
     def close(self) -> None:
         pass

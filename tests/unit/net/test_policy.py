@@ -163,9 +163,10 @@ def test_host_local_view_is_asked_at_each_check():
         def __init__(self):
             self.local: set[str] = set()
 
-        def local_value(self, version, value):
-            return str(ipaddress.ip_address(value) if version == 4
-                       else ipaddress.IPv6Address(value)) in self.local
+        def local_any(self, addrs):
+            return any(str(ipaddress.ip_address(value) if version == 4
+                           else ipaddress.IPv6Address(value)) in self.local
+                       for version, value in addrs)
 
         def close(self):
             pass
@@ -180,7 +181,7 @@ def test_host_local_view_is_asked_at_each_check():
 
 def test_failing_host_view_fails_closed():
     class Broken:
-        def local_value(self, version, value):
+        def local_any(self, addrs):
             raise OSError("netlink gone")
 
         def close(self):
@@ -188,7 +189,14 @@ def test_failing_host_view_fails_closed():
 
     p = Policy(NetworkConfig(mode="open"), host_addresses=Broken())
     assert not p.ip_allowed("8.8.8.8", 443)
-    assert "address of this host" in p.block_reason_ip("8.8.8.8", 443)
+    assert p.block_reason_ip("8.8.8.8", 443) == (
+        "address 8.8.8.8:443 is refused: this host's own addresses cannot be read from the "
+        "kernel (netlink gone)")
+    p.close()
+    q = Policy(NetworkConfig(mode="open"))
+    assert q.ip_allowed("8.8.8.8", 443)
+    q.close()  # a closed view refuses rather than reopening
+    assert not q.ip_allowed("8.8.8.8", 443)
 
 
 @pytest.mark.parametrize("ip", ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0", "64:ff9b::",
