@@ -68,6 +68,8 @@ class Upstreams:
     def __init__(self, ns: str, net: str, work: Path) -> None:
         self.ns, self.net, self.work = ns, net, work
         self.api, self.other, self.host = f"{net}.2", f"{net}.3", f"{net}.1"
+        # 198.18/15 is a special-use range: open exactly the two upstream addresses
+        self.private = ("--allow-private", f"{self.api},{self.other}")
         self.log = work / "upstream.jsonl"
         self.ca, _, _ = write_test_pki(work, ["api.test", "free.test", "other.test",
                                              "real.dns.test"])
@@ -335,7 +337,7 @@ def test_intercept_policy_secrets_and_escapes(ml_env, env, state_home, upstreams
     cmd = [sys.executable, "-m", "matchlock", "run", "-i", "--image", "debian:test",
            "--allow-host", "api.test,free.test", "--allow-host", "*.dns.test",
            "--add-host", f"api.test:{up.api}", "--add-host", f"free.test:{up.api}",
-           "--add-host", f"other.test:{up.other}",
+           "--add-host", f"other.test:{up.other}", *up.private,
            "--secret", "TOKEN@api.test", "--secret", f"LIT={LITERAL}@api.test",
            "--dns-servers", up.api, "--",
            "python3", "-c", POLICY_SCRIPT, up.api, up.other, str(host_port)]
@@ -505,7 +507,7 @@ def test_network_intercept_without_allow_list(ml, env, state_home, upstreams, ho
     """--network-intercept alone: every name allowed, private ranges still blocked."""
     up = upstreams
     host_port, hits = host_loopback
-    p = ml("run", "--image", "debian:test", "--network-intercept",
+    p = ml("run", "--image", "debian:test", "--network-intercept", *up.private,
            "--add-host", f"api.test:{up.api}", "--dns-servers", up.api, "--",
            "python3", "-c", OPEN_INTERCEPT_SCRIPT, str(host_port), env=env, check=True)
     r = results(p.stdout.decode())
@@ -565,6 +567,7 @@ def test_streaming_sse_upgrade_and_200mb(ml, env, state_home, upstreams):
     """SSE arrives as emitted; a WebSocket-style upgrade is relayed; 200 MB each way."""
     p = ml("run", "--image", "debian:test",
            "--allow-host", "api.test", "--add-host", f"api.test:{upstreams.api}",
+           *upstreams.private,
            "--secret", "TOKEN@api.test", "--",
            "python3", "-c", STREAM_SCRIPT, str(BIG_MB), YES_LINE,
            env=env, check=True, timeout=900)

@@ -169,7 +169,9 @@ try ipv6_ll timeout 5 ping6 -c 1 -W 2 ff02::2%eth0
 hostname
 """
     # --dns-servers on loopback: a query the resolver forwards never leaves the machine.
+    # 198.18/15 is a special-use range: open exactly the upstream's port
     p = ml("run", "--image", "matchlock/busybox", "--add-host", f"up.test:{UP_NS}",
+           "--allow-private", f"{UP_NS}:8080",
            "--dns-servers", "127.0.0.1", "--", "sh", "-c", script, check=True)
     lines = p.stdout.decode().split("\n")
     results = dict(line.split(" ", 1)[::-1] for line in lines if line[:3] in ("OK ", "FAI"))

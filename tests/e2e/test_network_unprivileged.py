@@ -166,6 +166,7 @@ hostname
 """
     t0 = time.monotonic()
     p = nobody("run", "--image", "matchlock/busybox", "--add-host", f"up.test:{upstream}",
+               "--allow-private", f"{upstream}:8080",
                "--dns-servers", "127.0.0.1", "--", "sh", "-c", script)
     elapsed = time.monotonic() - t0
     out, err = p.stdout.decode(), p.stderr.decode()

@@ -37,7 +37,13 @@ def _progress(msg: str) -> None:
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
               help="Allow only these hosts (globs, comma-separated; repeatable).")
 @click.option("--add-host", "add_hosts", multiple=True, metavar="HOST:IP",
-              help="Resolve HOST to IP in the guest (repeatable).")
+              help="Resolve HOST to IP in the guest (repeatable); a private or "
+                   "special-use IP also needs --allow-private.")
+@click.option("--allow-private", "allow_private", multiple=True, metavar="IP|CIDR|HOST[:PORT]",
+              help="Let the guest reach this private or special-use address, network or "
+                   "host (optionally one port only); an address of this host only when "
+                   "named exactly (comma-separated; repeatable; env MATCHLOCK_ALLOW_PRIVATE "
+                   "adds to it).")
 @click.option("--secret", "secrets", multiple=True, metavar="NAME[=VALUE]@HOST[,HOST]",
               help="Give the guest a placeholder for NAME, replaced by the real value "
               "(from the host env when no VALUE) only on requests to HOST (repeatable).")
@@ -55,7 +61,8 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         env_file: tuple[str, ...], workdir: str | None, user: str | None,
         entrypoint: str | None, cpus: float, memory: int, disk_size: int, rm: bool,
         hostname: str, no_network: bool, allow_hosts: tuple[str, ...],
-        add_hosts: tuple[str, ...], secrets: tuple[str, ...], dns_servers: tuple[str, ...],
+        add_hosts: tuple[str, ...], allow_private: tuple[str, ...], secrets: tuple[str, ...],
+        dns_servers: tuple[str, ...],
         network_intercept: bool, mtu: int, kernel: str | None, accel: str | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new sandbox booted from --image.
@@ -64,7 +71,7 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     after `--`) is the guest command. The exit status is the guest command's (128+n
     when a signal killed it, 127 when it could not be started).
     """
-    from matchlock.net.config import parse_network_flags
+    from matchlock.net.config import ALLOW_PRIVATE_ENV, parse_network_flags
     from matchlock.sandbox import SandboxConfig
 
     if tty and not interactive:
@@ -74,7 +81,8 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     network = parse_network_flags(
         no_network=no_network, allow_hosts=allow_hosts, add_hosts=add_hosts, secrets=secrets,
         dns_servers=dns_servers, network_intercept=network_intercept, mtu=mtu,
-        host_env=os.environ,
+        host_env=os.environ, allow_private=allow_private,
+        env_allow_private=os.environ.get(ALLOW_PRIVATE_ENV, ""),
     )
     config = SandboxConfig(
         image=image, cpus=cpus, memory_mib=memory, disk_size_mib=disk_size,

@@ -11,10 +11,20 @@ import secrets as _secrets
 from collections.abc import Iterable, Mapping, Sequence
 
 from matchlock.errors import UsageError
-from matchlock.net.policy import normalise_glob
-from matchlock.net.types import DEFAULT_DNS_SERVERS, NetworkConfig, NetworkMode, Secret
+from matchlock.net.addrs import Kind, classify
+from matchlock.net.policy import normalise_glob, normalise_host
+from matchlock.net.types import (
+    DEFAULT_DNS_SERVERS,
+    NetworkConfig,
+    NetworkMode,
+    PrivateException,
+    Secret,
+)
 
 PLACEHOLDER_PREFIX = "SANDBOX_SECRET_"
+# Exceptions to the special-range block for every VM this process creates (CLI and RPC):
+# read by the face that builds the config, never by the lower layers.
+ALLOW_PRIVATE_ENV = "MATCHLOCK_ALLOW_PRIVATE"
 MIN_MTU = 576  # the IPv4 minimum every host must accept (RFC 791)
 MAX_MTU = 65535
 
@@ -89,6 +99,82 @@ def _parse_secret(raw: str, host_env: Mapping[str, str]) -> Secret:
     return Secret(name=name, value=value, hosts=globs, placeholder=new_placeholder())
 
 
+_ENTRY_SYNTAX = ("use IP, CIDR or HOST, optionally with :PORT "
+                 "(e.g. 10.1.2.3, 10.0.0.0/8, db.internal:5432, [fd00::1]:80)")
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_PORT_SUFFIX_RE = re.compile(r"(.+):(\d{1,5})\Z")
+
+
+def _split_port(raw: str) -> tuple[str, str | None]:
+    """`[v6]:80`, `[v6]`, `v6`, `v6/64`, `v4:80`, `v4/8:80`, `name:80`, `name`."""
+    if raw.startswith("["):
+        end = raw.find("]")
+        if end < 0:
+            return raw, None
+        rest = raw[end + 1:]
+        if rest.startswith(":") and rest[1:].isdigit():
+            return raw[1:end], rest[1:]
+        return (raw[1:end], None) if not rest else (raw, None)
+    if raw.count(":") == 1:
+        m = _PORT_SUFFIX_RE.match(raw)
+        if m:
+            return m.group(1), m.group(2)
+    return raw, None
+
+
+def parse_private_exception(raw: str, source: str = "--allow-private") -> PrivateException:
+    """One IP|CIDR|HOST[:PORT] entry; UsageError naming `source` when it is not one."""
+    shown = raw.strip()
+
+    def bad(why: str) -> UsageError:
+        return UsageError(f"invalid {source} entry {shown!r}: {why}")
+
+    what, port_text = _split_port(shown)
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise bad("the port must be 1 to 65535")
+    if not what:
+        raise bad(_ENTRY_SYNTAX)
+    try:
+        net = ipaddress.ip_network(what, strict=False)
+    except ValueError:
+        net = None
+    if net is not None:
+        try:
+            ipaddress.ip_network(what)
+        except ValueError:
+            raise bad(f"it has host bits set; did you mean {net}?") from None
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_V4_MAPPED):
+            # ::ffff:a.b.c.d is dialled as a.b.c.d: store the IPv4 form, which covers both
+            net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF,
+                                         net.prefixlen - 96))
+        first, last = classify(net.network_address), classify(net.broadcast_address)
+        if first.kind is Kind.NEVER and last.kind is Kind.NEVER and first.net == last.net:
+            hint = ("; to reach a service on the host's loopback name it exactly, "
+                    "e.g. 127.0.0.1:PORT") if first.net in ("0.0.0.0/8", "::/128") else ""
+            raise bad(f"{first.net} ({first.label}) is never dialled, whatever the "
+                      f"exceptions{hint}")
+        return PrivateException(net=str(net), port=port)
+    if "/" in what or "*" in what:
+        raise bad(_ENTRY_SYNTAX)
+    host = normalise_host(what)
+    if host is None or ":" in host or host.rsplit(".", 1)[-1].isdigit():
+        raise bad(_ENTRY_SYNTAX)  # all-digit last label: a malformed IP, not a name
+    if host == "localhost" or host.endswith(".localhost"):
+        raise bad("a host name never opens an address of this host; name the address "
+                  "exactly, e.g. 127.0.0.1:PORT")
+    return PrivateException(host=host, port=port)
+
+
+def parse_private_exceptions(values: Iterable[str],
+                             source: str = "--allow-private") -> tuple[PrivateException, ...]:
+    """Comma lists of IP|CIDR|HOST[:PORT] (flag values, the environment variable, the RPC
+    list), validated, deduplicated, in order."""
+    return _dedup(parse_private_exception(v, source) for v in _items(values))
+
+
 def host_resolvers(path: str | None = None) -> tuple[str, ...]:
     """The host's own resolvers: our DNS runs on the host, so it asks what the host asks
     (a corporate or local resolver works as it does for every other host program).
@@ -113,14 +199,17 @@ def host_resolvers(path: str | None = None) -> tuple[str, ...]:
 def parse_network_flags(*, no_network: bool, allow_hosts: Sequence[str],
                         add_hosts: Sequence[str], secrets: Sequence[str],
                         dns_servers: Sequence[str], network_intercept: bool, mtu: int,
-                        host_env: Mapping[str, str]) -> NetworkConfig:
-    """Validate and combine the `run` network flags (see the module docstring)."""
+                        host_env: Mapping[str, str], allow_private: Sequence[str] = (),
+                        env_allow_private: str = "") -> NetworkConfig:
+    """Validate and combine the `run` network flags (see the module docstring).
+    `env_allow_private`: the face's MATCHLOCK_ALLOW_PRIVATE value (applies to every VM)."""
     allow_items = _items(allow_hosts)
     secret_items = [s for s in secrets if s.strip()]
 
     if no_network:
         for given, flag in ((allow_items, "--allow-host"), (secret_items, "--secret"),
-                            (network_intercept, "--network-intercept")):
+                            (network_intercept, "--network-intercept"),
+                            (_items(allow_private), "--allow-private")):
             if given:
                 raise UsageError(f"--no-network cannot be combined with {flag}; "
                                  f"drop one of them")
@@ -149,6 +238,10 @@ def parse_network_flags(*, no_network: bool, allow_hosts: Sequence[str],
             raise UsageError(f"invalid --dns-servers entry {s!r}: use IP addresses "
                              "(e.g. 1.1.1.1,9.9.9.9)") from None
 
+    exceptions = () if no_network else _dedup((
+        *parse_private_exceptions([env_allow_private], ALLOW_PRIVATE_ENV),
+        *parse_private_exceptions(allow_private)))
+
     mode: NetworkMode
     if no_network:
         mode = "none"
@@ -164,4 +257,5 @@ def parse_network_flags(*, no_network: bool, allow_hosts: Sequence[str],
         secrets=tuple(parsed),
         dns_servers=_dedup(servers) or host_resolvers(),
         mtu=mtu,
+        allow_private=exceptions,
     )

@@ -16,7 +16,12 @@ Glob semantics (also used for secret hosts), always case-insensitive, on a norma
 The allow-list in intercept mode: an allow-list that was empty when the sandbox started and
 was never edited (``--network-intercept`` alone) allows every host. Once a list has been in
 force, removing its last entry allows *no* host (the reference reopened egress to all hosts,
-a fail-open surprise). Private and reserved addresses are blocked regardless (`ip_allowed`).
+a fail-open surprise).
+
+Addresses are a separate question, asked at dial time for every address whatever its source
+(`ip_allowed`, see `dialcheck`): only globally routable addresses, never the host itself,
+never 0.0.0.0, unless an explicit exception (`NetworkConfig.allow_private`) names them. The
+policy's DNS bookkeeping tells the check which name an address came from.
 """
 
 from __future__ import annotations
@@ -29,23 +34,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from matchlock.errors import UsageError
+from matchlock.net.dialcheck import Blocked, DialCheck
+from matchlock.net.hostaddrs import HostAddresses
 from matchlock.net.types import EventSink, NetEvent, NetworkConfig, Secret
-
-# Addresses the guest may never reach unless allow_private is set (or the exact address is an
-# --add-host target). Checked on the actual IP that would be dialled.
-_PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.168.0.0/16", "::1/128", "fc00::/7", "fe80::/10",
-))
-# Never sensible destinations, blocked even with allow_private: "this network" (0.0.0.0 dials
-# the host's own localhost on Linux), multicast, reserved/broadcast, IPv4-compatible (::/96
-# other than ::1, deprecated), NAT64 and Teredo (they tunnel to addresses we cannot see).
-_RESERVED_NETS = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "::/128", "64:ff9b::/96", "64:ff9b:1::/48",
-    "2001::/32", "ff00::/8",
-))
-_V4_COMPAT = ipaddress.ip_network("::/96")
-_V6_LOOPBACK = ipaddress.ip_address("::1")
 
 # DNS bookkeeping bounds: a hostile guest can make us record at most this many names, and we
 # keep an answer this long after its TTL (guest stub caches may outlive the TTL we gave).
@@ -138,43 +129,14 @@ def match_glob(glob: str, host: str) -> bool:
     return _label_wildcard_re(glob).match(host) is not None
 
 
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    return None
-
-
-def blocked_range(ip: str, allow_private: bool = False) -> str | None:
-    """The blocked network (as a string) that `ip` falls in, or None. An unparsable address
-    is reported as blocked ("invalid address")."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return "invalid address"
-    if isinstance(addr, ipaddress.IPv6Address):
-        inner = _embedded_v4(addr)
-        if inner is not None:
-            found = blocked_range(str(inner), allow_private)
-            if found is not None:
-                return f"{found} (embedded in {addr})"
-        if addr in _V4_COMPAT and addr != _V6_LOOPBACK:
-            return str(_V4_COMPAT)
-    nets = _RESERVED_NETS if allow_private else _RESERVED_NETS + _PRIVATE_NETS
-    for net in nets:
-        if addr.version == net.version and addr in net:
-            return str(net)
-    return None
-
-
 class Policy:
     """One sandbox's network policy. All methods are synchronous and cheap; mutation is
     guarded by a lock, reads see immutable snapshots, so asyncio tasks and the odd thread
     can share one instance."""
 
     def __init__(self, config: NetworkConfig, emit: EventSink | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 host_addresses: HostAddresses | None = None) -> None:
         self._config = config
         self._emit = emit
         self._clock = clock
@@ -184,13 +146,15 @@ class Policy:
         # an allow-list that was never in force allows everything (see module docstring)
         self._allow_all_when_empty = not self._allow
         self._add_hosts: dict[str, tuple[str, ...]] = {}
-        add_ips: set[str] = set()
         for name, ip in config.add_hosts:
             n = normalise_host(name) or name.lower().rstrip(".")
             canon = str(ipaddress.ip_address(ip))
             self._add_hosts[n] = (*self._add_hosts.get(n, ()), canon)
-            add_ips.add(canon)
-        self._add_ips = frozenset(add_ips)
+        # --add-host addresses get no pass: they face the same dial-time check as any other
+        self._dial = DialCheck(config.allow_private,
+                               allow_private_ranges=config.allow_private_ranges,
+                               host_addresses=host_addresses, resolve=self._known_ips,
+                               normalise=normalise_host)
         self._secret_globs = tuple(
             (s, tuple(normalise_glob(g, f"--secret {s.name}") for g in s.hosts))
             for s in config.secrets)
@@ -267,18 +231,26 @@ class Policy:
 
     # -- addresses --------------------------------------------------------------------------
 
-    def ip_allowed(self, ip: str) -> bool:
-        """May we dial this address? False for private/reserved ranges (unless allow_private,
-        which still keeps the reserved ones), True for an exact --add-host address."""
+    def _check_ip(self, ip: str, port: int | None, host: str | None) -> Blocked | None:
         if self._config.mode == "none":
-            return False
-        try:
-            canon = str(ipaddress.ip_address(ip))
-        except ValueError:
-            return False
-        if canon in self._add_ips:
-            return True
-        return blocked_range(canon, self._config.allow_private) is None
+            return Blocked("no-network", f"address {ip} is not reachable: this sandbox has no "
+                           "network")
+        return self._dial.check(ip, port, host or None)
+
+    def ip_allowed(self, ip: str, port: int, host: str | None = None) -> bool:
+        """May we dial ip:port now? Asked right before every connect, for every address
+        whatever its source; `host`: the name it was resolved from, if any (see
+        `dialcheck` for the rule)."""
+        return self._check_ip(ip, port, host) is None
+
+    def answer_allowed(self, ip: str, name: str) -> bool:
+        """May our DNS hand `ip` out for `name`? (It could be dialled on some port; each
+        dial is checked again.)"""
+        return self._check_ip(ip, None, name) is None
+
+    def close(self) -> None:
+        """Release the kernel view of the host's addresses (if this policy opened it)."""
+        self._dial.close()
 
     def block_reason_host(self, host: str) -> str:
         h = normalise_host(host)
@@ -290,19 +262,14 @@ class Policy:
         return (f"host {h} is not allowed by this sandbox's network policy; "
                 f"allow it with --allow-host {h}")
 
-    def block_reason_ip(self, ip: str, port: int) -> str:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return f"address {ip!r} is not a valid IP address; it is blocked"
-        where = f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
-        if self._config.mode == "none":
-            return f"address {where} is not reachable: this sandbox has no network"
-        rng = blocked_range(str(addr), self._config.allow_private)
-        if rng is not None:
-            return (f"address {where} is in a private or reserved range ({rng}) that this "
-                    f"sandbox may not reach; map a name to it with --add-host NAME:{addr} "
-                    "to allow exactly this address")
+    def block_reason_ip(self, ip: str, port: int | None, host: str | None = None) -> str:
+        """Why ip:port may not be dialled: the rule that blocks it and how to open it."""
+        found = self._check_ip(ip, port, host)
+        if found is not None:
+            return found.reason
+        addr = ipaddress.ip_address(ip)
+        where = str(addr) if port is None else f"[{addr}]:{port}" if addr.version == 6 \
+            else f"{addr}:{port}"
         return (f"address {where} is not allowed by this sandbox's network policy; "
                 f"allow it with --allow-host {addr}")
 
@@ -362,6 +329,17 @@ class Policy:
                 del self._answers[n]
                 return None
         return list(ips)
+
+    def _known_ips(self, n: str) -> list[str] | None:
+        """`ips_for_host` for a name that is already normalised (the dial check's hot path)."""
+        found = self._add_hosts.get(n)
+        if found:
+            return list(found)
+        with self._lock:
+            entry = self._answers.get(n)
+            if entry is None or self._clock() >= entry[1]:
+                return None
+            return list(entry[0])
 
     def host_for_ip(self, ip: str) -> str | None:
         """The last name we answered with this address (or its --add-host name)."""

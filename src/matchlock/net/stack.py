@@ -162,6 +162,7 @@ class NetworkStack:
             with contextlib.suppress(Exception):
                 await closer()
         await asyncio.to_thread(self.ns.close)
+        self.policy.close()
         self._events.close()
         self.timings["net_teardown"] = time.monotonic() - t0
 
@@ -170,6 +171,7 @@ class NetworkStack:
         self._closed = True
         self._events.close()
         self.ns.close()
+        self.policy.close()
 
     def _default_handler(self) -> ConnectionHandler:
         if self.config.mode == "open":

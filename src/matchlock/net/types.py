@@ -30,6 +30,26 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivateException:
+    """One explicit exception to the special-range block (`--allow-private`, the
+    MATCHLOCK_ALLOW_PRIVATE variable, the RPC's network.allow_private list): an address or
+    network (`net`, canonical CIDR) or a host name (`host`), optionally one `port` only.
+    A host-local address is opened only by a `net` naming exactly that one address."""
+
+    net: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:  # the flag syntax, canonical
+        what = self.host or self.net or ""
+        if self.net is not None and (what.endswith("/32") or what.endswith("/128")):
+            what = what.rsplit("/", 1)[0]
+        if self.port is None:
+            return what
+        return f"[{what}]:{self.port}" if ":" in what else f"{what}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkConfig:
     mode: NetworkMode = "open"
     allow_hosts: tuple[str, ...] = ()  # globs; secret hosts are added to it
@@ -37,7 +57,11 @@ class NetworkConfig:
     secrets: tuple[Secret, ...] = ()
     dns_servers: tuple[str, ...] = DEFAULT_DNS_SERVERS
     mtu: int = DEFAULT_MTU
-    allow_private: bool = False  # SDK's allow-private-IPs; never set by the CLI
+    # explicit exceptions to the special-range block (see PrivateException)
+    allow_private: tuple[PrivateException, ...] = ()
+    # the reference's block_private_ips=false (RPC/SDK only): lifts its private set (RFC 1918,
+    # link-local, ULA), never the other special ranges and never the host's own addresses
+    allow_private_ranges: bool = False
 
     def public_view(self) -> dict:
         """What may be stored (state DB) or shown (inspect): secrets without values."""
@@ -49,7 +73,8 @@ class NetworkConfig:
                         for s in self.secrets],
             "dns_servers": list(self.dns_servers),
             "mtu": self.mtu,
-            "allow_private": self.allow_private,
+            "allow_private": [str(e) for e in self.allow_private],
+            "allow_private_ranges": self.allow_private_ranges,
         }
 
 

@@ -7,8 +7,13 @@ import re
 import pytest
 
 from matchlock.errors import UsageError
-from matchlock.net.config import host_resolvers, new_placeholder, parse_network_flags
-from matchlock.net.types import DEFAULT_DNS_SERVERS
+from matchlock.net.config import (
+    host_resolvers,
+    new_placeholder,
+    parse_network_flags,
+    parse_private_exceptions,
+)
+from matchlock.net.types import DEFAULT_DNS_SERVERS, PrivateException
 
 
 def parse(**kw):
@@ -53,6 +58,7 @@ def test_modes():
     ("--allow-host", {"allow_hosts": ["a.com"]}),
     ("--secret", {"secrets": ["K=v@a.com"]}),
     ("--network-intercept", {"network_intercept": True}),
+    ("--allow-private", {"allow_private": ["10.0.0.1"]}),
 ])
 def test_no_network_conflicts(flag, kw):
     with pytest.raises(UsageError, match=f"--no-network cannot be combined with {flag}"):
@@ -171,3 +177,59 @@ def test_mtu_ok(mtu):
 def test_public_view_has_no_values():
     c = parse(secrets=["K=hunter2@a.com"])
     assert "hunter2" not in repr(c) and "hunter2" not in repr(c.public_view())
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("10.1.2.3", PrivateException(net="10.1.2.3/32")),
+    ("10.1.2.3:5432", PrivateException(net="10.1.2.3/32", port=5432)),
+    ("10.0.0.0/8", PrivateException(net="10.0.0.0/8")),
+    ("198.18.0.0/15:80", PrivateException(net="198.18.0.0/15", port=80)),
+    ("fd00::1", PrivateException(net="fd00::1/128")),
+    ("[fd00::1]", PrivateException(net="fd00::1/128")),
+    ("[fd00::1]:80", PrivateException(net="fd00::1/128", port=80)),
+    ("fd00::/8", PrivateException(net="fd00::/8")),
+    ("[fd00::/8]:443", PrivateException(net="fd00::/8", port=443)),
+    ("::ffff:10.1.2.3", PrivateException(net="10.1.2.3/32")),  # the IPv4 it is dialled as
+    ("::ffff:10.0.0.0/104", PrivateException(net="10.0.0.0/8")),
+    ("DB.Internal.", PrivateException(host="db.internal")),
+    ("db.internal:6379", PrivateException(host="db.internal", port=6379)),
+    ("0.0.0.0/0", PrivateException(net="0.0.0.0/0")),
+])
+def test_allow_private_entries(raw, want):
+    assert parse_private_exceptions([raw]) == (want,)
+    # the canonical text parses back to the same entry
+    assert parse_private_exceptions([str(want)]) == (want,)
+
+
+@pytest.mark.parametrize("raw,why", [
+    ("0.0.0.0", "never dialled"), ("0.0.0.0:80", "never dialled"), ("::", "never dialled"),
+    ("0.0.0.0/8", "never dialled"), ("224.0.0.0/4", "never dialled"),
+    ("255.255.255.255", "never dialled"), ("ff02::1", "never dialled"),
+    ("10.1.2.3/8", "host bits set; did you mean 10.0.0.0/8?"),
+    ("10.0.0.1:0", "port must be 1 to 65535"), ("10.0.0.1:65536", "port must be 1 to 65535"),
+    ("localhost", "never opens an address of this host"),
+    ("x.localhost:80", "never opens an address of this host"),
+    ("*.corp", "use IP, CIDR or HOST"), ("a b", "use IP, CIDR or HOST"),
+    ("1.2.3.4/33", "use IP, CIDR or HOST"), ("10.1", "use IP, CIDR or HOST"),
+    ("[::1", "use IP, CIDR or HOST"), (":80", "use IP, CIDR or HOST"),
+])
+def test_allow_private_bad(raw, why):
+    with pytest.raises(UsageError) as e:
+        parse_private_exceptions([raw], "--allow-private")
+    msg = str(e.value)
+    assert msg.startswith(f"invalid --allow-private entry {raw!r}: ") and why in msg, msg
+    assert "\n" not in msg
+
+
+def test_allow_private_from_flags_and_environment():
+    c = parse(allow_private=["10.0.0.1, 10.0.0.2", "10.0.0.1", "db:5432"],
+              env_allow_private="198.18.0.5,10.0.0.2")
+    assert [str(e) for e in c.allow_private] == ["198.18.0.5", "10.0.0.2", "10.0.0.1",
+                                                 "db:5432"]
+    assert c.public_view()["allow_private"] == ["198.18.0.5", "10.0.0.2", "10.0.0.1",
+                                                "db:5432"]
+    assert c.allow_private_ranges is False  # the CLI never sets the legacy switch
+    with pytest.raises(UsageError, match="invalid MATCHLOCK_ALLOW_PRIVATE entry 'nope/1'"):
+        parse(env_allow_private="nope/1")
+    # the variable applies to every networked VM; without a network there is nothing to open
+    assert parse(no_network=True, env_allow_private="10.0.0.1").allow_private == ()

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from matchlock.net.config import parse_private_exceptions
 from matchlock.net.dns import GuestResolver
 from matchlock.net.dns._codec import (
     CLASS_IN,
@@ -235,12 +236,12 @@ UPSTREAM_TABLE = {
                            enc_name("edge.cdn.example.net")),
                         rr(owner("edge.cdn.example.net"), TYPE_CNAME, 45,
                            enc_name("x.cdn.example.net")),
-                        rr(owner("x.cdn.example.net"), TYPE_A, 20, a("203.0.113.7")),
-                        rr(owner("other.example.net"), TYPE_A, 20, a("203.0.113.99"))],
+                        rr(owner("x.cdn.example.net"), TYPE_A, 20, a("93.184.215.7")),
+                        rr(owner("other.example.net"), TYPE_A, 20, a("93.184.215.99"))],
     "rebind.example.com": [rr(owner("rebind.example.com"), TYPE_A, 30, a("10.0.0.5"))],
     "local.example.com": [rr(owner("local.example.com"), TYPE_A, 30, a("127.0.0.1"))],
     "mixed.example.com": [rr(owner("mixed.example.com"), TYPE_A, 30, a("169.254.169.254")),
-                          rr(owner("mixed.example.com"), TYPE_A, 30, a("198.51.100.4"))],
+                          rr(owner("mixed.example.com"), TYPE_A, 30, a("93.184.215.4"))],
     "broken.example.com": SERVFAIL,
     "slow.example.com": "silent",
 }
@@ -291,8 +292,9 @@ async def with_resolver(config: NetworkConfig, body, table=None, **kw):
         up_transport.close()
 
 
-def intercept(*allow, add=()):
-    return NetworkConfig(mode="intercept", allow_hosts=tuple(allow), add_hosts=tuple(add))
+def intercept(*allow, add=(), private=()):
+    return NetworkConfig(mode="intercept", allow_hosts=tuple(allow), add_hosts=tuple(add),
+                         allow_private=parse_private_exceptions(private))
 
 
 def run(coro):
@@ -335,7 +337,8 @@ def test_add_host_answer():
         m = await query(port, "v6only")
         assert m.rcode == NOERROR and m.answers == ()
         assert fake.log == []
-        assert policy.ip_allowed("10.1.2.3")
+        # the guest is told what --add-host says, but the address gets no pass at dial time
+        assert not policy.ip_allowed("10.1.2.3", 80, "db.internal")
     run(with_resolver(intercept("*.example.com",
                                 add=[("db.internal", "10.1.2.3"), ("v6only", "2001:db8::5")]),
                       body))
@@ -354,8 +357,8 @@ def test_cname_chain_flattened():
         m = await query(port, "www.example.com")
         assert m.rcode == NOERROR
         assert [(r.name, r.rtype, r.value, r.ttl) for r in m.answers] == [
-            ("www.example.com", TYPE_A, "203.0.113.7", 20)]
-        assert policy.ips_for_host("www.example.com") == ["203.0.113.7"]
+            ("www.example.com", TYPE_A, "93.184.215.7", 20)]
+        assert policy.ips_for_host("www.example.com") == ["93.184.215.7"]
     run(with_resolver(intercept("*.example.com"), body))
 
 
@@ -371,12 +374,45 @@ def test_private_answers_dropped(name):
     run(with_resolver(intercept("*.example.com"), body))
 
 
+@pytest.mark.parametrize("private,kept", [
+    ((), []),
+    (("rebind.example.com",), ["10.0.0.5"]),  # a name entry opens what that name resolves to
+    (("10.0.0.5:443",), ["10.0.0.5"]),  # a port entry: answered, each dial checks the port
+    (("10.0.0.0/8",), ["10.0.0.5"]),
+    (("10.0.0.6",), []),
+    (("other.example.com",), []),
+])
+def test_private_answer_needs_an_exception(private, kept):
+    async def body(port, fake, policy, events, _):
+        m = await query(port, "rebind.example.com")
+        assert [r.value for r in m.answers] == kept
+        if not kept:
+            assert m.rcode == NXDOMAIN
+            assert "10.0.0.0/8 (private-use)" in events[0].detail, events
+            assert "--allow-private 10.0.0.5" in events[0].detail, events
+    run(with_resolver(intercept("*.example.com", private=private), body))
+
+
+def test_host_local_answer_needs_the_exact_address():
+    async def body(port, fake, policy, events, _):
+        m = await query(port, "local.example.com")
+        assert m.rcode == NXDOMAIN
+        assert "is an address of this host" in events[0].detail, events
+    for private in ((), ("127.0.0.0/8",), ("local.example.com",)):
+        run(with_resolver(intercept("*.example.com", private=private), body))
+
+    async def exact(port, fake, policy, events, _):
+        m = await query(port, "local.example.com")
+        assert [r.value for r in m.answers] == ["127.0.0.1"]
+    run(with_resolver(intercept("*.example.com", private=("127.0.0.1:8080",)), exact))
+
+
 def test_mixed_answer_filtered():
     async def body(port, fake, policy, events, _):
         m = await query(port, "mixed.example.com")
-        assert [r.value for r in m.answers] == ["198.51.100.4"]
+        assert [r.value for r in m.answers] == ["93.184.215.4"]
         assert events[0].fields["dropped"] == ["169.254.169.254"]
-        assert policy.ips_for_host("mixed.example.com") == ["198.51.100.4"]
+        assert policy.ips_for_host("mixed.example.com") == ["93.184.215.4"]
     run(with_resolver(intercept("*.example.com"), body))
 
 

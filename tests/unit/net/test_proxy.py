@@ -20,6 +20,7 @@ import h11
 import pytest
 
 from matchlock.net.ca import CertificateAuthority
+from matchlock.net.config import parse_private_exceptions
 from matchlock.net.policy import Policy
 from matchlock.net.proxy import (
     InterceptProxy,
@@ -33,6 +34,8 @@ from matchlock.net.types import NetworkConfig, Secret
 
 UP_IP = "127.0.0.2"
 PLAIN_IP = "127.0.0.3"
+# addresses of this host: reachable only through exceptions naming exactly them
+UPSTREAMS = parse_private_exceptions([UP_IP, PLAIN_IP])
 PH = "SANDBOX_SECRET_" + "0123456789abcdef" * 2
 PH_OTHER = "SANDBOX_SECRET_" + "fedcba9876543210" * 2
 REAL = "real-value-Zq9!"
@@ -172,7 +175,7 @@ class Env:
                    allow_hosts=("api.test", "other.test", "else.test", "plain.test"),
                    add_hosts=(("api.test", UP_IP), ("other.test", UP_IP), ("else.test", UP_IP),
                               ("plain.test", PLAIN_IP), ("evil.test", UP_IP)),
-                   secrets=SECRETS)
+                   secrets=SECRETS, allow_private=UPSTREAMS)
         cfg.update(kw)
         return Policy(NetworkConfig(**cfg))
 
@@ -492,7 +495,8 @@ def test_policy_exception_fails_closed(env):
     env.events.clear()
     n = len(env.upstream.seen)
     pol = Broken(NetworkConfig(mode="intercept", allow_hosts=("api.test",),
-                               add_hosts=(("api.test", UP_IP),), secrets=SECRETS))
+                               add_hosts=(("api.test", UP_IP),), secrets=SECRETS,
+                               allow_private=UPSTREAMS))
     port = env.listen(env.proxy(pol), UP_IP, env.up_port)
     c = Client(port, "api.test", env.ca_file)
     status, _, body = c.request("GET", "/", "api.test")
@@ -583,7 +587,7 @@ def test_tcp_relay_open_mode(env, monkeypatch):
     assert dialled == []
     (ev,) = env.events_of("blocked")
     assert "10.0.0.1" in ev.detail
-    # an --add-host address is dialled; half-close passes through
+    # an address named by an exception is dialled; half-close passes through
     port = env.listen(relay, PLAIN_IP, env.echo_port)
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall(b"abc" * 1000)

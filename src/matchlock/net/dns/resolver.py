@@ -3,9 +3,9 @@
 It answers from policy, never from the guest's bytes: a name the policy does not allow gets
 NXDOMAIN without any upstream query (so `<data>.attacker.example` carries nothing out),
 only A queries are ever forwarded — rebuilt from the parsed name, with a fresh id, from the
-host namespace — and the answer is filtered (no private/reserved addresses), flattened
-(CNAME chains become A records under the asked name) and recorded in the policy so the
-proxy dials exactly what the guest was told.
+host namespace — and the answer is filtered (no address the proxy could not dial:
+`Policy.answer_allowed`), flattened (CNAME chains become A records under the asked name)
+and recorded in the policy so the proxy dials exactly what the guest was told.
 
 What the guest gets:
 
@@ -150,11 +150,12 @@ class GuestResolver:
                  if r.rtype == TYPE_A and r.rclass == CLASS_IN and r.name.lower() == target]
         ips = list(dict.fromkeys(r.value for r in found if r.value is not None))
         ttl = min([ttl, *(r.ttl for r in found)])
-        allowed = [ip for ip in ips if self._policy.ip_allowed(ip)]
+        allowed = [ip for ip in ips if self._policy.answer_allowed(ip, name)]
         dropped = [ip for ip in ips if ip not in allowed]
         if dropped:
             self._event("dns_blocked", name, "private address",
-                        f"dropped answers in private or reserved ranges: {', '.join(dropped)}",
+                        "dropped answers: " + "; ".join(
+                            self._policy.block_reason_ip(ip, None, name) for ip in dropped),
                         dropped=dropped)
             if not allowed:
                 return build_response(query, NXDOMAIN)

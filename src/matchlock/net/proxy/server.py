@@ -300,7 +300,7 @@ class TcpRelay:
         guest = _Stream(reader, writer, idle)
         try:
             try:
-                allowed = self.policy.ip_allowed(dst_ip)
+                allowed = self.policy.ip_allowed(dst_ip, dst_port)
                 reason = "" if allowed else self.policy.block_reason_ip(dst_ip, dst_port)
             except Exception as e:  # fail closed
                 allowed, reason = False, f"policy error: {type(e).__name__}"
@@ -438,11 +438,11 @@ class InterceptProxy:
         try:
             host = self.policy.host_for_ip(dst_ip)
             ok = host is not None and self.policy.host_allowed(host) and \
-                self.policy.ip_allowed(dst_ip)
+                self.policy.ip_allowed(dst_ip, dst_port, host)
             if not ok:
                 reason = (self.policy.block_reason_host(host) if host is not None
                           and not self.policy.host_allowed(host)
-                          else self.policy.block_reason_ip(dst_ip, dst_port))
+                          else self.policy.block_reason_ip(dst_ip, dst_port, host))
         except Exception as e:
             ok, host, reason = False, None, f"policy error: {type(e).__name__}"
         if not ok:
@@ -496,9 +496,10 @@ class InterceptProxy:
             except OSError as e:
                 raise _UpstreamError(f"cannot resolve {host}: {e}") from None
             ips = list(dict.fromkeys(info[4][0] for info in infos))
-        allowed = [ip for ip in ips if policy.ip_allowed(ip)]
+        allowed = [ip for ip in ips if policy.ip_allowed(ip, port, host)]
         if not allowed:
-            raise _Blocked(403, "blocked", host, policy.block_reason_ip(ips[0], port), ip=ips[0])
+            raise _Blocked(403, "blocked", host, policy.block_reason_ip(ips[0], port, host),
+                           ip=ips[0])
         last: Exception | None = None
         for ip in allowed:
             try:
