@@ -175,7 +175,7 @@ class Client:
         grace = timeout if timeout and timeout > 0 else DEFAULT_CLOSE_TIMEOUT
         if not self._attached and self._dead is None:
             try:
-                self._call(_ops.Call("close", {"timeout_seconds": grace}), grace + 1.0)
+                self._call(_ops.Call("close", {"timeout_seconds": grace}), grace + 1.0, None)
             except Exception as e:  # noqa: BLE001 - closing anyway, as the reference does
                 log.debug("close request failed: %s", e)
         transport.close_input()
