@@ -348,15 +348,23 @@ class Client:
     def _start_input(self, method: str, rid: int, waiter: _Waiter, io: _CallIO | None,
                      deadline: float | None) -> None:
         stdin = io.stdin if io is not None else None
-        if _inputs.is_inline(stdin):
+        resize = io.resize if io is not None else None
+        inline_resize = isinstance(resize, (list, tuple))
+        if _inputs.is_inline(stdin) and (resize is None or inline_resize):
+            # Nothing here can block: send from the caller's thread, sizes before input.
             if waiter.ready.wait(_remaining(deadline)) and not waiter.done.is_set():
+                if resize is not None:
+                    self._pump_resize(rid, waiter, resize)
                 self._pump(method, rid, waiter, stdin)
-        else:  # a stream may block on its reader: never on the caller's thread
-            threading.Thread(target=self._pump, args=(method, rid, waiter, stdin),
+            return
+        if inline_resize:
+            self._pump_resize(rid, waiter, resize)  # type: ignore[arg-type]
+        elif resize is not None:
+            threading.Thread(target=self._pump_resize, args=(rid, waiter, resize),
                              daemon=True).start()
-        if io is not None and io.resize is not None:
-            threading.Thread(target=self._pump_resize, args=(rid, waiter, io.resize),
-                             daemon=True).start()
+        # A stream may block on its reader: never on the caller's thread.
+        threading.Thread(target=self._pump, args=(method, rid, waiter, stdin),
+                         daemon=True).start()
 
     def _pump(self, method: str, rid: int, waiter: _Waiter, stdin: Any) -> None:
         waiter.ready.wait()

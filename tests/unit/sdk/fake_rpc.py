@@ -209,7 +209,7 @@ def handle(msg: dict) -> None:
         path = params["path"]
         if path.startswith("/big/"):
             n = int(path[5:])
-            result(rid, {"content": b64(bytes(i % 251 for i in range(n)))})
+            result(rid, {"content": b64((bytes(range(251)) * (n // 251 + 1))[:n])})
         elif path in files:
             result(rid, {"content": b64(files[path])})
         else:
@@ -246,6 +246,13 @@ def handle(msg: dict) -> None:
         error(rid, -32601, "Method not found")
 
 
+def handle_tracked(msg: dict) -> None:
+    try:
+        handle(msg)
+    finally:
+        cancels.pop(msg.get("id"), None)  # finished: no longer cancellable
+
+
 def log_line(raw: str) -> None:
     if LOG:
         with log_lock, open(LOG, "a") as f:
@@ -265,6 +272,22 @@ def main() -> None:
         state["vm"] = "vm-attached"
         serve()
         return
+    argv = sys.argv[1:]
+    if argv[:1] == ["rm"] and len(argv) == 2:
+        log_line(json.dumps({"argv": argv}))
+        print(argv[1])
+        return
+    if argv[:2] == ["volume", "create"] and argv[3:] == ["--size", argv[4], "--json"]:
+        log_line(json.dumps({"argv": argv}))
+        print(json.dumps({"name": argv[2], "size": f"{float(argv[4]):.1f} MB",
+                          "path": f"/vols/{argv[2]}.ext4"}))
+        return
+    if argv == ["volume", "ls", "--json"]:
+        print(json.dumps([{"name": "data", "size": "16.0 MB", "path": "/vols/data.ext4"}]))
+        return
+    if argv[:2] == ["volume", "rm"]:
+        sys.stderr.write(f"error: volume {argv[2]} not found\n")
+        sys.exit(1)
     if sys.argv[1:] != ["rpc"]:
         sys.stderr.write(f"fake: expected argv ['rpc'], got {sys.argv[1:]}\n")
         sys.exit(2)
@@ -314,7 +337,7 @@ def serve() -> None:
         else:
             if isinstance(rid, int):
                 cancels[rid] = threading.Event()  # before `cancel` can name it
-            threading.Thread(target=handle, args=(msg,), daemon=True).start()
+            threading.Thread(target=handle_tracked, args=(msg,), daemon=True).start()
 
 
 if __name__ == "__main__":
