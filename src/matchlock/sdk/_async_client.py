@@ -395,11 +395,14 @@ class AsyncClient:
             await self._send(line)
             if call.interactive:
                 stdin = io.stdin if io is not None else None
-                pumps.append(self._spawn(self._pump(call.method, rid, waiter, stdin),
-                                         "matchlock-stdin"))
-                if io is not None and io.resize is not None:
-                    pumps.append(self._spawn(self._pump_resize(rid, waiter, io.resize),
+                resize = io.resize if io is not None else None
+                # As in Client: a list of sizes goes first, other iterables run alongside.
+                lead = resize if isinstance(resize, (list, tuple)) else ()
+                if resize is not None and not lead:
+                    pumps.append(self._spawn(self._pump_resize(rid, waiter, resize),
                                              "matchlock-resize"))
+                pumps.append(self._spawn(self._pump(call.method, rid, waiter, stdin, lead),
+                                         "matchlock-stdin"))
             try:
                 result = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
             except TimeoutError:
@@ -420,10 +423,12 @@ class AsyncClient:
             raise waiter.sink_error
         return result
 
-    async def _pump(self, method: str, rid: int, waiter: _Waiter, stdin: Any) -> None:
+    async def _pump(self, method: str, rid: int, waiter: _Waiter, stdin: Any,
+                    lead: Any = ()) -> None:
         await waiter.ready.wait()
         if waiter.future.done():
             return
+        await self._pump_resize(rid, waiter, lead)
         try:
             async for chunk in _achunks(stdin):
                 if waiter.future.done():

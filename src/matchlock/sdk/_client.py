@@ -349,27 +349,26 @@ class Client:
                      deadline: float | None) -> None:
         stdin = io.stdin if io is not None else None
         resize = io.resize if io is not None else None
-        inline_resize = isinstance(resize, (list, tuple))
-        if _inputs.is_inline(stdin) and (resize is None or inline_resize):
-            # Nothing here can block: send from the caller's thread, sizes before input.
-            if waiter.ready.wait(_remaining(deadline)) and not waiter.done.is_set():
-                if resize is not None:
-                    self._pump_resize(rid, waiter, resize)
-                self._pump(method, rid, waiter, stdin)
-            return
-        if inline_resize:
-            self._pump_resize(rid, waiter, resize)  # type: ignore[arg-type]
-        elif resize is not None:
+        # A list of sizes is sent right after `ready`, before any input (deterministic);
+        # any other iterable may block between items, so it gets a thread of its own.
+        lead = resize if isinstance(resize, (list, tuple)) else ()
+        if resize is not None and not lead:
             threading.Thread(target=self._pump_resize, args=(rid, waiter, resize),
                              daemon=True).start()
+        if _inputs.is_inline(stdin):  # nothing can block: send from the caller's thread
+            if waiter.ready.wait(_remaining(deadline)) and not waiter.done.is_set():
+                self._pump(method, rid, waiter, stdin, lead)
+            return
         # A stream may block on its reader: never on the caller's thread.
-        threading.Thread(target=self._pump, args=(method, rid, waiter, stdin),
+        threading.Thread(target=self._pump, args=(method, rid, waiter, stdin, lead),
                          daemon=True).start()
 
-    def _pump(self, method: str, rid: int, waiter: _Waiter, stdin: Any) -> None:
+    def _pump(self, method: str, rid: int, waiter: _Waiter, stdin: Any,
+              lead: Iterable[tuple[int, int]] = ()) -> None:
         waiter.ready.wait()
         if waiter.done.is_set():
             return
+        self._pump_resize(rid, waiter, lead)
         try:
             for chunk in _inputs.chunks(stdin):
                 if waiter.done.is_set():

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.unit.sdk.conftest import FAKE, FakeServer
 
 from matchlock import (
-    CLIError,
     Client,
+    CLIError,
     Config,
     Event,
     MatchlockError,
@@ -31,7 +32,6 @@ from matchlock import (
     VFSHookRule,
     VFSInterceptionConfig,
 )
-from tests.unit.sdk.conftest import FAKE, FakeServer
 
 WAIT = 10.0  # generous bound for anything that should happen "now"
 
