@@ -80,6 +80,8 @@ _SDK_NAMES = frozenset({
     "VolumeInfo",
 })
 
+__all__ = sorted(_SDK_NAMES)
+
 
 def __getattr__(name: str) -> Any:
     if name in _SDK_NAMES:

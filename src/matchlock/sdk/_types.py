@@ -376,8 +376,6 @@ class CreateOptions:
     add_hosts: list[HostIPMapping] = field(default_factory=list)
     block_private_ips: bool = False
     block_private_ips_set: bool = False
-    allow_private: list[str] = field(default_factory=list)
-    """Extension: private addresses/CIDRs reachable despite `block_private_ips`."""
     no_network: bool = False
     force_interception: bool = False
     network_interception: NetworkInterceptionConfig | None = None
@@ -393,6 +391,8 @@ class CreateOptions:
     port_forward_addresses: list[str] = field(default_factory=list)
     image_config: ImageConfig | None = None
     launch_entrypoint: bool = False
+    allow_private: list[str] = field(default_factory=list)
+    """Extension: private addresses/CIDRs reachable despite `block_private_ips`."""
 
 
 @dataclass

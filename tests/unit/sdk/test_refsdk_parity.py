@@ -8,6 +8,7 @@ be reached the test fails, it does not skip."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -167,3 +168,51 @@ def test_same_lines_and_results_as_reference_sdk(tmp_path: Path) -> None:
     assert len(ref_msgs) == len(our_msgs), (
         [m.get("method") for m in ref_msgs], [m.get("method") for m in our_msgs])
     assert our_out == ref_out
+
+
+SURFACE = r'''
+import dataclasses, inspect, json, matchlock
+out = {"all": sorted(matchlock.__all__), "signatures": {}, "fields": {}}
+for cls in (matchlock.Client, matchlock.Sandbox):
+    for name, fn in inspect.getmembers(cls, inspect.isfunction):
+        if not name.startswith("_") or name in ("__init__", "__enter__", "__exit__"):
+            params = [(p.name, p.kind.name, repr(p.default)) for p in
+                      inspect.signature(fn).parameters.values()]
+            out["signatures"][f"{cls.__name__}.{name}"] = params
+for name in matchlock.__all__:
+    obj = getattr(matchlock, name)
+    if dataclasses.is_dataclass(obj):
+        out["fields"][name] = [(f.name, repr(f.default) if f.default is not dataclasses.MISSING
+                                else None) for f in dataclasses.fields(obj)]
+print(json.dumps(out))
+'''
+
+
+def test_api_surface_covers_the_reference() -> None:
+    """Every export, method and parameter of the reference 0.2.17 exists here, in the same
+    order with the same defaults (so positional and keyword calls both keep working), and
+    every reference data class has the same leading fields."""
+    ref = json.loads(run_ref(SURFACE).stdout)
+    ours = json.loads(subprocess.run([sys.executable, "-c", SURFACE], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert set(ref["all"]) <= set(ours["all"]), set(ref["all"]) - set(ours["all"])
+    for name, params in ref["signatures"].items():
+        assert name in ours["signatures"], f"missing {name}"
+        mine = ours["signatures"][name]
+        if name == "Client.__init__":  # `config` positional, then our keyword-only extras
+            assert mine[:2] == params, (name, mine, params)
+            continue
+        expect = [tuple(p) for p in params]
+        got = [tuple(p) for p in mine[:len(params)]]
+        assert expect == got, f"{name}: reference {expect}, ours {got}"
+        extra = mine[len(params):]  # ours may add parameters, never required ones
+        assert all(p[2] != repr(inspect.Parameter.empty) or p[1].startswith("VAR")
+                   for p in extra), (name, extra)
+    for name, fields in ref["fields"].items():
+        mine = {f[0]: f[1] for f in ours["fields"][name]}
+        for field_name, default in fields:
+            assert field_name in mine, f"{name}.{field_name} missing"
+            if (name, field_name) != ("Config", "binary_path"):  # ours: "" = own CLI
+                assert mine[field_name] == default, (name, field_name, mine[field_name], default)
+        # Positional construction keeps working: the reference's fields lead, in order.
+        assert list(mine)[:len(fields)] == [f[0] for f in fields], (name, list(mine))
