@@ -185,7 +185,8 @@ class AsyncClient:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, limit=READ_SIZE, start_new_session=True)
+                    stderr=asyncio.subprocess.PIPE, limit=READ_SIZE,
+                    start_new_session=not self._config.use_sudo)
             except FileNotFoundError:
                 raise MatchlockError(
                     f"matchlock binary not found: {describe_binary(self._config)!r} "
@@ -280,8 +281,10 @@ class AsyncClient:
         except Exception as e:  # noqa: BLE001 - never leave callers waiting forever
             log.exception("matchlock SDK reader failed")
             failure = ProtocolError(f"SDK reader failed: {type(e).__name__}: {e}")
-        if failure is None:
-            why = "" if self._closed else await self._why_closed()
+        if failure is None and self._closed:
+            failure = MatchlockError("client is closed")
+        elif failure is None:
+            why = await self._why_closed()
             failure = MatchlockError("Matchlock process closed unexpectedly"
                                      + (f" ({why})" if why else ""))
         self._dead = failure
@@ -388,6 +391,9 @@ class AsyncClient:
     async def _call(self, call: _ops.Call, timeout: float | None, io: _CallIO | None) -> Any:
         if self._dead is not None:
             raise self._dead
+        if self._read_task is not None and asyncio.current_task() is self._read_task:
+            raise MatchlockError("output writers run in the client's reader task and cannot "
+                                 "await the client; spawn a task for that work")
         waiter = _Waiter(asyncio.get_running_loop(), io.sinks if io is not None else None)
         rid, line = self._proto.request(call.method, call.params, waiter)
         pumps: list[asyncio.Task[Any]] = []

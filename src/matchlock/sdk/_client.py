@@ -217,8 +217,10 @@ class Client:
         except Exception as e:  # noqa: BLE001 - never leave callers waiting forever
             log.exception("matchlock SDK reader failed")
             failure = ProtocolError(f"SDK reader failed: {type(e).__name__}: {e}")
-        if failure is None:
-            why = "" if self._closed else transport.why_closed()
+        if failure is None and self._closed:
+            failure = MatchlockError("client is closed")
+        elif failure is None:
+            why = transport.why_closed()
             failure = MatchlockError("Matchlock process closed unexpectedly"
                                      + (f" ({why})" if why else ""))
         with self._lock:
@@ -316,6 +318,11 @@ class Client:
             pass
 
     def _call(self, call: _ops.Call, timeout: float | None, io: _CallIO | None) -> Any:
+        if threading.current_thread() is self._reader:
+            # The reader would wait for an answer only it can read.
+            raise MatchlockError("output writers and on_event callbacks run on the client's "
+                                 "reader thread and cannot call the client; hand the work "
+                                 "to another thread")
         waiter = _Waiter(io.sinks if io is not None else None)
         with self._lock:
             if self._dead is not None:

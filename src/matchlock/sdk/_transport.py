@@ -51,9 +51,10 @@ def start_server(config: Config) -> ProcessTransport:
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0,
-                                # Own session: a Ctrl-C meant for the caller must not
-                                # kill the server before the SDK has closed the VM.
-                                start_new_session=True)
+                                # Own session: a Ctrl-C meant for the caller must not kill
+                                # the server before the SDK has closed the VM. Not under
+                                # sudo, whose cached credentials are tied to the terminal.
+                                start_new_session=not config.use_sudo)
     except FileNotFoundError:
         raise MatchlockError(
             f"matchlock binary not found: {describe_binary(config)!r} "

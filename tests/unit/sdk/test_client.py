@@ -445,3 +445,17 @@ def test_attach_to_a_control_socket(tmp_path: Path, monkeypatch, fake: FakeServe
         Client.attach("vm-00000000")
     with pytest.raises(MatchlockError, match="invalid VM id"):
         Client.attach("../../etc")
+
+
+def test_calling_the_client_from_a_writer_is_refused_not_deadlocked(client: Client):
+    box: dict = {}
+
+    def writer(data: bytes) -> None:
+        try:
+            client.exec("echo inner")
+        except MatchlockError as e:
+            box["err"] = e
+
+    client.exec_stream("echo outer", stdout=writer)
+    assert "reader thread and cannot call the client" in str(box["err"])
+    assert client.exec("echo after").stdout == "after\n"
