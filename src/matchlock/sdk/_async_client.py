@@ -410,12 +410,15 @@ class AsyncClient:
                 pumps.append(self._spawn(self._pump(call.method, rid, waiter, stdin, lead),
                                          "matchlock-stdin"))
             try:
-                result = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+                # Cancelling the future on timeout is fine: nobody else awaits it.
+                result = await (waiter.future if timeout is None
+                                else asyncio.wait_for(waiter.future, timeout))
             except TimeoutError:
                 raise TimeoutError(
                     f"request {call.method} (id={rid}) timed out after {timeout}s") from None
         except BaseException:
-            if not waiter.future.done():
+            # Not answered (a timeout or task cancel cancels the future): stop it there too.
+            if waiter.future.cancelled() or not waiter.future.done():
                 self._proto.forget(rid)
                 self._send_nowait("cancel", {"id": rid})
                 waiter.future.cancel()

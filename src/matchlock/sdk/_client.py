@@ -49,9 +49,9 @@ class _Waiter:
 
     __slots__ = ("done", "ready", "result", "error", "sinks", "sink_error")
 
-    def __init__(self, sinks: dict[int, Sink] | None = None) -> None:
+    def __init__(self, sinks: dict[int, Sink] | None = None, interactive: bool = False) -> None:
         self.done = threading.Event()
-        self.ready = threading.Event()
+        self.ready = threading.Event() if interactive else self.done
         self.result: Any = None
         self.error: BaseException | None = None
         self.sinks = sinks or {}
@@ -238,7 +238,8 @@ class Client:
         elif isinstance(ev, Completed):
             ev.waiter.finish(ev.result, ev.error)
         elif isinstance(ev, Ready):
-            ev.waiter.ready.set()
+            if ev.waiter.ready is not ev.waiter.done:  # only exec_pipe/exec_tty wait for it
+                ev.waiter.ready.set()
         else:
             self._on_server_event(ev.params)
 
@@ -323,7 +324,7 @@ class Client:
             raise MatchlockError("output writers and on_event callbacks run on the client's "
                                  "reader thread and cannot call the client; hand the work "
                                  "to another thread")
-        waiter = _Waiter(io.sinks if io is not None else None)
+        waiter = _Waiter(io.sinks if io is not None else None, call.interactive)
         with self._lock:
             if self._dead is not None:
                 raise self._dead

@@ -16,6 +16,9 @@ from matchlock.sdk._errors import MatchlockError
 
 log = logging.getLogger("matchlock.sdk")
 
+# Reads go into one preallocated buffer: a fresh 1 MiB bytes object per read costs more
+# than a small exec's whole round trip (mmap churn), while big replies still arrive in
+# few reads.
 READ_SIZE = 1 << 20
 STDERR_TAIL = 20  # lines of the server's stderr kept for error messages
 
@@ -70,7 +73,9 @@ class ProcessTransport(Transport):
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         self.proc = proc
         self._in = proc.stdin.fileno()
-        self._out = proc.stdout.fileno()
+        self._out = proc.stdout
+        self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
         self._lock = threading.Lock()
         self._tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._stderr = threading.Thread(target=self._drain_stderr, name="matchlock-rpc-stderr",
@@ -95,7 +100,8 @@ class ProcessTransport(Transport):
                 view = view[n:]
 
     def recv(self) -> bytes:
-        return os.read(self._out, READ_SIZE)
+        n = self._out.readinto(self._view)  # type: ignore[attr-defined]
+        return bytes(self._view[:n]) if n else b""
 
     def close_input(self) -> None:
         with self._lock:
@@ -168,13 +174,15 @@ class SocketTransport(Transport):
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._lock = threading.Lock()
+        self._view = memoryview(bytearray(READ_SIZE))
 
     def send(self, data: bytes) -> None:
         with self._lock:
             self.sock.sendall(data)
 
     def recv(self) -> bytes:
-        return self.sock.recv(READ_SIZE)
+        n = self.sock.recv_into(self._view)
+        return bytes(self._view[:n]) if n else b""
 
     def close_input(self) -> None:
         try:

@@ -14,6 +14,7 @@ test can assert exactly what the SDK sent. Behaviour is chosen by the exec comma
     bigline N          result with N bytes of stdout (one long line)
     utf8split          exec_stream: "é" split across two stdout notifications
     chunks N           exec_stream: N stdout notifications "chunk-i\\n", one stderr
+    stream N           exec_stream: N MiB of stdout in 64 KiB notifications
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ def run_exec(rid, method: str, params: dict) -> None:
         error(None, -32700, "Parse error")
     elif word == "bigline":
         out = b"x" * int(arg)
+    elif word == "stream":  # N MiB in 64 KiB chunks (benchmarks)
+        chunk = b64(b"z" * 65536)
+        for _ in range(int(arg) * 16):
+            notify(f"{method}.stdout", {"id": rid, "data": chunk})
     elif word == "utf8split" and stream:
         e = "é".encode()
         emit("stdout", b"caf" + e[:1])
