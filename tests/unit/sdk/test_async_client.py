@@ -306,3 +306,26 @@ def test_attach(tmp_path: Path, monkeypatch, fake: FakeServer):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_runs_on_uvloop(fake: FakeServer):
+    """matchlock itself runs on uvloop (a dependency on Linux): the client must too."""
+    import uvloop
+
+    async def main():
+        async with AsyncClient() as c:
+            await c.create(Sandbox("img").options())
+            rs = await asyncio.gather(*(c.exec(f"echo {i}") for i in range(20)))
+            assert [r.stdout for r in rs] == [f"{i}\n" for i in range(20)]
+            r, w = os.pipe()
+            os.write(w, b"pipe")
+            os.close(w)
+            buf = io.BytesIO()
+            with os.fdopen(r, "rb") as rf:
+                await c.exec_pipe("cat", stdin=rf, stdout=buf)
+            assert buf.getvalue() == b"pipe"
+            with pytest.raises(TimeoutError):
+                await c.exec("sleep", timeout=0.2)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())

@@ -459,3 +459,36 @@ def test_calling_the_client_from_a_writer_is_refused_not_deadlocked(client: Clie
     client.exec_stream("echo outer", stdout=writer)
     assert "reader thread and cannot call the client" in str(box["err"])
     assert client.exec("echo after").stdout == "after\n"
+
+
+def test_interrupt_while_waiting_cancels_on_the_server(client: Client, fake: FakeServer):
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.exec("sleep")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    client.exec("echo sync")  # the cancel line was read before this one
+    sleep = next(m for m in fake.sent() if m.get("params", {}).get("command") == "sleep")
+    assert {"jsonrpc": "2.0", "method": "cancel", "params": {"id": sleep["id"]},
+            "id": sleep["id"] + 1} in fake.sent()
+
+
+def test_oversized_line_ends_the_session(fake: FakeServer):
+    from matchlock.sdk._protocol import ClientProtocol
+
+    c = Client()
+    c._proto = ClientProtocol(max_line=1000)
+    c.create(Sandbox("img").options())
+    with pytest.raises(MatchlockError, match="server sent a line longer than 1000 bytes"):
+        c.exec("bigline 5000")
+    with pytest.raises(MatchlockError, match="longer than 1000"):
+        c.exec("echo x")
+    c.close()
