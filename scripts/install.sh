@@ -13,6 +13,7 @@ PKGS=(
   # test suite: Debian test image, registry, terminal tests
   nftables iproute2                 # per-VM network namespaces
   mmdebstrap tmux docker-registry
+  skopeo umoci                      # push test images to that registry; pull benchmark
 )
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -25,3 +25,15 @@ class VmStartError(MatchlockError):
 
 class GuestError(MatchlockError):
     """The guest runtime misbehaved or the channel broke."""
+
+
+class RegistryError(MatchlockError):
+    """A registry could not be reached, refused us, or sent something wrong."""
+
+
+class IntegrityError(RegistryError):
+    """Downloaded bytes do not match the digest they were asked for."""
+
+
+class UnreachableError(RegistryError):
+    """The registry (or its token service) could not be reached at all."""
