@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -48,4 +48,9 @@ class Image:
     config: ImageConfig
     size: int  # bytes allocated by the disk file
     created: str  # ISO-8601 UTC, when the image was added to the store
-    source: str  # "import" | "builtin"
+    source: str  # "import" | "builtin" | "registry" | "tag"
+    digest: str = ""  # manifest digest a registry image was pulled by ("" otherwise)
+    platform: str = ""  # "linux/amd64" when known
+    # Held while this object lives: a shared flock on `disk`, so that `image rm`/`gc` keep
+    # the file until the VM that booted from it has stopped.
+    lease: object = field(default=None, compare=False, repr=False)

@@ -54,6 +54,7 @@ class SandboxConfig:
     kernel: str | None = None
     accel: str | None = None
     machine: str | None = None
+    pull: bool = False  # ask the image's registry again even when the image is stored
     labels: dict[str, str] = field(default_factory=dict)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -122,11 +123,13 @@ def new_vm_id() -> str:
     return "vm-" + uuid.uuid4().hex[:8]
 
 
-def resolve_image(store: ImageStore, name: str) -> Image:
+def resolve_image(store: ImageStore, name: str, pull: bool = False,
+                  progress: Progress | None = None) -> Image:
     builtin = BUILTIN_IMAGE.split(":")[0]
     if name in (builtin, BUILTIN_IMAGE):
         return store.ensure_builtin()
-    return store.get(name)
+    # From the store, or pulled from its registry on first use (always with `pull`).
+    return store.resolve(name, pull=pull, progress=progress)
 
 
 def make_upper_disk(path: Path, size_mib: int) -> None:
@@ -168,7 +171,7 @@ class Sandbox:
         cfg = self.config
         accel, warning = detect_accel(cfg.accel)
         qemu_binary()  # fail on a missing QEMU before any other work
-        self.image = resolve_image(ImageStore(), cfg.image)
+        self.image = resolve_image(ImageStore(), cfg.image, cfg.pull, self.progress)
         kernel = resolve_kernel(cfg.kernel, progress=self.progress)
         tsc = host_tsc_khz()
         machine = pick_machine(cfg.machine, accel, tsc)
