@@ -196,7 +196,8 @@ async def resolve(client: RegistryClient, ref: Reference, want: Platform | None)
     cfg = _json(config, f"image config of {ref.name}", reg)
     if cfg.get("config") is not None and not isinstance(cfg.get("config"), dict):
         raise RegistryError(f'the image config of {ref.name} on {reg}: "config" is not an object')
-    image_platform = Platform.of(cfg) or chosen_platform
+    # The index entry is the more precise (it carries the variant); else the config's.
+    image_platform = chosen_platform or Platform.of(cfg)
     if want is not None and image_platform is not None and not want.matches(image_platform):
         raise NotFoundError(
             f"{ref.name} on {reg} is a {image_platform} image, not {want}"

@@ -148,7 +148,8 @@ class RegistryClient:
                     self._http.build_request("GET", url, headers=headers), stream=True
                 )
             except httpx.TransportError as e:
-                if attempt + 1 == ATTEMPTS:
+                # A name that does not resolve will not resolve a second later either.
+                if attempt + 1 == ATTEMPTS or _reason(e) == "name does not resolve":
                     raise self._unreachable(e) from None
                 await self._sleep(attempt, None, f"{what}: {_reason(e)}")
                 continue
@@ -381,6 +382,11 @@ class RegistryClient:
 
     def _denied(self, resp: httpx.Response, what: str) -> RegistryError:
         creds = self._creds_for()
+        if creds is not None and (self._auth or "").startswith("Basic "):
+            return RegistryError(
+                f"registry {self.registry} rejected the credentials for {creds.username} "
+                f"(from {creds.source}); log in again (e.g. `docker login {self.registry}`)"
+            )
         if creds is not None:
             return RegistryError(
                 f"registry {self.registry} denied access to {self.ref.familiar_repo} for "

@@ -142,8 +142,8 @@ def test_basic_auth():
     assert res.layers
     with pytest.raises(RegistryError, match="needs credentials"):
         run(_resolve(reg, f"{HOST}/app:1"))
-    with pytest.raises(RegistryError, match="denied access to reg.test/app for u"):
-        run(_resolve(reg, f"{HOST}/app:1", creds=Credentials("u", "wrong")))
+    with pytest.raises(RegistryError, match=r"rejected the credentials for u \(from t\)"):
+        run(_resolve(reg, f"{HOST}/app:1", creds=Credentials("u", "wrong", source="t")))
 
 
 async def _download(reg, ref, layers, work, parallel=3):
