@@ -188,6 +188,7 @@ class ImageStore:
         self.root = (Path(root) if root is not None else images_dir()).absolute()
         # Extra RegistryClient arguments (credentials=, transport=, backoff_s=): for tests.
         self._registry_kw = dict(registry or {})
+        self._schema_ok = False
 
     # ---- plumbing ------------------------------------------------------------------
 
@@ -211,13 +212,15 @@ class ImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.root / "images.db", timeout=30, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(_SCHEMA)
-        have = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
-        for col, decl in _EXTRA_COLUMNS.items():
-            if col not in have:
-                with contextlib.suppress(sqlite3.OperationalError):  # a racing process won
-                    conn.execute(f"ALTER TABLE images ADD COLUMN {col} {decl}")
+        if not self._schema_ok:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+            for col, decl in _EXTRA_COLUMNS.items():
+                if col not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # a racer won
+                        conn.execute(f"ALTER TABLE images ADD COLUMN {col} {decl}")
+            self._schema_ok = True
         conn.row_factory = sqlite3.Row
         return conn
 
@@ -459,7 +462,11 @@ class ImageStore:
         there (or always, with `pull`). A stored image never touches the network."""
         if not pull:
             norm = normalize_name(name)
-            if self._row(norm) is not None:
+            row = self._row(norm)
+            if row is not None:
+                img = self._image(row)
+                if img.disk.exists():
+                    return self.lease(img)
                 return self.lease(self.build(norm, progress=progress).image)
         return self.lease(self.pull(name, force=pull, progress=progress).image)
 
