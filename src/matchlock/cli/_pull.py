@@ -94,9 +94,13 @@ def pull(image: str, force: bool, tag: str | None, platform: str | None, quiet: 
     Credentials come from ~/.docker/config.json (`docker login`). Plain HTTP is used only
     for registries on localhost.
     """
-    from matchlock.image import ImageStore, parse_reference
+    from matchlock.image import BUILTIN_IMAGE, ImageStore, parse_reference
 
     ref = parse_reference(image)
+    if ref.name == BUILTIN_IMAGE:
+        img = ImageStore().ensure_builtin()
+        click.echo(img.name if quiet else f"{img.name} is built in: nothing to pull")
+        return
     if not quiet:
         click.echo(f"Pulling {ref.name}...")
     store = ImageStore()

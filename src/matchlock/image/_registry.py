@@ -17,7 +17,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -56,7 +56,6 @@ class Stats:
     retries: int = 0
     bytes: int = 0
     hash_s: float = 0.0  # time spent hashing downloaded bytes
-    by_path: dict[str, int] = field(default_factory=dict)
 
 
 def _error_detail(resp: httpx.Response) -> tuple[str, str]:

@@ -285,3 +285,15 @@ def test_credentials_reach_the_registry(tmp_path):
     assert cat(img.disk, "/secret") == b"s"
     with pytest.raises(MatchlockError, match="needs credentials"):
         store_for(tmp_path / "s2", reg).pull(f"{HOST}/p:1")
+
+
+def test_import_needs_a_tag_not_a_digest(tmp_path):
+    import io
+
+    from matchlock.errors import UsageError
+
+    store = ImageStore(tmp_path / "s")
+    with pytest.raises(UsageError, match="under a tag, not a digest"):
+        store.import_tar("app@sha256:" + "a" * 64, io.BytesIO(b""))
+    with pytest.raises(UsageError, match="cannot contain a digest"):
+        store.tag("x:1", "y@sha256:" + "a" * 64)
