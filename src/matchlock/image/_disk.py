@@ -11,12 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -169,9 +169,10 @@ def make_unpack_dir(work: Path, estimate: int, prefer_tmpfs: bool = True) -> Pat
             st = os.statvfs(SHM)
             free = st.f_bavail * st.f_frsize
             if os.access(SHM, os.W_OK) and free >= 2 * estimate:
-                path = Path(tempfile.mkdtemp(prefix=SHM_PREFIX, dir=SHM))
-                # Recorded before anything is unpacked, so a sweep can always find it.
+                path = SHM / f"{SHM_PREFIX}{secrets.token_hex(8)}"
+                # Recorded before it exists, so that a sweep always finds it.
                 (work / STAGING_NOTE).write_text(str(path))
+                os.mkdir(path, 0o700)
                 return path
         except OSError:
             pass

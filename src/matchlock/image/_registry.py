@@ -33,7 +33,7 @@ from matchlock.image._media import (
     MT_OCI_MANIFEST,
     verify_digest,
 )
-from matchlock.image._reference import Reference
+from matchlock.image._reference import Reference, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,12 @@ class RegistryClient:
         if not realm or not realm.startswith(("https://", "http://")):
             raise RegistryError(f"registry {self.registry} sent a bearer challenge without "
                                 "a valid realm")
+        if creds is not None and realm.startswith("http://") and not parse_reference(
+                f"{httpx.URL(realm).netloc.decode()}/x").plain_http:
+            raise RegistryError(
+                f"registry {self.registry} sends us to the plain-HTTP token service {realm}; "
+                "refusing to send credentials there"
+            )
         scope = ch.params.get("scope") or f"repository:{self.ref.repository}:pull"
         params = {"scope": scope}
         if ch.params.get("service"):

@@ -260,3 +260,50 @@ def test_parallel_downloads_are_bounded(tmp_path):
     reg._handle = slow
     _, got, _ = run(_download(reg, f"{HOST}/app:1", None, tmp_path, parallel=3))
     assert len(got) == 6 and peak == 3
+
+
+def test_redirected_blobs_do_not_carry_credentials(tmp_path):
+    """Registries redirect blob GETs to CDNs; the token must not follow."""
+    reg = FakeRegistry(auth="bearer")
+    reg.push_image("app", "1", [L1])
+    res, _ = run(_resolve(reg, f"{HOST}/app:1", creds=Credentials("u", "p")))
+    d = res.layers[0].digest
+    seen: list[httpx.Request] = []
+    inner = reg._handle
+
+    async def cdn(req):
+        if req.url.host == "cdn.test":
+            seen.append(req)
+            return await inner(httpx.Request("GET", f"https://{HOST}/v2/app/blobs/{d}",
+                                             headers={"authorization": "Bearer tok-good"}))
+        if req.url.path.endswith(d):
+            return httpx.Response(307, headers={"location": f"https://cdn.test/b/{d}?sig=1"})
+        return await inner(req)
+
+    reg._handle = cdn
+
+    async def go():
+        async with client(reg, f"{HOST}/app:1", Credentials("u", "p")) as c:
+            res = await resolve(c, parse_reference(f"{HOST}/app:1"), None)
+            return await fetch_layers(c, list(res.layers), tmp_path, PullProgress())
+
+    got = run(go())
+    assert got[d].read_bytes() == reg.blobs[d]
+    assert seen and all("authorization" not in r.headers for r in seen)
+
+
+def test_no_credentials_to_a_plain_http_token_service():
+    reg = FakeRegistry(auth="bearer")
+    reg.push_image("app", "1", [L1])
+    inner = reg._handle
+
+    async def plain_realm(req):
+        resp = await inner(req)
+        if resp.status_code == 401:
+            resp.headers["www-authenticate"] = 'Bearer realm="http://evil.test/token"'
+        return resp
+
+    reg._handle = plain_realm
+    with pytest.raises(RegistryError, match="refusing to send credentials there"):
+        run(_resolve(reg, f"{HOST}/app:1", creds=Credentials("u", "p")))
+    assert not [r for r in reg.requests if r.url.host == "evil.test"]
