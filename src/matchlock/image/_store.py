@@ -459,9 +459,12 @@ class ImageStore:
     def resolve(self, name: str, *, pull: bool = False,
                 progress: PullProgress | Progress | None = None) -> Image:
         """The image to boot: from the store, pulled from its registry when it is not
-        there (or always, with `pull`). A stored image never touches the network."""
+        there (or always, with `pull`). A stored image never touches the network.
+        The image holds a lease on its disk (see `lease`) for as long as it lives."""
+        norm = normalize_name(name)
+        if norm == BUILTIN_IMAGE:
+            return self.lease(self.ensure_builtin())
         if not pull:
-            norm = normalize_name(name)
             row = self._row(norm)
             if row is not None:
                 img = self._image(row)

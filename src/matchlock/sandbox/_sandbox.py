@@ -21,7 +21,7 @@ from pathlib import Path
 from matchlock.channel.client import ChannelClosed, ExecHandle, GuestChannel
 from matchlock.errors import DependencyError, UsageError, VmStartError
 from matchlock.guest import guest_binary
-from matchlock.image import BUILTIN_IMAGE, Image, ImageStore
+from matchlock.image import Image, ImageStore
 from matchlock.net.types import NetworkConfig
 from matchlock.paths import vms_dir
 from matchlock.state import StateDB
@@ -125,10 +125,7 @@ def new_vm_id() -> str:
 
 def resolve_image(store: ImageStore, name: str, pull: bool = False,
                   progress: Progress | None = None) -> Image:
-    builtin = BUILTIN_IMAGE.split(":")[0]
-    if name in (builtin, BUILTIN_IMAGE):
-        return store.ensure_builtin()
-    # From the store, or pulled from its registry on first use (always with `pull`).
+    # From the store (or built in), else pulled from its registry; always pulled with `pull`.
     return store.resolve(name, pull=pull, progress=progress)
 
 
