@@ -29,7 +29,11 @@ def image_ls(as_json: bool) -> None:
 
         click.echo(json.dumps([
             {"tag": i.name, "id": i.id, "source": i.source, "size": i.size, "created": i.created,
-             "digest": i.digest, "platform": i.platform}
+             "digest": i.digest, "platform": i.platform,
+             "config": {"env": list(i.config.env), "entrypoint": list(i.config.entrypoint),
+                        "cmd": list(i.config.cmd), "working_dir": i.config.working_dir,
+                        "user": i.config.user,
+                        "exposed_ports": list(i.config.exposed_ports)}}
             for i in images
         ], indent=2))
         return

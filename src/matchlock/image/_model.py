@@ -25,6 +25,7 @@ class ImageConfig:
     cmd: tuple[str, ...] = ()
     working_dir: str = ""
     user: str = ""
+    exposed_ports: tuple[str, ...] = ()  # "80/tcp": documentation, as in docker (no -P)
 
     @classmethod
     def from_oci(cls, cfg: dict) -> ImageConfig:
@@ -37,6 +38,8 @@ class ImageConfig:
             cmd=_strs(cfg.get("Cmd")),
             working_dir=str(cfg.get("WorkingDir") or ""),
             user=str(cfg.get("User") or ""),
+            exposed_ports=tuple(sorted(str(p) for p in cfg.get("ExposedPorts") or {}))
+            if isinstance(cfg.get("ExposedPorts"), dict) else (),
         )
 
 

@@ -260,6 +260,12 @@ class RegistryClient:
                     raise self._unreachable(e, f" while downloading {what}") from None
                 await self._sleep(attempt, None, f"{what}: {_reason(e)}")
                 continue
+            except OSError as e:
+                dest.unlink(missing_ok=True)
+                raise RegistryError(
+                    f"cannot store {what}: {e.strerror or e} ({dest.parent}); free some disk "
+                    "space or move the image store (MATCHLOCK_IMAGES_DIR)"
+                ) from None
             finally:
                 await resp.aclose()
             self.stats.bytes += n

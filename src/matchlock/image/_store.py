@@ -205,8 +205,14 @@ class ImageStore:
         return self.root / "tmp"
 
     def _ensure_dirs(self) -> None:
-        for d in (self._blobs, self._disks, self._tmp, self.root / "locks"):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self._blobs, self._disks, self._tmp, self.root / "locks"):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MatchlockError(
+                f"cannot create the image store at {self.root}: {e.strerror or e}; make it "
+                "writable or point MATCHLOCK_IMAGES_DIR elsewhere"
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         self.root.mkdir(parents=True, exist_ok=True)

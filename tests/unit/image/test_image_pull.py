@@ -38,7 +38,8 @@ def store_for(root: Path, reg: FakeRegistry, creds: Credentials | None = None) -
 def reg():
     r = FakeRegistry()
     r.push_image("app", "a", [BASE, APP_A], {"Cmd": ["/bin/base"], "Env": ["X=1"],
-                                              "WorkingDir": "/w", "User": "7"})
+                                              "WorkingDir": "/w", "User": "7",
+                                              "ExposedPorts": {"8080/tcp": {}, "53/udp": {}}})
     r.push_image("app", "b", [BASE, APP_B])
     return r
 
@@ -67,6 +68,7 @@ def test_pull_builds_disk_and_keeps_config(tmp_path, reg):
     assert cat(img.disk, "/app") == b"A"
     assert img.config.cmd == ("/bin/base",) and img.config.env == ("X=1",)
     assert (img.config.working_dir, img.config.user) == ("/w", "7")
+    assert img.config.exposed_ports == ("53/udp", "8080/tcp")
     assert (img.disk.stat().st_mode & 0o777) == 0o444
     assert leftovers(store.root) and not list((store.root / "tmp").iterdir())
     [listed] = store.list()
@@ -297,3 +299,11 @@ def test_import_needs_a_tag_not_a_digest(tmp_path):
         store.import_tar("app@sha256:" + "a" * 64, io.BytesIO(b""))
     with pytest.raises(UsageError, match="cannot contain a digest"):
         store.tag("x:1", "y@sha256:" + "a" * 64)
+
+
+def test_unwritable_store_is_a_one_line_error(tmp_path, reg):
+    (tmp_path / "file").write_text("not a directory")
+    store = store_for(tmp_path / "file" / "s", reg)
+    with pytest.raises(MatchlockError, match="cannot create the image store at .*: Not a "
+                                             "directory; make it writable"):
+        store.pull(f"{HOST}/app:a")
