@@ -21,6 +21,7 @@ PKGS=(
   ca-certificates apt-utils git
   # test suite: GNU cpio reads our initramfs, Debian test image, registry, terminal tests
   cpio mmdebstrap uidmap docker-registry tmux
+  skopeo umoci                      # push test images to that registry; pull benchmark
 )
 # Every external command that src/, tests/ or bench/ runs, and the package it comes from
 # (tests/unit/test_install_script.py keeps this list complete).
@@ -28,7 +29,7 @@ TOOLS=(
   "$QEMU_BIN:$QEMU_PKG" musl-gcc:musl-tools gcc:gcc strip:binutils
   mke2fs:e2fsprogs debugfs:e2fsprogs fakeroot:fakeroot busybox:busybox-static zstd:zstd
   nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
-  docker-registry:docker-registry dpkg-deb:dpkg apt-get:apt apt-cache:apt
+  docker-registry:docker-registry skopeo:skopeo umoci:umoci dpkg-deb:dpkg apt-get:apt apt-cache:apt
   unshare:util-linux setpriv:util-linux runuser:util-linux dmesg:util-linux
 )
 

@@ -29,3 +29,15 @@ class GuestError(MatchlockError):
 
 class CommandTooLargeError(UsageError):
     """A command line or environment the guest could not exec (Linux ARG_MAX limits)."""
+
+
+class RegistryError(MatchlockError):
+    """A registry could not be reached, refused us, or sent something wrong."""
+
+
+class IntegrityError(RegistryError):
+    """Downloaded bytes do not match the digest they were asked for."""
+
+
+class UnreachableError(RegistryError):
+    """The registry (or its token service) could not be reached at all."""

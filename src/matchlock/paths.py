@@ -14,6 +14,12 @@ def cache_dir() -> Path:
     return base / "matchlock"
 
 
+def images_dir() -> Path:
+    """The image store (layers, root disks, names); `$MATCHLOCK_IMAGES_DIR` moves it."""
+    env = os.environ.get("MATCHLOCK_IMAGES_DIR")
+    return Path(env) if env else cache_dir() / "images"
+
+
 def state_dir() -> Path:
     """Per-user state: the SQLite DB and one directory per VM."""
     env = os.environ.get("MATCHLOCK_HOME")

@@ -100,10 +100,8 @@ def user_image(ml, qemu_present) -> str:
     return tag
 
 
-@pytest.fixture(scope="session")
-def debian_image(ml, qemu_present) -> str:
-    """Debian bookworm minbase + ca-certificates, curl, python3 (mmdebstrap), cached."""
-    tag = "debian:test"
+def debian_tarball() -> Path:
+    """The Debian test image as a `docker save` tarball, built once into the shared cache."""
     out = cache_dir() / "test-images" / "debian-bookworm.tar"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +111,14 @@ def debian_image(ml, qemu_present) -> str:
             [sys.executable, "-m", "matchlock.image.testimages", "debian", str(out)],
             check=True, timeout=900,
         )
-    ml("image", "import", tag, str(out), check=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def debian_image(ml, qemu_present) -> str:
+    """Debian bookworm minbase + ca-certificates, curl, python3 (mmdebstrap), cached."""
+    tag = "debian:test"
+    ml("image", "import", tag, str(debian_tarball()), check=True, timeout=600)
     return tag
 
 

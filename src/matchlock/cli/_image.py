@@ -1,4 +1,4 @@
-"""`matchlock image ls|rm|import`."""
+"""`matchlock image ls|rm|import|gc`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,12 @@ def image_ls(as_json: bool) -> None:
         import json
 
         click.echo(json.dumps([
-            {"tag": i.name, "id": i.id, "source": i.source, "size": i.size, "created": i.created}
+            {"tag": i.name, "id": i.id, "source": i.source, "size": i.size, "created": i.created,
+             "digest": i.digest, "platform": i.platform,
+             "config": {"env": list(i.config.env), "entrypoint": list(i.config.entrypoint),
+                        "cmd": list(i.config.cmd), "working_dir": i.config.working_dir,
+                        "user": i.config.user,
+                        "exposed_ports": list(i.config.exposed_ports)}}
             for i in images
         ], indent=2))
         return
@@ -89,3 +94,19 @@ def image_import(tag: str, file: str | None) -> None:
             f.close()
     click.echo(f"Imported: {img.name}")
     click.echo(f"Size: {human_size(img.size)}")
+
+
+@image.command("gc")
+def image_gc() -> None:
+    """Delete layers and disks that no image uses, and leftovers of killed pulls."""
+    from matchlock.image import ImageStore
+
+    res = ImageStore().gc()
+    click.echo(f"Removed {res.blobs} unreferenced blobs")
+    if res.disks or res.kept_in_use:
+        click.echo(f"Removed {res.disks} unreferenced disks"
+                   + (f" ({res.kept_in_use} still in use by running VMs, kept)"
+                      if res.kept_in_use else ""))
+    if res.staging:
+        click.echo(f"Removed {res.staging} leftovers of interrupted pulls or imports")
+    click.echo(f"Freed: {human_size(res.freed)}")

@@ -38,10 +38,12 @@ def version() -> None:
 
 
 def _register() -> None:
-    from matchlock.cli import _diagnose, _image, _run
+    from matchlock.cli import _diagnose, _image, _pull, _run
 
     cli.add_command(_run.run)
     cli.add_command(_image.image)
+    cli.add_command(_pull.pull)
+    cli.add_command(_pull.build)
     cli.add_command(_diagnose.diagnose)
 
 

@@ -16,8 +16,10 @@ def _progress(msg: str) -> None:
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
-@click.option("--image", required=True, help="Image tag (see `matchlock image ls`); "
-              "`matchlock/busybox` is built in.")
+@click.option("--image", required=True, help="Image reference or local name (see `matchlock "
+              "image ls`), pulled on first use; `matchlock/busybox` is built in.")
+@click.option("--pull", is_flag=True, help="Ask the image's registry again even when the "
+              "image is stored.")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and forward it.")
 @click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal (with -i).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
@@ -57,7 +59,7 @@ def _progress(msg: str) -> None:
               help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
+def run(image: str, pull: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         env_file: tuple[str, ...], workdir: str | None, user: str | None,
         entrypoint: str | None, cpus: float, memory: int, disk_size: int, rm: bool,
         hostname: str, no_network: bool, allow_hosts: tuple[str, ...],
@@ -87,7 +89,7 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     config = SandboxConfig(
         image=image, cpus=cpus, memory_mib=memory, disk_size_mib=disk_size,
         hostname=hostname, no_network=no_network, kernel=kernel, accel=accel,
-        network=network,
+        network=network, pull=pull,
     )
     config.validate()
     from matchlock.cli._session import RunSession

@@ -27,7 +27,9 @@ def main(argv: list[str]) -> int:
             spec = json.load(f)
         result = build_inprocess(spec, lambda msg: emit({"progress": msg}))
     except MatchlockError as e:
-        emit({"error": str(e)})
+        from matchlock.image._layers import NoSpaceError
+
+        emit({"error": str(e), "kind": "nospace" if isinstance(e, NoSpaceError) else ""})
         return 2
     emit({"done": result})
     return 0

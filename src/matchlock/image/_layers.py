@@ -16,6 +16,7 @@ disturb recorded mtimes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -35,6 +36,10 @@ class LayerError(MatchlockError):
     """A layer is malformed or hostile."""
 
 
+class NoSpaceError(MatchlockError):
+    """The filesystem the layers are unpacked on is full."""
+
+
 def _clean(name: str, what: str) -> list[str]:
     """Split an archive path into components; refuse absolute paths and '..'."""
     if name.startswith("/"):
@@ -45,15 +50,18 @@ def _clean(name: str, what: str) -> list[str]:
     return parts
 
 
-def _remove(path: str) -> None:
+def _remove(path: str) -> bool:
+    """Remove whatever is at `path`; True if it was a directory or a symlink (something a
+    cached directory resolution may have gone through)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(path)
-    else:
-        os.unlink(path)
+        return True
+    os.unlink(path)
+    return stat.S_ISLNK(st.st_mode)
 
 
 class RootfsBuilder:
@@ -64,18 +72,35 @@ class RootfsBuilder:
         # canonical rel path -> (inode, mode, uid, gid, mtime) for directories
         self._dirs: dict[tuple[str, ...], tuple[int, int, int, int, float]] = {}
         self._layer_paths: set[tuple[str, ...]] = set()
+        # Directory resolutions already done: entries of a layer mostly share parents.
+        # Valid while no directory or symlink is removed (see `_forget`).
+        self._resolved: dict[tuple[str, ...], list[str]] = {}
         self.skipped_devices = 0
 
     # ---- path resolution -------------------------------------------------------------
 
     def _host(self, parts: list[str] | tuple[str, ...]) -> str:
-        return os.path.join(self.root, *parts)
+        return "/".join((self.root, *parts))
+
+    def _rm(self, path: str) -> None:
+        if _remove(path):
+            self._resolved.clear()
 
     def _resolve_dir(self, parts: list[str], *, create: bool) -> list[str] | None:
         """Canonical components of directory `parts`, following in-tree symlinks.
 
         Missing directories are created (mode 0755) when `create`, else None is returned.
         """
+        key = tuple(parts)
+        hit = self._resolved.get(key)
+        if hit is not None:
+            return list(hit)
+        stack = self._walk(parts, create=create)
+        if stack is not None:
+            self._resolved[key] = list(stack)
+        return stack
+
+    def _walk(self, parts: list[str], *, create: bool) -> list[str] | None:
         stack: list[str] = []
         todo = list(reversed(parts))
         hops = 0
@@ -126,14 +151,19 @@ class RootfsBuilder:
 
     # ---- layers ------------------------------------------------------------------------
 
-    def apply(self, blob: Path, label: str) -> int:
-        """Apply one layer blob (tar, tar+gzip, tar+zstd, ...). Returns the member count."""
+    def apply(self, blob: Path, label: str, diff_id: str | None = None) -> int:
+        """Apply one layer blob (tar, tar+gzip, tar+zstd, ...). Returns the member count.
+
+        With `diff_id` ("sha256:<hex>" of the uncompressed tar, from the image config) the
+        decompressed bytes are checked against it."""
         self._layer_paths = set()
+        self._resolved.clear()
         count = 0
         errs = decompress_errors()
+        h = hashlib.sha256() if diff_id else None
         try:
             with open(blob, "rb") as f:
-                for tf, member in iter_tar(f, label):
+                for tf, member in iter_tar(f, label, h):
                     self._entry(tf, member)
                     count += 1
         except LayerError as e:
@@ -144,10 +174,15 @@ class RootfsBuilder:
             if e.errno is None:
                 raise LayerError(f"corrupt image tarball: {label}: {e}") from None
             if e.errno == errno.ENOSPC:
-                raise MatchlockError(
+                raise NoSpaceError(
                     f"no space left while unpacking {label}; free disk space and retry"
                 ) from None
             raise MatchlockError(f"cannot unpack {label}: {e.strerror}: {e.filename}") from None
+        if h is not None and "sha256:" + h.hexdigest() != diff_id:
+            raise LayerError(
+                f"{label} unpacks to sha256:{h.hexdigest()}, but the image config says "
+                f"{diff_id}; the image is inconsistent: push or save it again"
+            )
         return count
 
     def _entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
@@ -168,7 +203,7 @@ class RootfsBuilder:
                 victim = name[len(_WH) :]
                 if victim in ("", ".", ".."):
                     raise LayerError(f"bad whiteout {m.name!r}")
-                _remove(self._host([*pstack, victim]))
+                self._rm(self._host([*pstack, victim]))
             return
 
         pstack = self._resolve_dir(parent, create=True)
@@ -184,7 +219,7 @@ class RootfsBuilder:
                 st = None
             if st is None or not stat.S_ISDIR(st.st_mode):
                 if st is not None:
-                    os.unlink(host)
+                    self._rm(host)
                 os.mkdir(host, 0o700)
                 st = os.lstat(host)
             self._dirs[tuple(rel)] = (st.st_ino, m.mode & 0o7777, m.uid, m.gid, m.mtime)
@@ -211,11 +246,11 @@ class RootfsBuilder:
                     return  # already that very file
             except FileNotFoundError:
                 pass
-            _remove(host)
+            self._rm(host)
             os.link(target, host, follow_symlinks=False)
             return
 
-        _remove(host)
+        self._rm(host)
         if m.issym():
             os.symlink(m.linkname, host)
             os.lchown(host, m.uid, m.gid)
@@ -273,7 +308,7 @@ class RootfsBuilder:
                     if e.is_dir(follow_symlinks=False):
                         prune(key)
                     continue
-                _remove(e.path)
+                self._rm(e.path)
 
         prune(tuple(pstack))
 
@@ -298,12 +333,15 @@ class RootfsBuilder:
 ProgressFn = Callable[[str], None]
 
 
-def apply_layers(root: Path, layers: list[tuple[Path, str]], progress: ProgressFn) -> None:
-    """Apply `layers` [(blob path, label)] in order into the empty directory `root`."""
+def apply_layers(
+    root: Path, layers: list[tuple[Path, str, str | None]], progress: ProgressFn
+) -> None:
+    """Apply `layers` [(blob path, label, diff_id or None)] in order into the empty
+    directory `root`."""
     b = RootfsBuilder(root)
     n = len(layers)
-    for i, (blob, label) in enumerate(layers, 1):
+    for i, (blob, label, diff_id) in enumerate(layers, 1):
         mb = blob.stat().st_size / 1e6
         progress(f"applying layer {i}/{n} ({label}, {mb:.1f} MB)")
-        b.apply(blob, label)
+        b.apply(blob, label, diff_id)
     b.finish()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -25,6 +25,7 @@ class ImageConfig:
     cmd: tuple[str, ...] = ()
     working_dir: str = ""
     user: str = ""
+    exposed_ports: tuple[str, ...] = ()  # "80/tcp": documentation, as in docker (no -P)
 
     @classmethod
     def from_oci(cls, cfg: dict) -> ImageConfig:
@@ -37,6 +38,8 @@ class ImageConfig:
             cmd=_strs(cfg.get("Cmd")),
             working_dir=str(cfg.get("WorkingDir") or ""),
             user=str(cfg.get("User") or ""),
+            exposed_ports=tuple(sorted(str(p) for p in cfg.get("ExposedPorts") or {}))
+            if isinstance(cfg.get("ExposedPorts"), dict) else (),
         )
 
 
@@ -48,4 +51,9 @@ class Image:
     config: ImageConfig
     size: int  # bytes allocated by the disk file
     created: str  # ISO-8601 UTC, when the image was added to the store
-    source: str  # "import" | "builtin"
+    source: str  # "import" | "builtin" | "registry" | "tag"
+    digest: str = ""  # manifest digest a registry image was pulled by ("" otherwise)
+    platform: str = ""  # "linux/amd64" when known
+    # Held while this object lives: a shared flock on `disk`, so that `image rm`/`gc` keep
+    # the file until the VM that booted from it has stopped.
+    lease: object = field(default=None, compare=False, repr=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from matchlock.errors import MatchlockError, UsageError
+from matchlock.image._platform import Platform, host_platform, listing, pick
 from matchlock.image._tario import decompress_errors, iter_tar
 
 _BLOB_RE = re.compile(r"^blobs/sha256/([0-9a-f]{64})$")
@@ -239,16 +240,10 @@ class StagedTarball:
         descs = [d for d in manifests if isinstance(d, dict)]
         chosen = _pick_platform(descs)
         if chosen is None:
-            plats = sorted(
-                {
-                    f"{(d.get('platform') or {}).get('os')}/"
-                    f"{(d.get('platform') or {}).get('architecture')}"
-                    for d in descs
-                }
-            )
+            want = host_platform()
             raise TarballError(
-                f"the tarball has no linux/amd64 image (found: {', '.join(plats)}); "
-                "save or pull it for linux/amd64"
+                f"the tarball has no {want} image (found: {listing(descs)}); "
+                f"save or pull it for {want}"
             )
         st = self.blob(chosen, "manifest")
         sub = self.json(st, f"manifest {chosen['digest']}")
@@ -261,16 +256,8 @@ class StagedTarball:
 
 
 def _pick_platform(descs: list[dict]) -> dict | None:
-    def plat(d: dict) -> tuple[str | None, str | None]:
-        p = d.get("platform")
-        if not isinstance(p, dict):
-            return None, None
-        return p.get("os"), p.get("architecture")
-
-    exact = [d for d in descs if plat(d) == ("linux", "amd64")]
-    if exact:
-        return exact[0]
-    unspecified = [d for d in descs if plat(d) == (None, None)]
-    if unspecified:
-        return unspecified[0]
-    return None
+    chosen = pick(descs, host_platform())
+    if chosen is not None:
+        return chosen
+    unspecified = [d for d in descs if Platform.of(d) is None]
+    return unspecified[0] if unspecified else None

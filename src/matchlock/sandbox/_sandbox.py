@@ -21,7 +21,7 @@ from pathlib import Path
 from matchlock.channel.client import ChannelClosed, ExecHandle, GuestChannel
 from matchlock.errors import DependencyError, UsageError, VmStartError
 from matchlock.guest import guest_binary
-from matchlock.image import BUILTIN_IMAGE, Image, ImageStore
+from matchlock.image import Image, ImageStore
 from matchlock.net.types import NetworkConfig
 from matchlock.paths import vms_dir
 from matchlock.sandbox._exec_limits import check_exec_size
@@ -55,6 +55,7 @@ class SandboxConfig:
     kernel: str | None = None
     accel: str | None = None
     machine: str | None = None
+    pull: bool = False  # ask the image's registry again even when the image is stored
     labels: dict[str, str] = field(default_factory=dict)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -123,11 +124,10 @@ def new_vm_id() -> str:
     return "vm-" + uuid.uuid4().hex[:8]
 
 
-def resolve_image(store: ImageStore, name: str) -> Image:
-    builtin = BUILTIN_IMAGE.split(":")[0]
-    if name in (builtin, BUILTIN_IMAGE):
-        return store.ensure_builtin()
-    return store.get(name)
+def resolve_image(store: ImageStore, name: str, pull: bool = False,
+                  progress: Progress | None = None) -> Image:
+    # From the store (or built in), else pulled from its registry; always pulled with `pull`.
+    return store.resolve(name, pull=pull, progress=progress)
 
 
 def make_upper_disk(path: Path, size_mib: int) -> None:
@@ -169,7 +169,7 @@ class Sandbox:
         cfg = self.config
         accel, warning = detect_accel(cfg.accel)
         qemu_binary()  # fail on a missing QEMU before any other work
-        self.image = resolve_image(ImageStore(), cfg.image)
+        self.image = resolve_image(ImageStore(), cfg.image, cfg.pull, self.progress)
         kernel = resolve_kernel(cfg.kernel, progress=self.progress)
         tsc = host_tsc_khz()
         machine = pick_machine(cfg.machine, accel, tsc)
