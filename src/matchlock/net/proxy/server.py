@@ -881,16 +881,17 @@ class _Session:
         elif length is not None and not buffered:
             out.append((b"Content-Length", str(length).encode()))
 
+        held = [reserved]  # given back as soon as the held body went out, else at the end
         try:
             return await self._send(req, host, target, out, rules, used, scan, rewrite,
-                                    buffered)
+                                    buffered, held)
         finally:
-            if reserved:
-                self.budget.give(reserved)
+            if held[0]:
+                self.budget.give(held[0])
 
     async def _send(self, req: h11.Request, host: str, target: bytes,
                     out: list[tuple[bytes, bytes]], rules: SecretRules, used: set[str],
-                    scan: bool, rewrite: bool, buffered: bool) -> bool:
+                    scan: bool, rewrite: bool, buffered: bool, held: list[int]) -> bool:
         parts: list[bytes] = []
         try:
             if buffered:
@@ -926,6 +927,8 @@ class _Session:
                 await stream.drain()
             stream.write(conn.send(h11.EndOfMessage()))
             await stream.drain()
+            self.budget.give(held[0])
+            held[0] = 0
         else:
             ev = self.conn.next_event()  # no body: EndOfMessage is already there
             if type(ev) is h11.EndOfMessage:
