@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 
 from ..types import Secret
 from ._http import MIN_SCANNED_VALUE
@@ -55,7 +56,10 @@ class Scrubber:
         return bool(self._pairs)
 
     def found(self, data: bytes) -> bool:
-        return any(v in data for v in self._values)
+        for v in self._values:  # noqa: SIM110 - hot path: no generator per call
+            if v in data:
+                return True
+        return False
 
     def scrub(self, data: bytes) -> bytes:
         for value, ph in self._pairs:
@@ -72,8 +76,7 @@ class Scrubber:
     def scrub_headers(self, headers: Sequence[tuple[bytes, bytes]]
                       ) -> list[tuple[bytes, bytes]] | None:
         """Scrubbed copy of (name, value) pairs, or None when nothing needed changing."""
-        values = self._values
-        if not any(v in name or v in value for name, value in headers for v in values):
+        if not self.found(b"\n".join(chain.from_iterable(headers))):
             return None
         return [(self.scrub(name), self.scrub(value)) for name, value in headers]
 

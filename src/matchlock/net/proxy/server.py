@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+from itertools import chain
 from typing import TYPE_CHECKING, Literal
 
 import h11
@@ -659,9 +660,27 @@ async def _refuse_http(guest: _Stream, status: int, text: str) -> None:
         return
 
 
-_FRAMING = (b"content-length", b"transfer-encoding")
-# Towards a host a secret is bound to, responses must come back in a form we can scrub.
-_UNSCANNABLE_ASKS = (b"accept-encoding", b"sec-websocket-extensions")
+# Towards a host a secret is bound to, responses must come back in a form we can scrub:
+# these asks are dropped (and Accept-Encoding: identity sent).
+_ASKS = frozenset({b"accept-encoding", b"sec-websocket-extensions"})
+
+
+class _Plan:
+    """What `_Session._check` decided about one request."""
+
+    __slots__ = ("host", "rules", "target", "headers", "used", "length", "chunked", "ctype",
+                 "encoded")
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.rules: SecretRules
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.used: set[str] = set()
+        self.length: int | None = None
+        self.chunked = False
+        self.ctype: bytes | None = None
+        self.encoded = False
 
 
 class _Session:
@@ -682,6 +701,7 @@ class _Session:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_INCOMPLETE_EVENT)
         self.upstream: _Upstream | None = None
         self._rules: dict[str, SecretRules] = {}
+        self._held = 0  # bytes of the VM's budget the current request holds
 
     async def _guest_event(self):
         conn = self.conn
@@ -770,13 +790,32 @@ class _Session:
             rules = self._rules[host] = SecretRules.for_host(self.policy, host)
         return rules
 
-    def _check(self, req: h11.Request
-               ) -> tuple[str, bytes, list[tuple[bytes, bytes]], SecretRules, set[str]]:
-        """Policy and secret decisions on the request head. Raises _Blocked or FramingError.
-        Returns (host, origin-form target, headers, rules, secrets used), rewritten."""
+    def _check(self, req: h11.Request) -> _Plan:
+        """Policy and secret decisions on the request head, one pass over its headers.
+        Raises _Blocked or FramingError."""
         policy = self.policy
         authority, target = split_target(req.method, req.target, self.tls)
-        host_values = [v for k, v in req.headers if k == b"host"]
+        plan = _Plan()
+        host_values = []
+        kept = []  # framing headers are always ours to write
+        asks = False
+        for h in req.headers.raw_items():
+            k = h[0].lower()
+            if k == b"content-length":
+                plan.length = int(h[1])
+                continue
+            if k == b"transfer-encoding":
+                plan.chunked = True
+                continue
+            kept.append(h)
+            if k == b"host":
+                host_values.append(h[1])
+            elif k == b"content-type":
+                plan.ctype = h[1]
+            elif k == b"content-encoding":
+                plan.encoded = plan.encoded or h[1].strip().lower() != b"identity"
+            elif k in _ASKS:
+                asks = True
         if len(host_values) > 1:
             raise _Blocked(400, "blocked", self.sni_host or self.dst_ip,
                            "more than one Host header")
@@ -795,7 +834,7 @@ class _Session:
             host = authority[0]
         else:  # HTTP/1.0 without Host
             host = self.sni_host or policy.host_for_ip(self.dst_ip) or self.dst_ip
-        if req.http_version == b"1.0" and any(k == b"transfer-encoding" for k, _ in req.headers):
+        if plan.chunked and req.http_version == b"1.0":
             raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if self.tls and host != self.sni_host:
             raise _Blocked(421, "sni_host_mismatch", self.sni_host,
@@ -803,27 +842,33 @@ class _Session:
                            f"{self.sni_host!r}", host_header=host)
         if not valid_hostname(host) or not policy.host_allowed(host):
             raise _Blocked(403, "blocked", host, policy.block_reason_host(host))
-        rules = self._secret_rules(host)
-        used: set[str] = set()
+        plan.host = host
+        plan.rules = rules = self._secret_rules(host)
+        # Towards a host a secret is bound to, no asks that would make the response
+        # unscannable.
+        if asks and rules.rewrites:
+            kept = [h for h in kept if h[0].lower() not in _ASKS]
         if rules.active:
             leaked: list[str] = []
-            target, headers = rewrite_head(target, req.headers.raw_items(), rules, used,
-                                           leaked)
+            target, headers = rewrite_head(target, kept, rules, plan.used, leaked)
             if leaked:
                 raise _Blocked(403, "secret_leak_blocked", host,
                                f"request carries the placeholder or value of secret "
                                f"{leaked[0]}, which is not bound to host {host}",
                                secret=leaked[0])
         else:
-            headers = list(req.headers.raw_items())
+            headers = kept
         if not host_values:
             headers.insert(0, (b"Host", host.encode()))
-        return host, target, headers, rules, used
+        if rules.rewrites:
+            headers.append((b"Accept-Encoding", b"identity"))
+        plan.target, plan.headers = target, headers
+        return plan
 
     async def _request(self, req: h11.Request) -> bool:
         """Handle one request/response; False when the guest connection must close."""
         try:
-            host, target, headers, rules, used = self._check(req)
+            plan = self._check(req)
         except FramingError as e:
             await self._bad_request(e.status, e.reason)
             return False
@@ -841,28 +886,16 @@ class _Session:
         # Body plan. Every body is scanned for foreign placeholders and values; bodies of the
         # rewritten types also get bound placeholders replaced (held whole when they have a
         # Content-Length, as its value changes; streamed chunked past the limits).
-        length: int | None = None
-        chunked = False
-        ctype = None
-        encoded = False
-        for k, v in req.headers:
-            if k == b"content-length":
-                length = int(v)
-            elif k == b"transfer-encoding":
-                chunked = True
-            elif k == b"content-type":
-                ctype = v
-            elif k == b"content-encoding":
-                encoded = encoded or v.strip().lower() != b"identity"
+        host, rules, length, chunked = plan.host, plan.rules, plan.length, plan.chunked
         has_body = chunked or bool(length)
         scan = has_body and rules.active
-        rewrite = scan and rules.rewrites and rewritten_content_type(ctype) and not encoded
+        rewrite = scan and rules.rewrites and rewritten_content_type(plan.ctype) \
+            and not plan.encoded
         buffered = rewrite and not chunked
-        reserved = 0
         if buffered:
             assert length is not None
             if length <= MAX_BUFFERED_BODY and self.budget.take(length):
-                reserved = length
+                self._held = length
             else:
                 buffered = False
                 why = (f"over the {MAX_BUFFERED_BODY >> 20} MiB per-request limit"
@@ -872,26 +905,22 @@ class _Session:
                                   f"request body streamed chunked instead of held: {why}",
                                   length=length)
         # Upstream framing: exactly one framing header, written by us.
-        out = [(k, v) for k, v in headers if k.lower() not in _FRAMING]
-        if rules.rewrites:
-            out = [(k, v) for k, v in out if k.lower() not in _UNSCANNABLE_ASKS]
-            out.append((b"Accept-Encoding", b"identity"))
+        out = plan.headers
         if chunked or (rewrite and not buffered):
             out.append((b"Transfer-Encoding", b"chunked"))
         elif length is not None and not buffered:
             out.append((b"Content-Length", str(length).encode()))
 
-        held = [reserved]  # given back as soon as the held body went out, else at the end
         try:
-            return await self._send(req, host, target, out, rules, used, scan, rewrite,
-                                    buffered, held)
+            return await self._send(req, plan, out, scan, rewrite, buffered)
         finally:
-            if held[0]:
-                self.budget.give(held[0])
+            if self._held:  # a held body that never went out
+                self.budget.give(self._held)
+                self._held = 0
 
-    async def _send(self, req: h11.Request, host: str, target: bytes,
-                    out: list[tuple[bytes, bytes]], rules: SecretRules, used: set[str],
-                    scan: bool, rewrite: bool, buffered: bool, held: list[int]) -> bool:
+    async def _send(self, req: h11.Request, plan: _Plan, out: list[tuple[bytes, bytes]],
+                    scan: bool, rewrite: bool, buffered: bool) -> bool:
+        host, rules, used = plan.host, plan.rules, plan.used
         parts: list[bytes] = []
         try:
             if buffered:
@@ -916,7 +945,7 @@ class _Session:
             await self._refuse(502, f"matchlock: {e}")
             return False
 
-        up_req = h11.Request(method=req.method, target=target, headers=out)
+        up_req = h11.Request(method=req.method, target=plan.target, headers=out)
         up.stream.write(up.conn.send(up_req))
         pump: asyncio.Task | None = None
         if buffered:
@@ -927,8 +956,8 @@ class _Session:
                 await stream.drain()
             stream.write(conn.send(h11.EndOfMessage()))
             await stream.drain()
-            self.budget.give(held[0])
-            held[0] = 0
+            self.budget.give(self._held)  # the held body went out
+            self._held = 0
         else:
             ev = self.conn.next_event()  # no body: EndOfMessage is already there
             if type(ev) is h11.EndOfMessage:
@@ -1098,14 +1127,11 @@ class _Session:
         sc = self.scrubber
         if not sc.active:
             return ev
-        headers = sc.scrub_headers(ev.headers.raw_items())
-        reason = ev.reason
-        if reason and sc.found(reason):
-            reason = sc.scrub(reason)
-        if headers is None and reason is ev.reason:
+        raw = ev.headers.raw_items()
+        if not sc.found(b"\n".join(chain(chain.from_iterable(raw), (ev.reason,)))):
             return ev
-        return type(ev)(status_code=ev.status_code, reason=reason,
-                        headers=headers if headers is not None else ev.headers.raw_items())
+        return type(ev)(status_code=ev.status_code, reason=sc.scrub(ev.reason),
+                        headers=[(sc.scrub(k), sc.scrub(v)) for k, v in raw])
 
     async def _forward_response(self, up: _Upstream, host: str, req: h11.Request,
                                 resp: h11.Response, rules: SecretRules) -> None:
@@ -1120,11 +1146,15 @@ class _Session:
             guest.write(gconn.send(resp))
             await self._relay_body(up)
             return
+        raw = resp.headers.raw_items()
         length: int | None = None
-        for k, v in resp.headers:
+        codings: list[bytes] = []
+        for k, v in raw:
+            k = k.lower()
             if k == b"content-length":
                 length = int(v)
-        codings = content_codings(resp.headers.raw_items())
+            elif k == b"content-encoding":
+                codings = content_codings(raw)
         if codings:
             if not rules.rewrites:  # no secret is ever sent to this host: passed on as is
                 guest.write(gconn.send(resp))
@@ -1143,29 +1173,29 @@ class _Session:
             return
         if length is not None and length <= SMALL_RESPONSE and self.budget.take(length):
             try:
-                parts: list[bytes] = []
+                parts: list[h11.Data] = []
                 while True:
                     ev = await self._upstream_event(up)
                     if type(ev) is h11.Data:
-                        parts.append(ev.data)
+                        parts.append(ev)
                     elif type(ev) is h11.EndOfMessage:
                         break
                     else:
                         raise _UpstreamError(f"{host} closed the connection mid-response")
             finally:
                 self.budget.give(length)
-            body = b"".join(parts)
+            body = parts[0].data if len(parts) == 1 else b"".join(d.data for d in parts)
             if sc.found(body):
                 body = sc.scrub(body)
-                headers = [(k, v) for k, v in resp.headers.raw_items()
-                           if k.lower() != b"content-length"]
+                parts = [h11.Data(data=body)]
+                headers = [(k, v) for k, v in raw if k.lower() != b"content-length"]
                 headers.append((b"Content-Length", str(len(body)).encode()))
                 resp = h11.Response(status_code=resp.status_code, reason=resp.reason,
                                     headers=headers)
             guest.write(gconn.send(resp))
-            if body:
-                guest.writelines(gconn.send_with_data_passthrough(h11.Data(data=body)))
-            guest.write(gconn.send(h11.EndOfMessage()))
+            for d in parts:
+                guest.writelines(gconn.send_with_data_passthrough(d))
+            guest.write(gconn.send(ev))  # no trailers: Content-Length framing has none
             await guest.drain()
             return
         guest.write(gconn.send(resp))
