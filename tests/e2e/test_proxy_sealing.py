@@ -268,7 +268,9 @@ def test_framing_detection_reflection_and_scanning(env, state_home, upstreams, t
     ph = r["ph"]
     assert PH_RE.fullmatch(ph)
     reqs = up.records("req", mark)
-    by_target = {q["target"].split("?")[0]: q for q in reqs}
+    by_target: dict[str, dict] = {}
+    for q in reqs:  # the first request per path
+        by_target.setdefault(q["target"].split("?")[0], q)
     raws = [x["data"] for x in up.records("raw", mark)]
     conns = up.records("conn", mark)
 
@@ -306,7 +308,7 @@ def test_framing_detection_reflection_and_scanning(env, state_home, upstreams, t
     for k in ("echo", "echo-chunked", "echo-gzip"):
         o = r[k]["out"]
         assert r[k]["rc"] == 0 and REAL not in o, (k, o[-500:])
-        assert f"x-echo-auth: Bearer {ph}" in o.lower().replace(ph.lower(), ph), (k, o[-500:])
+        assert f"x-echo-auth: Bearer {ph}\n" in o, (k, o[:500])
         doc = json.loads(o[o.index("{"):])
         assert doc["headers"]["authorization"] == f"Bearer {ph}", doc
         assert json.loads(doc["body"]) == {"t": ph}, doc

@@ -981,7 +981,7 @@ class _Session:
         """The whole request body, rewritten, as pieces (their total length)."""
         if self.conn.client_is_waiting_for_100_continue:
             self.guest.write(self.conn.send(
-                h11.InformationalResponse(status_code=100, headers=[])))
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
             await self.guest.drain()
         rewriter = rules.stream()
         parts: list[bytes] = []
