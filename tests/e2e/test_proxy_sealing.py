@@ -116,6 +116,8 @@ def interactive_run(args: list[str], env: dict, on_pause: Callable[[str, str], N
 
 def net_events(state_home: Path, vm_id: str) -> list[dict]:
     path = state_home / "vms" / vm_id / "logs" / "net.jsonl"
+    if not path.exists():  # written on the first event
+        return []
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
