@@ -940,11 +940,11 @@ def test_reflection_over_an_upgrade_is_masked(env, https):
 
 
 @pytest.mark.parametrize("case", ["real_header", "real_body", "ph_octet", "ph_multipart",
-                                  "ph_header_name", "ph_gzip_labelled"])
+                                  "ph_header_name", "ph_gzip_labelled", "ph_method"])
 def test_every_request_byte_is_scanned_towards_unbound_hosts(env, https, case):
     n = len(env.upstream.seen)
     c = Client(https, "other.test", env.ca_file)
-    headers, body = [], b"x" * 100
+    headers, body, method = [], b"x" * 100, "POST"
     if case == "real_header":
         headers = [("x-k", f"v={REAL}")]
     elif case == "real_body":
@@ -959,10 +959,12 @@ def test_every_request_byte_is_scanned_towards_unbound_hosts(env, https, case):
                 + b"\r\n--BB--\r\n")
     elif case == "ph_header_name":
         headers = [(f"x-{PH}", "1")]
+    elif case == "ph_method":
+        method = PH
     else:  # a Content-Encoding label does not stop the scan of the bytes as sent
         headers = [("content-encoding", "gzip"), ("content-type", "application/json")]
         body = PH.encode()
-    status, _, resp = c.request("POST", "/scan", "other.test", headers=headers, body=body)
+    status, _, resp = c.request(method, "/scan", "other.test", headers=headers, body=body)
     assert status == 403 and b"API_TOKEN" in resp, resp
     assert len(env.upstream.seen) == n
     (ev,) = env.events_of("secret_leak_blocked")

@@ -849,7 +849,7 @@ class _Session:
         if asks and rules.rewrites:
             kept = [h for h in kept if h[0].lower() not in _ASKS]
         if rules.active:
-            leaked: list[str] = []
+            leaked = rules.leaks(req.method)  # a placeholder is a valid method token too
             target, headers = rewrite_head(target, kept, rules, plan.used, leaked)
             if leaked:
                 raise _Blocked(403, "secret_leak_blocked", host,
