@@ -540,10 +540,8 @@ class InterceptProxy:
             for t in (cread, uread, dial):
                 if t is not None and not t.done():
                     t.cancel()
-            if dial is not None:
-                with contextlib.suppress(BaseException):
-                    stray = await dial  # connected while we decided: close it
-                    stray.close()
+            if dial is not None:  # it may have connected while we decided: close that
+                dial.add_done_callback(_close_dialled)
 
     def _passthrough_verdict(self, dst_ip: str, dst_port: int) -> tuple[bool, str | None, str]:
         """Raw TCP (not TLS, not HTTP) may go to an address our DNS gave for an allowed host."""
@@ -628,6 +626,11 @@ class InterceptProxy:
                 last = e
         raise _UpstreamError(f"could not connect to {host} port {port}: "
                              f"{type(last).__name__}: {last}")
+
+
+def _close_dialled(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 def _as_http11(ev):
