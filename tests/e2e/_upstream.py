@@ -3,21 +3,27 @@
     ip netns exec NS python3 _upstream.py CONFIG.json
 
 CONFIG: {"log": path, "cert": pem, "key": pem, "https": [ip...], "http": [ip...],
-"raw": [[ip, port]...], "udp": [[ip, port]...], "dns": [ip, {name: ip}], "ready": path}.
+"raw": [[ip, port]...], "udp": [[ip, port]...], "dns": [ip, {name: ip}], "ready": path,
+"https_ports": [443, ...] (optional)}.
 
 Every event is one JSON line appended to `log` (the test reads it): "conn" (a TCP
-connection, any listener), "req" (an HTTP request: server, method, target, headers, body
-prefix, body sha256 and length), "udp" (a datagram), "dns" (a query name).
+connection, any listener; HTTPS ones once the handshake is done, with the SNI), "req" (an
+HTTP request: server, method, target, headers, body prefix, body sha256 and length),
+"raw" (HTTPS and plain HTTP: every byte a connection received, up to 64 KiB, as latin-1,
+logged when it ends), "udp" (a datagram), "dns" (a query name).
 
 HTTPS (h11, HTTP/1.1, keep-alive) routes: /sse (4 events, 1 s apart), /big/<MB>
 (deterministic bytes: block i = sha256(str(i)) * 32768), /upload (answers sha256 and length
-of the body), /ws (101, then echo in upper case), anything else: "hello from <ip>".
-Plain HTTP (port 80) is Python's http.server: HTTP/1.0, close-delimited bodies.
+of the body), /ws (101, then echo in upper case), /echo (the request reflected like httpbin:
+headers and body as JSON, the Authorization header in `x-echo-auth`; /echo-chunked sends it
+in 7-byte chunks, /echo-gzip gzip-encoded whatever was asked), anything else: "hello from
+<ip>". Plain HTTP (port 80) is Python's http.server: HTTP/1.0, close-delimited bodies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import http.server
 import json
@@ -30,7 +36,21 @@ import time
 import h11
 
 BLOCK = 1 << 20
+RAW_KEEP = 64 * 1024
 _lock = threading.Lock()
+
+
+class _Tap:
+    """A StreamReader stand-in that keeps a copy of the first bytes read."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.kept = reader, bytearray()
+
+    async def read(self, n: int) -> bytes:
+        data = await self.reader.read(n)
+        if len(self.kept) < RAW_KEEP:
+            self.kept += data[:RAW_KEEP - len(self.kept)]
+        return data
 
 
 def block(i: int) -> bytes:
@@ -56,6 +76,8 @@ def main() -> None:
                    target=self.path, headers={k.lower(): v for k, v in self.headers.items()},
                    body=body.decode("latin-1"), sha256=hashlib.sha256(body).hexdigest(),
                    length=len(body))
+            record(kind="raw", dst=self.server.server_address[0] + ":80",
+                   data=(self.raw_requestline + bytes(self.headers) + body).decode("latin-1"))
             out = f"plain hello from {self.server.server_address[0]}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -114,9 +136,17 @@ def main() -> None:
     # --- HTTPS (h11) and raw TCP ----------------------------------------------------------
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cfg["cert"], cfg["key"])
+    sni: dict[int, str | None] = {}
 
-    async def https(reader, writer, ip: str) -> None:
-        record(kind="conn", dst=f"{ip}:443")
+    def on_sni(sslobj, name, _ctx) -> None:
+        sni[id(sslobj)] = name
+
+    ctx.sni_callback = on_sni
+
+    async def https(reader, writer, ip: str, port: int = 443) -> None:
+        obj = writer.get_extra_info("ssl_object")
+        record(kind="conn", dst=f"{ip}:{port}", sni=sni.pop(id(obj), None))
+        reader = _Tap(reader)
         conn = h11.Connection(h11.SERVER)
 
         async def event():
@@ -144,7 +174,7 @@ def main() -> None:
                     if len(kept) < 65536:
                         kept += b.data[:65536]
                 headers = {k.decode(): v.decode("latin-1") for k, v in ev.headers}
-                record(kind="req", server=f"{ip}:443", method=ev.method.decode(),
+                record(kind="req", server=f"{ip}:{port}", method=ev.method.decode(),
                        target=target, headers=headers, body=kept.decode("latin-1"),
                        sha256=digest.hexdigest(), length=size)
                 if target == "/ws":
@@ -159,7 +189,9 @@ def main() -> None:
                         data = await reader.read(1 << 16)
                         if not data:
                             return
-                if target == "/sse":
+                if target.startswith("/echo"):
+                    await echo(writer, conn, ev, bytes(kept), target, headers)
+                elif target == "/sse":
                     send(h11.Response(status_code=200, headers=[
                         ("content-type", "text/event-stream"), ("cache-control", "no-cache"),
                         ("transfer-encoding", "chunked")]))
@@ -194,7 +226,29 @@ def main() -> None:
         except (ConnectionError, h11.ProtocolError, ssl.SSLError):
             pass
         finally:
+            record(kind="raw", dst=f"{ip}:{port}", data=reader.kept.decode("latin-1"))
             writer.close()
+
+    async def echo(writer, conn, ev, body: bytes, target: str, headers: dict) -> None:
+        doc = json.dumps({"target": ev.target.decode(), "headers": headers,
+                          "body": body.decode("latin-1")}).encode()
+        head = [("content-type", "application/json"),
+                ("x-echo-auth", headers.get("authorization", "-"))]
+        if target.startswith("/echo-chunked"):
+            writer.write(conn.send(h11.Response(status_code=200, headers=[
+                *head, ("transfer-encoding", "chunked")])))
+            for i in range(0, len(doc), 7):
+                writer.write(conn.send(h11.Data(data=doc[i:i + 7])))
+                await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage()))
+            return
+        if target.startswith("/echo-gzip"):  # whatever Accept-Encoding said
+            doc = gzip.compress(doc)
+            head.append(("content-encoding", "gzip"))
+        writer.write(conn.send(h11.Response(status_code=200, headers=[
+            *head, ("content-length", str(len(doc)))])))
+        writer.write(conn.send(h11.Data(data=doc)))
+        writer.write(conn.send(h11.EndOfMessage()))
 
     async def raw(reader, writer, dst: str) -> None:
         record(kind="conn", dst=dst)
@@ -205,8 +259,9 @@ def main() -> None:
     async def serve() -> None:
         servers = []
         for ip in cfg["https"]:
-            servers.append(await asyncio.start_server(
-                lambda r, w, ip=ip: https(r, w, ip), ip, 443, ssl=ctx))
+            for port in cfg.get("https_ports", [443]):
+                servers.append(await asyncio.start_server(
+                    lambda r, w, ip=ip, port=port: https(r, w, ip, port), ip, port, ssl=ctx))
         for ip, port in cfg["raw"]:
             servers.append(await asyncio.start_server(
                 lambda r, w, d=f"{ip}:{port}": raw(r, w, d), ip, port))

@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 SOL_IP = 0
 SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>
-MAX_CONNECTIONS = 1024  # concurrent guest connections; more are refused (a guest is hostile)
+# Concurrent guest connections of one VM (one stack per VM); more are closed at once. With
+# the proxy's per-VM buffer budget this bounds what a hostile guest makes the host hold:
+# ~80-170 KiB per connection (guest and upstream sockets, TLS) plus 64 MiB of held bodies.
+MAX_CONNECTIONS = 512
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -117,7 +120,9 @@ class NetworkStack:
         task = asyncio.current_task()
         try:
             if len(self._conns) >= MAX_CONNECTIONS:
-                self.emit(NetEvent("blocked", detail="too many concurrent connections"))
+                self.emit(NetEvent("blocked", detail=(
+                    f"connection closed: this VM already has {MAX_CONNECTIONS} open "
+                    "connections (the per-VM limit)"), fields={"limit": MAX_CONNECTIONS}))
                 return
             if task is not None:
                 self._conns.add(task)

@@ -9,8 +9,10 @@ tests are synchronous clients using `ssl` with the proxy's CA.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
+import os
 import socket
 import ssl
 import threading
@@ -53,9 +55,15 @@ def _block(i: int) -> bytes:
 
 # --------------------------------------------------------------------------- test upstream
 
+def _echo_doc(ev, kept: bytes) -> bytes:
+    return json.dumps({"headers": {k.decode(): v.decode() for k, v in ev.headers},
+                       "body": kept.decode("latin-1"), "target": ev.target.decode()}).encode()
+
+
 class Upstream:
-    """h11 server. Records each request (never echoes it). Routes: /sse, /download/<MB>,
-    /upload (sha256 of the body), /ws (101, then echo), anything else → 200 ok."""
+    """h11 server. Records each request. Routes: /sse, /download/<MB>, /upload (sha256 of the
+    body), /ws (101, then echo), /echo* (reflect the request: see `_echo`), anything else →
+    200 ok."""
 
     def __init__(self) -> None:
         self.seen: list[dict] = []
@@ -93,6 +101,24 @@ class Upstream:
                 self.seen.append({"conn": cid, "method": ev.method.decode(), "target": target,
                                   "headers": {k.decode(): v.decode() for k, v in ev.headers},
                                   "body": bytes(kept), "sha256": body.hexdigest()})
+                if target.startswith("/echo"):
+                    await self._echo(writer, conn, ev, bytes(kept), target)
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+                    continue
+                if target == "/ws-echo":  # reflects the Authorization header after the 101
+                    auth = dict(ev.headers).get(b"authorization", b"")
+                    writer.write(conn.send(h11.InformationalResponse(
+                        status_code=101, headers=[("upgrade", "echo"),
+                                                  ("connection", "upgrade"),
+                                                  ("x-auth", auth)])))
+                    writer.write(b"auth=" + auth + b"\n")
+                    await writer.drain()
+                    while data := await reader.read(65536):
+                        writer.write(data)
+                        await writer.drain()
+                    return
                 if target == "/ws":
                     writer.write(conn.send(h11.InformationalResponse(
                         status_code=101, headers=[("upgrade", "echo"),
@@ -139,6 +165,38 @@ class Upstream:
             writer.close()
 
 
+    @staticmethod
+    async def _echo(writer, conn, ev, kept: bytes, target: str) -> None:
+        """The request reflected, the way httpbin and chatty error pages do: in a header, the
+        reason phrase and the body (Content-Length; chunked in 5-byte chunks; a 200 KB
+        Content-Length body; gzip whatever was asked; br; a trailer)."""
+        auth = dict(ev.headers).get(b"authorization", b"-")
+        doc = _echo_doc(ev, kept)
+        head = [("x-echo-auth", auth), ("content-type", "application/json")]
+        reason = b"echo " + auth
+        if target == "/echo-chunked" or target == "/echo-trailer":
+            writer.write(conn.send(h11.Response(status_code=200, reason=reason, headers=[
+                *head, ("transfer-encoding", "chunked")])))
+            for i in range(0, len(doc), 5):
+                writer.write(conn.send(h11.Data(data=doc[i:i + 5])))
+                await writer.drain()
+            trailers = [("x-trailer", auth)] if target == "/echo-trailer" else []
+            writer.write(conn.send(h11.EndOfMessage(headers=trailers)))
+        else:
+            if target == "/echo-big":
+                doc = b" " * (200 * 1024) + doc + b" " * 1000
+            elif target == "/echo-gzip":
+                doc = gzip.compress(doc)
+                head.append(("content-encoding", "gzip"))
+            elif target == "/echo-br":
+                head.append(("content-encoding", "br"))
+            writer.write(conn.send(h11.Response(status_code=200, reason=reason, headers=[
+                *head, ("content-length", str(len(doc)))])))
+            writer.write(conn.send(h11.Data(data=doc)))
+            writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+
 class Env:
     def __init__(self, tmp) -> None:
         self.loop = asyncio.new_event_loop()
@@ -155,6 +213,7 @@ class Env:
         self.up_port = self.call(self._serve(self.upstream.serve, UP_IP, up_ctx))
         self.plain_port = self.call(self._serve(self.upstream.serve, PLAIN_IP, None))
         self.echo_port = self.call(self._serve(self._echo, PLAIN_IP, None))
+        self.banner_port = self.call(self._serve(self._banner, PLAIN_IP, None))
 
     def call(self, coro, timeout=60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -165,6 +224,16 @@ class Env:
 
     @staticmethod
     async def _echo(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    @staticmethod
+    async def _banner(reader, writer):
+        """A server-speaks-first protocol (SMTP-like): greets, then echoes."""
+        writer.write(b"220 banner.test ready\r\n")
+        await writer.drain()
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
@@ -626,3 +695,350 @@ def test_helpers():
     assert normalize_host(b"API.Test:443") == "api.test"
     assert normalize_host("[::1]:443") == "::1"
     assert is_tls_client_hello(b"\x16\x03\x01") and not is_tls_client_hello(b"GET /")
+
+
+# ------------------------------------------------------------- sealing: framing, detection
+
+def _send_first_flight(sock, data: bytes, split: int | None, pause: float) -> None:
+    if split:
+        sock.sendall(data[:split])
+        time.sleep(pause)  # the stimulus: a ClientHello split and delayed
+        sock.sendall(data[split:])
+    elif data:
+        sock.sendall(data)
+
+
+def tls_raw(port: int, sni: str, cafile, data: bytes, *, split: int | None = None,
+            pause: float = 0.0, timeout: float = 15) -> bytes:
+    """TLS through memory BIOs over a plain socket, so the ClientHello can be split after any
+    byte and delayed; sends `data` and returns all the proxy sends until it closes."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=sni)
+    first = True
+    try:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                _send_first_flight(sock, out.read(), split if first else None, pause)
+                first = False
+                got = sock.recv(65536)
+                if not got:
+                    raise ConnectionError("closed during the handshake") from None
+                inc.write(got)
+        obj.write(data)
+        sock.sendall(out.read())
+        resp = b""
+        while True:
+            try:
+                chunk = obj.read(65536)
+            except ssl.SSLWantReadError:
+                got = sock.recv(65536)
+                if not got:
+                    break
+                inc.write(got)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not chunk:
+                break
+            resp += chunk
+        return resp
+    finally:
+        sock.close()
+
+
+def plain_raw(port: int, data: bytes, timeout: float = 15) -> bytes:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        resp = b""
+        while chunk := sock.recv(65536):
+            resp += chunk
+        return resp
+    finally:
+        sock.close()
+
+
+def _status(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1]) if resp.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_absolute_form_must_name_the_host(env, https):
+    n = len(env.upstream.seen)
+    bad = (b"GET https://evil.test/x HTTP/1.1\r\nHost: api.test\r\n\r\n",
+           b"GET https://api.test:8443/x HTTP/1.1\r\nHost: api.test\r\n\r\n",
+           b"GET http://api.test/x HTTP/1.1\r\nHost: api.test\r\n\r\n",  # scheme
+           b"GET https://x@api.test/x HTTP/1.1\r\nHost: api.test\r\n\r\n",
+           b"CONNECT evil.test:443 HTTP/1.1\r\nHost: api.test\r\n\r\n")
+    for raw in bad:
+        resp = tls_raw(https, "api.test", env.ca_file, raw)
+        assert _status(resp) in (400, 405), (raw, resp[:200])
+    assert len(env.upstream.seen) == n  # none of them reached the upstream
+    assert len([e for e in env.events_of("blocked") if "bad request" in e.detail]) == len(bad)
+    # positive control: an absolute-form target that names the Host goes out in origin-form
+    resp = tls_raw(https, "api.test", env.ca_file,
+                   b"GET https://API.test/abs?k=" + PH.encode()
+                   + b" HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+    assert _status(resp) == 200, resp[:200]
+    assert env.upstream.seen[-1]["target"] == f"/abs?k={REAL}"
+    # plain HTTP port: the same rule
+    port = env.listen(env.proxy(), PLAIN_IP, env.plain_port)
+    n = len(env.upstream.seen)
+    resp = plain_raw(port, b"GET http://evil.test/ HTTP/1.1\r\nHost: plain.test\r\n\r\n")
+    assert _status(resp) == 400 and len(env.upstream.seen) == n
+
+
+SMUGGLE = b"GET /smuggled HTTP/1.1\r\nHost: api.test\r\nX-K: " + PH.encode() + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % (5 + len(SMUGGLE)),
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    b"Content-Length: 5\r\nContent-Length: 5\r\n",
+    b"Content-Length: 5, 5\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+])
+def test_ambiguous_framing_is_400_and_reaches_nothing(env, https, framing):
+    n = len(env.upstream.seen)
+    resp = tls_raw(https, "api.test", env.ca_file,
+                   b"POST /p HTTP/1.1\r\nHost: api.test\r\n" + framing + b"\r\n0\r\n\r\n"
+                   + SMUGGLE)
+    assert _status(resp) == 400, resp[:200]
+    assert len(env.upstream.seen) == n
+    # positive control, same connection setup: one framing header is relayed (canonical)
+    resp = tls_raw(https, "api.test", env.ca_file,
+                   b"POST /p HTTP/1.1\r\nHost: api.test\r\nContent-Length: 05\r\n"
+                   b"Connection: close\r\n\r\nhello")
+    assert _status(resp) == 200
+    seen = env.upstream.seen[-1]
+    assert seen["target"] == "/p" and seen["body"] == b"hello"
+    assert seen["headers"]["content-length"] == "5" and "transfer-encoding" not in seen["headers"]
+
+
+def test_http10_with_transfer_encoding_is_400(env):
+    port = env.listen(env.proxy(), PLAIN_IP, env.plain_port)
+    n = len(env.upstream.seen)
+    resp = plain_raw(port, b"POST / HTTP/1.0\r\nHost: plain.test\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert _status(resp) == 400 and len(env.upstream.seen) == n
+
+
+def test_head_size_limit_holds_in_one_write(env, https):
+    n = len(env.upstream.seen)
+    pad = b"X-Pad: " + b"a" * (20 * 1024) + b"\r\n"
+    resp = tls_raw(https, "api.test", env.ca_file,
+                   b"GET /big-head HTTP/1.1\r\nHost: api.test\r\n" + pad + b"\r\n")
+    assert _status(resp) == 431 and len(env.upstream.seen) == n
+    pad = b"X-Pad: " + b"a" * (15 * 1024) + b"\r\n"  # under the limit: relayed
+    resp = tls_raw(https, "api.test", env.ca_file,
+                   b"GET /ok-head HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n" + pad
+                   + b"\r\n")
+    assert _status(resp) == 200 and env.upstream.seen[-1]["target"] == "/ok-head"
+
+
+@pytest.mark.parametrize("split,pause", [(None, 1.0), (1, 1.0), (3, 0.7)])
+def test_client_hello_after_a_pause_is_judged_by_sni(env, https, split, pause):
+    """The listener's port is not 443: a late or split ClientHello still gets the SNI check."""
+    n = len(env.upstream.seen)
+    req = b"GET /late HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+    resp = tls_raw(https, "evil.test", env.ca_file, req % b"evil.test", split=split,
+                   pause=pause)
+    assert _status(resp) == 403 and b"evil.test" in resp, resp[:300]
+    assert len(env.upstream.seen) == n
+    assert [e for e in env.events_of("blocked") if e.fields.get("sni") == "evil.test"]
+    # positive control: an allowed SNI, the same timing, is intercepted (secrets injected)
+    resp = tls_raw(https, "api.test", env.ca_file,
+                   b"GET /late?k=" + PH.encode() + b" HTTP/1.1\r\nHost: api.test\r\n"
+                   b"Connection: close\r\n\r\n", split=split, pause=pause)
+    assert _status(resp) == 200, resp[:300]
+    assert env.upstream.seen[-1]["target"] == f"/late?k={REAL}"
+
+
+def test_server_speaks_first_protocol_is_relayed(env):
+    """A silent guest towards an allowed name's address: the upstream is dialled and its
+    greeting decides (raw relay), as for SMTP or MySQL."""
+    env.events.clear()
+    port = env.listen(env.proxy(), PLAIN_IP, env.banner_port)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert s.recv(100) == b"220 banner.test ready\r\n"
+    s.sendall(b"EHLO guest\r\n")
+    assert s.recv(100) == b"EHLO guest\r\n"
+    s.close()
+    # not an allowed name's address: nothing is dialled, the guest's bytes are refused
+    port = env.listen(env.proxy(), "127.0.0.9", env.banner_port)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"EHLO guest\r\n")
+    assert s.recv(100) == b""
+    assert [e for e in env.events_of("blocked") if "127.0.0.9" in e.host]
+
+
+# --------------------------------------------------------------------- sealing: secrets
+
+@pytest.mark.parametrize("route", ["/echo", "/echo-chunked", "/echo-trailer", "/echo-big",
+                                   "/echo-gzip"])
+def test_reflected_secret_never_reaches_the_guest(env, https, route):
+    c = Client(https, "api.test", env.ca_file)
+    c.send("POST", route, "api.test",
+           headers=[("authorization", f"Bearer {PH}"), ("content-type", "application/json"),
+                    ("accept-encoding", "gzip")],
+           body=json.dumps({"token": PH}).encode())
+    ev = c.event()
+    assert isinstance(ev, h11.Response) and ev.status_code == 200
+    headers = dict(ev.headers)
+    body = bytearray()
+    while isinstance(d := c.event(), h11.Data):
+        body += d.data
+    trailers = dict(d.headers)
+    c.close()
+    seen = env.upstream.seen[-1]
+    # positive control: the upstream got the real value (and was asked for identity)
+    assert seen["headers"]["authorization"] == f"Bearer {REAL}"
+    assert json.loads(seen["body"]) == {"token": REAL}
+    assert seen["headers"]["accept-encoding"] == "identity"
+    guest_saw = bytes(body) + ev.reason + repr(ev.headers).encode() + repr(trailers).encode()
+    assert REAL.encode() not in guest_saw
+    assert headers[b"x-echo-auth"] == f"Bearer {PH}".encode()
+    assert ev.reason == f"echo Bearer {PH}".encode()
+    if route == "/echo-big":  # announced length kept: same-length filler instead
+        assert int(headers[b"content-length"]) == len(body)
+        assert b"SANDBOX_SECRET_" in body
+    else:
+        doc = json.loads(bytes(body))
+        assert doc["headers"]["authorization"] == f"Bearer {PH}"
+        assert json.loads(doc["body"]) == {"token": PH}
+        assert b"content-encoding" not in headers
+    if route == "/echo-trailer":
+        assert trailers[b"x-trailer"] == f"Bearer {PH}".encode()
+
+
+def test_unscannable_encoding_from_a_secret_host_is_refused(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    status, _, body = c.request("GET", "/echo-br", "api.test",
+                                headers=[("authorization", f"Bearer {PH}")])
+    assert status == 502 and b"cannot scan" in body and REAL.encode() not in body
+    assert env.upstream.seen[-1]["headers"]["authorization"] == f"Bearer {REAL}"
+
+
+def test_reflection_over_an_upgrade_is_masked(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    c.send("GET", "/ws-echo", "api.test", headers=[
+        ("connection", "upgrade"), ("upgrade", "echo"), ("authorization", PH),
+        ("sec-websocket-extensions", "permessage-deflate")])
+    ev = c.event()
+    assert isinstance(ev, h11.InformationalResponse) and ev.status_code == 101
+    assert dict(ev.headers)[b"x-auth"] == PH.encode()
+    buf = c.conn.trailing_data[0]
+    while b"\n" not in buf:
+        buf += c.sock.recv(65536)
+    c.close()
+    assert buf.startswith(b"auth=SANDBOX_SECRET_") and REAL.encode() not in buf
+    assert len(buf.split(b"\n")[0]) == len(b"auth=" + REAL.encode())  # same length
+    seen = env.upstream.seen[-1]
+    assert seen["headers"]["authorization"] == REAL
+    assert "sec-websocket-extensions" not in seen["headers"]
+
+
+@pytest.mark.parametrize("case", ["real_header", "real_body", "ph_octet", "ph_multipart",
+                                  "ph_header_name", "ph_gzip_labelled", "ph_method"])
+def test_every_request_byte_is_scanned_towards_unbound_hosts(env, https, case):
+    n = len(env.upstream.seen)
+    c = Client(https, "other.test", env.ca_file)
+    headers, body, method = [], b"x" * 100, "POST"
+    if case == "real_header":
+        headers = [("x-k", f"v={REAL}")]
+    elif case == "real_body":
+        headers, body = [("content-type", "application/octet-stream")], REAL.encode() * 3
+    elif case == "ph_octet":
+        headers = [("content-type", "application/octet-stream")]
+        body = os.urandom(70000) + PH.encode() + os.urandom(100)
+    elif case == "ph_multipart":
+        headers = [("content-type", "multipart/form-data; boundary=BB")]
+        body = (b"--BB\r\nContent-Disposition: form-data; name=f; filename=a.bin\r\n"
+                b"Content-Type: application/octet-stream\r\n\r\n" + PH.encode()
+                + b"\r\n--BB--\r\n")
+    elif case == "ph_header_name":
+        headers = [(f"x-{PH}", "1")]
+    elif case == "ph_method":
+        method = PH
+    else:  # a Content-Encoding label does not stop the scan of the bytes as sent
+        headers = [("content-encoding", "gzip"), ("content-type", "application/json")]
+        body = PH.encode()
+    status, _, resp = c.request(method, "/scan", "other.test", headers=headers, body=body)
+    assert status == 403 and b"API_TOKEN" in resp, resp
+    assert len(env.upstream.seen) == n
+    (ev,) = env.events_of("secret_leak_blocked")
+    assert ev.fields["secret"] == "API_TOKEN"
+    _no_real_values(env)
+    # positive control: the same request without the secret goes through
+    c = Client(https, "other.test", env.ca_file)
+    clean = [(k.replace(PH, "plain"), v.replace(REAL, "plain")) for k, v in headers]
+    status, _, _ = c.request("POST", "/scan", "other.test", headers=clean,
+                             body=body.replace(PH.encode(), b"p").replace(REAL.encode(), b"p"))
+    assert status == 200 and env.upstream.seen[-1]["target"] == "/scan"
+
+
+def test_binary_body_to_the_bound_host_keeps_placeholders(env, https):
+    """Only the rewritten types get values; a binary upload is scanned, not rewritten."""
+    c = Client(https, "api.test", env.ca_file)
+    body = os.urandom(1000) + PH.encode()
+    status, _, _ = c.request("POST", "/bin", "api.test",
+                             headers=[("content-type", "application/octet-stream")], body=body)
+    assert status == 200
+    seen = env.upstream.seen[-1]
+    assert seen["body"] == body and seen["headers"]["content-length"] == str(len(body))
+
+
+def test_expect_100_continue_with_a_held_body(env, https):
+    c = Client(https, "api.test", env.ca_file)
+    body = (b"token=" + PH.encode() + b"&") * 50000  # ~2.6 MB, held whole and rewritten
+    c.sock.sendall(c.conn.send(h11.Request(method="POST", target="/upload", headers=[
+        ("host", "api.test"), ("content-type", "application/x-www-form-urlencoded"),
+        ("content-length", str(len(body))), ("expect", "100-continue")])))
+    ev = c.event()
+    assert isinstance(ev, h11.InformationalResponse) and ev.status_code == 100
+    c.sock.sendall(c.conn.send(h11.Data(data=body)) + c.conn.send(h11.EndOfMessage()))
+    status, _, resp = c.response()
+    expect = body.replace(PH.encode(), REAL.encode())
+    assert status == 200 and resp.decode() == hashlib.sha256(expect).hexdigest()
+    seen = env.upstream.seen[-1]
+    assert seen["headers"]["content-length"] == str(len(expect))
+    assert "expect" not in seen["headers"]
+
+
+def test_vm_buffer_budget_is_shared_and_streams_past_it(env):
+    from matchlock.net.proxy._budget import BufferBudget
+
+    env.events.clear()
+    proxy = env.proxy(budget=BufferBudget(1 << 20))
+    port = env.listen(proxy, UP_IP, env.up_port)
+    body = (b"k=" + PH.encode() + b";") * 14000  # ~690 KB each
+    expect = hashlib.sha256(body.replace(PH.encode(), REAL.encode())).hexdigest()
+    a = Client(port, "api.test", env.ca_file)
+    a.sock.sendall(a.conn.send(h11.Request(method="POST", target="/upload", headers=[
+        ("host", "api.test"), ("content-type", "text/plain"),
+        ("content-length", str(len(body)))])))
+    a.sock.sendall(a.conn.send(h11.Data(data=body[:-1])))
+    deadline = time.monotonic() + 10
+    while proxy.budget.used != len(body):  # A's body is held (reserved from the head)
+        assert time.monotonic() < deadline, proxy.budget.used
+        time.sleep(0.01)
+    b = Client(port, "api.test", env.ca_file)
+    status, _, resp = b.request("POST", "/upload", "api.test",
+                                headers=[("content-type", "text/plain")], body=body)
+    assert status == 200 and resp.decode() == expect  # B streamed, rewritten
+    seen_b = env.upstream.seen[-1]
+    assert seen_b["headers"].get("transfer-encoding") == "chunked"
+    (ev,) = env.events_of("buffer_limit")
+    assert "budget" in ev.detail and ev.fields["length"] == len(body)
+    a.sock.sendall(a.conn.send(h11.Data(data=body[-1:])) + a.conn.send(h11.EndOfMessage()))
+    status, _, resp = a.response()
+    assert status == 200 and resp.decode() == expect
+    assert env.upstream.seen[-1]["headers"]["content-length"] == str(
+        len(body.replace(PH.encode(), REAL.encode())))
+    # held bodies and small scrubbed responses draw from the one budget, never past it
+    assert proxy.budget.used == 0 and len(body) <= proxy.budget.peak <= 1 << 20

@@ -2,21 +2,27 @@
 
 Map of the package:
 
-- `_http.py` — sans-I/O core: secret placeholder rules (`SecretRules`, the streaming
-  `BodyRewriter`, `replace_placeholders`, `foreign_placeholders`), host/SNI normalisation,
-  ClientHello sniffing, block pages. No sockets, no asyncio; every security rule is testable
-  on bytes.
+- `_http.py` — sans-I/O core: secret patterns per host (`SecretRules`: bound placeholders
+  replaced, foreign placeholders and foreign real values leak; the streaming
+  `BodyRewriter`), host/SNI normalisation, protocol sniffing (`sniff_protocol`), block pages.
+- `_framing.py` — sans-I/O request framing rules: raw head size and framing headers
+  (`check_head`), request-target forms (`split_target`); ambiguity is a 400.
+- `_scrub.py` — sans-I/O response scrubbing: real values → placeholders (or same-length
+  fillers where a length is fixed), streaming across chunks; gzip/deflate decoding.
+- `_budget.py` — the per-VM budget of bytes held whole (`BufferBudget`).
 - `server.py` — the asyncio shell, the only code that reads/writes sockets or dials upstream:
   - `TcpRelay` (open mode): `policy.ip_allowed(dst_ip)` then a raw relay, both ways,
     half-close aware, with an idle timeout. The one relay implementation: intercept mode
     reuses it for passthrough ports and for upgraded (WebSocket) connections.
-  - `InterceptProxy` (intercept mode), per guest connection: peek at the first bytes →
-    TLS ClientHello? terminate TLS with a leaf from `ca.CertificateAuthority` for the SNI
-    (then HTTP/1.1 via h11) : port 80? plain HTTP/1.1 : anything else? passthrough when the
-    address is one our DNS gave for an allowed host. Per request: Host (must equal the SNI
-    under TLS) against the allow-list, foreign secret placeholders → 403, bound ones
-    replaced (target, headers, scanned bodies), upstream dialled only at addresses that pass
-    `policy.ip_allowed`, verified TLS upstream, response streamed back as it arrives.
+  - `InterceptProxy` (intercept mode, one per VM), per guest connection: read until the
+    protocol is decided (a TLS record header → terminate TLS with a leaf from
+    `ca.CertificateAuthority` for the SNI, then HTTP/1.1 via h11; port 80 → plain HTTP/1.1;
+    other ports → raw relay to an address our DNS gave for an allowed host, where a silent
+    guest gets a pre-dialled upstream and whoever speaks first decides). Per request:
+    framing rules, Host (must equal the SNI under TLS and an absolute-form authority)
+    against the allow-list, foreign placeholders/values anywhere → 403, bound ones replaced
+    (target, headers, rewritten body types), upstream dialled only at addresses that pass
+    `policy.ip_allowed`, verified TLS upstream, response scrubbed and streamed back.
 
 Every refusal is an HTTP answer where the guest speaks HTTP, plus a `NetEvent`; secret values
 never appear in either. Any exception in policy code blocks the flow (fail closed).

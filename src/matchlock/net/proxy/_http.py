@@ -12,13 +12,18 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Protocol
 
 from ..types import Secret
 
 MAX_BUFFERED_BODY = 16 * 1024 * 1024  # a rewritten Content-Length body is held whole; cap it
-# Bodies scanned for placeholders (the types that carry tokens); others are relayed untouched.
-SCANNED_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/")
+# Bodies whose bound placeholders are replaced by the real value (the types that carry
+# tokens). Every body, of any type, is scanned for foreign placeholders and values.
+REWRITTEN_TYPES = (b"application/json", b"application/x-www-form-urlencoded", b"text/",
+                   b"multipart/form-data")
+# Real values shorter than this are not searched for: they would match ordinary bytes.
+MIN_SCANNED_VALUE = 8
 _HOST_RE = re.compile(r"^[a-z0-9_*]([a-z0-9_.*-]{0,251}[a-z0-9_*])?$")
 
 
@@ -59,17 +64,38 @@ def host_matches_sni(host_header: str | bytes, sni_host: str) -> bool:
 
 def is_tls_client_hello(prefix: bytes) -> bool:
     """A TLS record of type handshake (0x16) with a 3.x version: what every ClientHello starts
-    with. Two bytes decide; HTTP and the other text protocols start with a letter."""
+    with. HTTP and the other text protocols start with a letter."""
     return len(prefix) >= 2 and prefix[0] == 0x16 and prefix[1] == 0x03
 
 
-def scanned_content_type(content_type: bytes | None) -> bool:
-    """Bodies of these types are scanned and rewritten. No Content-Type counts as scanned:
+TLS_RECORD_HEADER = 5  # content type, version (2), length (2)
+
+
+def sniff_protocol(prefix: bytes) -> str | None:
+    """What the client's first bytes are: "tls", "plain", or None while undecided.
+
+    Anything that starts like a TLS record header (content type 20-24, major version 3) is
+    TLS and goes to our TLS terminator, which judges it by SNI (or refuses it); deciding waits
+    for the whole 5-byte record header however the bytes are split or delayed. Every other
+    first byte is not TLS."""
+    if not prefix:
+        return None
+    if not 20 <= prefix[0] <= 24:
+        return "plain"
+    if len(prefix) >= 2 and prefix[1] != 3:
+        return "plain"
+    if len(prefix) < TLS_RECORD_HEADER:
+        return None
+    return "tls"
+
+
+def rewritten_content_type(content_type: bytes | None) -> bool:
+    """Bodies of these types get bound placeholders replaced. No Content-Type counts as one:
     `curl -d` style uploads carry form data, and a missing label must not be a way around."""
     if content_type is None:
         return True
     ct = content_type.strip().lower()
-    return any(ct.startswith(t) for t in SCANNED_TYPES)
+    return any(ct.startswith(t) for t in REWRITTEN_TYPES) or b"+json" in ct.split(b";", 1)[0]
 
 
 # ------------------------------------------------------------------------------- secrets
@@ -89,28 +115,38 @@ def foreign_placeholders(data: bytes, host: str, policy: SecretPolicy) -> list[s
 
 
 class SecretRules:
-    """The placeholders that matter for one destination host: `bound` ones are replaced by their
-    value, `foreign` ones (bound elsewhere) mean the request is blocked."""
+    """The patterns that matter for one destination host: `bound` placeholders are replaced by
+    their value; `foreign` placeholders, and the real values of foreign secrets (a value the
+    guest should never hold, e.g. one an upstream reflected), mean the request is blocked."""
 
-    __slots__ = ("bound", "foreign", "_regex", "_prefix", "_values", "_names", "hold")
+    __slots__ = ("bound", "foreign", "_regex", "_prefix", "_values", "_names", "hold",
+                 "_foreign_values")
 
     def __init__(self, bound: Sequence[Secret], foreign: Sequence[Secret]) -> None:
         self.bound = tuple(bound)
         self.foreign = tuple(foreign)
         self._values: dict[bytes, bytes | None] = {}
         self._names: dict[bytes, str] = {}
+        bound_values = {s.value.encode() for s in self.bound}
+        self._foreign_values: list[bytes] = []
         for s in self.foreign:
             self._values[s.placeholder.encode()] = None
             self._names[s.placeholder.encode()] = s.name
+            value = s.value.encode()
+            if len(value) >= MIN_SCANNED_VALUE and value not in bound_values:
+                self._values[value] = None
+                self._names[value] = s.name
+                self._foreign_values.append(value)
         for s in self.bound:  # bound wins if a placeholder were listed twice
             self._values[s.placeholder.encode()] = s.value.encode()
             self._names[s.placeholder.encode()] = s.name
-        phs = sorted(self._values, key=len, reverse=True)
-        self._regex = re.compile(b"|".join(re.escape(p) for p in phs)) if phs else None
+        pats = sorted(self._values, key=len, reverse=True)
+        self._regex = re.compile(b"|".join(re.escape(p) for p in pats)) if pats else None
+        phs = [p for p in pats if p not in self._foreign_values]
         prefix = os.path.commonprefix(phs) if phs else b""
         self._prefix = prefix if len(prefix) >= 4 else None
-        # A placeholder split across chunks: keep this many input bytes back.
-        self.hold = max((len(p) for p in phs), default=1) - 1
+        # A pattern split across chunks: keep this many input bytes back.
+        self.hold = max((len(p) for p in pats), default=1) - 1
 
     @classmethod
     def for_host(cls, policy: SecretPolicy, host: str) -> SecretRules:
@@ -128,9 +164,15 @@ class SecretRules:
         return bool(self.bound)
 
     def _maybe(self, data: bytes) -> bool:
+        """Cheap pre-check (substring searches) before the regex runs."""
         if self._regex is None:
             return False
-        return self._prefix is None or self._prefix in data
+        if self._prefix is None or self._prefix in data:
+            return True
+        for v in self._foreign_values:  # noqa: SIM110 - hot path: no generator per call
+            if v in data:
+                return True
+        return False
 
     def leaks(self, data: bytes) -> list[str]:
         """Names of foreign placeholders in `data` (in order of appearance, unique)."""
@@ -162,18 +204,20 @@ class SecretRules:
 
         return self._regex.sub(sub, data)
 
-    def stream(self) -> BodyRewriter:
-        return BodyRewriter(self)
+    def stream(self, rewrite: bool = True) -> BodyRewriter:
+        return BodyRewriter(self, rewrite)
 
 
 class BodyRewriter:
     """Streaming `SecretRules.rewrite` over body chunks: holds back the last `hold` input bytes
-    so a placeholder split across two chunks is still seen whole."""
+    so a pattern split across two chunks is still seen whole. With rewrite=False it only looks
+    for foreign patterns (the body's length is kept; bound placeholders go out unchanged)."""
 
-    __slots__ = ("_rules", "_tail", "used", "leaked")
+    __slots__ = ("_rules", "_tail", "used", "leaked", "_rewrite")
 
-    def __init__(self, rules: SecretRules) -> None:
+    def __init__(self, rules: SecretRules, rewrite: bool = True) -> None:
         self._rules = rules
+        self._rewrite = rewrite
         self._tail = b""
         self.used: set[str] = set()
         self.leaked: list[str] = []
@@ -187,7 +231,7 @@ class BodyRewriter:
         cut = max(len(buf) - rules.hold, 0)
         parts: list[bytes] = []
         pos = 0
-        if rules._prefix is None or rules._prefix in buf:
+        if rules._maybe(buf):
             for m in regex.finditer(buf):
                 start, end = m.span()
                 parts.append(buf[pos:start])
@@ -198,8 +242,10 @@ class BodyRewriter:
                     if name not in self.leaked:
                         self.leaked.append(name)
                     value = ph
-                else:
+                elif self._rewrite:
                     self.used.add(rules._names[ph])
+                else:
+                    value = ph
                 parts.append(value)
                 pos = end
         cut = max(cut, pos)
@@ -215,17 +261,24 @@ class BodyRewriter:
 def rewrite_head(target: bytes, headers: Sequence[tuple[bytes, bytes]], rules: SecretRules,
                  used: set[str], leaked: list[str]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Request target (path+query) and header values with bound placeholders replaced.
-    Header names are never rewritten. Foreign placeholders land in `leaked`."""
+    Header names are never rewritten, only scanned. Foreign patterns land in `leaked`."""
     target = rules.rewrite(target, used, leaked)
-    out = [(name, rules.rewrite(value, used, leaked)) for name, value in headers]
-    return target, out
+    # One substring pre-check over the whole head (a header holds no CR/LF, so a pattern
+    # found within one header is found in the joined bytes); exact passes only on a hit.
+    if not rules._maybe(b"\n".join(chain.from_iterable(headers))):
+        return target, list(headers)
+    names = b"\n".join([h[0] for h in headers])
+    if rules._maybe(names):
+        leaked.extend(n for n in rules.leaks(names) if n not in leaked)
+    return target, [(name, rules.rewrite(value, used, leaked)) for name, value in headers]
 
 
 # ---------------------------------------------------------------------------- responses
 
-_REASONS = {400: b"Bad Request", 403: b"Forbidden", 413: b"Content Too Large",
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
+            413: b"Content Too Large",
             421: b"Misdirected Request", 431: b"Request Header Fields Too Large",
-            502: b"Bad Gateway", 504: b"Gateway Timeout"}
+            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
 
 def block_message(host: str, reason: str) -> str:

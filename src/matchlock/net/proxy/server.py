@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+from itertools import chain
 from typing import TYPE_CHECKING, Literal
 
 import h11
@@ -20,17 +21,20 @@ import h11
 if TYPE_CHECKING:  # cryptography costs ~40 ms to import; open mode never needs it
     from ..ca import CertificateAuthority
 from ..types import EventSink, NetEvent
+from ._budget import BufferBudget
+from ._framing import MAX_HEAD, FramingError, check_head, head_end, split_authority, split_target
 from ._http import (
     MAX_BUFFERED_BODY,
     SecretRules,
     block_message,
-    is_tls_client_hello,
     normalize_host,
     rewrite_head,
-    scanned_content_type,
+    rewritten_content_type,
     simple_response,
+    sniff_protocol,
     valid_hostname,
 )
+from ._scrub import DECODABLE, InflateError, Inflater, Scrubber, content_codings
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +42,13 @@ READ_SIZE = 64 * 1024  # one read from a socket, one chunk relayed
 CONNECT_TIMEOUT = 10.0  # per upstream address tried
 HANDSHAKE_TIMEOUT = 10.0  # guest-side TLS handshake, and the wait for its first bytes
 IDLE_TIMEOUT = 600.0  # no byte read in either direction for this long → both sides closed
-PEEK_TIMEOUT = 0.3  # non-80/443 ports: wait this long for a ClientHello before relaying raw
-# (server-speaks-first protocols such as SSH or SMTP send nothing until the server does)
+# Ports other than 80/443, towards an address raw TCP may reach: while the guest is silent
+# this long, dial the upstream so a server-speaks-first protocol (SMTP, FTP, MySQL) can speak.
+# It only decides when the dial happens; what is done is decided by who sends the first byte.
+PREDIAL_DELAY = 0.05
 BLOCKED_REQUEST_WAIT = 5.0  # after a blocked TLS handshake, wait this long for a request
-MAX_INCOMPLETE_EVENT = 16 * 1024  # h11's default: largest request/response head we accept
+MAX_INCOMPLETE_EVENT = MAX_HEAD  # h11's own limit on an incomplete head (ours: check_head)
+SMALL_RESPONSE = 64 * 1024  # a scrubbed Content-Length body up to this is held whole
 UPSTREAM_CA_ENV = "MATCHLOCK_UPSTREAM_CA"
 
 
@@ -254,24 +261,30 @@ class _TlsServerStream(_Stream):
         self.raw.abort()
 
 
-async def _pipe(a: _Stream, b: _Stream) -> None:
+async def _pipe(a: _Stream, b: _Stream, b_to_a=None) -> None:
     """Relay bytes both ways until both directions ended; an end in one direction is passed
-    on as a half-close where the transport can (plain TCP), an error aborts both."""
+    on as a half-close where the transport can (plain TCP), an error aborts both. `b_to_a`
+    (feed/finish, e.g. a `ScrubStream`) filters what b sends to a."""
 
-    async def pump(src: _Stream, dst: _Stream) -> None:
+    async def pump(src: _Stream, dst: _Stream, f) -> None:
         try:
             while True:
                 data = await src.read()
                 if not data:
                     break
-                dst.write(data)
-                await dst.drain()
+                if f is not None:
+                    data = f.feed(data)
+                if data:
+                    dst.write(data)
+                    await dst.drain()
+            if f is not None:
+                dst.write(f.finish())
             dst.write_eof()
         except (OSError, ssl.SSLError, RuntimeError):
             a.abort()
             b.abort()
 
-    await asyncio.gather(pump(a, b), pump(b, a))
+    await asyncio.gather(pump(a, b, None), pump(b, a, b_to_a))
 
 
 # -------------------------------------------------------------------------------- relay
@@ -361,12 +374,16 @@ class InterceptProxy:
 
     def __init__(self, policy, ca: CertificateAuthority, emit: EventSink,
                  upstream_ca_file: str | None = None,
-                 mode: Literal["open", "intercept"] = "intercept") -> None:
+                 mode: Literal["open", "intercept"] = "intercept",
+                 budget: BufferBudget | None = None) -> None:
         self.policy = policy
         self.ca = ca
         self.emit = emit
         self.mode = mode
         self.relay = TcpRelay(policy, emit)
+        # One proxy per VM: its budget is shared by all of the VM's connections.
+        self.budget = budget if budget is not None else BufferBudget()
+        self.scrubber = Scrubber(policy.all_secrets())
         self._guest_ctx = ca.sni_context(self._select_leaf)
         ctx = ssl.create_default_context()
         for extra in (upstream_ca_file, os.environ.get(UPSTREAM_CA_ENV)):
@@ -404,52 +421,142 @@ class InterceptProxy:
         idle = _Idle()
         raw = _Stream(reader, writer, idle)
         guest: _Stream = raw
+        up: _Stream | None = None
         _nodelay(writer)
         try:
-            first = b""
-            try:
-                http = dst_port in self.http_ports
-                wait = HANDSHAKE_TIMEOUT if http or dst_port == 443 else PEEK_TIMEOUT
-                async with asyncio.timeout(wait):
-                    first = await raw.read()
-            except TimeoutError:
-                pass
+            http = dst_port in self.http_ports
+            other = not http and dst_port != 443
+            if other:
+                ok, host, reason = self._passthrough_verdict(dst_ip, dst_port)
+            else:
+                ok, host, reason = False, None, ""
+            # http ports and allowed raw destinations wait for the guest as long as the idle
+            # timer lets them; elsewhere a silent guest is dropped after the handshake timeout.
+            verdict, first, up = await self._sniff(
+                raw, dst_ip, dst_port, idle, predial=ok,
+                deadline=None if http or ok else HANDSHAKE_TIMEOUT)
             raw.unread(first)
-            if is_tls_client_hello(first):
+            if verdict == "tls":
+                if up is not None:
+                    up.close()
+                    up = None
                 guest = await self._tls(raw, dst_ip, dst_port, idle)
+            elif verdict == "closed":
+                pass
             elif http:
                 await _Session(self, guest, dst_ip, dst_port, None, idle).run()
             elif dst_port == 443:
-                if first:
+                if verdict == "plain":
                     self._event("blocked", dst_ip, "port 443 without TLS", ip=dst_ip)
-            else:
-                await self._passthrough(raw, dst_ip, dst_port, idle)
+            elif not ok:
+                self._event("blocked", host or f"{dst_ip}:{dst_port}", reason,
+                            ip=dst_ip, port=dst_port)
+            elif up is not None:  # the guest or the server spoke first, not TLS: raw relay
+                await _pipe(raw, up)
+            elif verdict == "plain":
+                await self.relay.relay_to(raw, dst_ip, dst_port, idle, host=host or "")
         except Exception as e:  # never raise out of a handler
             self._event("error", dst_ip, f"proxy error: {type(e).__name__}: {e}"[:300],
                         ip=dst_ip, port=dst_port)
             log.debug("proxy connection failed", exc_info=True)
         finally:
             idle.cancel()
+            if up is not None:
+                up.close()
             guest.close()
             for s in idle.streams:
                 s.close()
 
-    async def _passthrough(self, raw: _Stream, dst_ip: str, dst_port: int, idle: _Idle) -> None:
+    async def _sniff(self, raw: _Stream, dst_ip: str, dst_port: int, idle: _Idle, *,
+                     predial: bool, deadline: float | None
+                     ) -> tuple[str, bytes, _Stream | None]:
+        """Read until the protocol is decided, by bytes and never by a timing window:
+        the guest's first bytes are TLS (a whole 5-byte record header) or not; or, where
+        `predial`, the upstream (dialled once the guest was silent for PREDIAL_DELAY) spoke
+        before the guest sent a byte: a server-speaks-first protocol, relayed raw (a TLS
+        server never speaks first). Returns (verdict, the guest's bytes, the dialled
+        upstream or None); verdict: "tls", "plain", "server", "closed" (the guest ended
+        before deciding) or "timeout" (silent past `deadline` seconds)."""
+        loop = asyncio.get_running_loop()
+        buf = b""
+        up: _Stream | None = None
+        cread: asyncio.Future | None = None
+        uread: asyncio.Future | None = None
+        dial: asyncio.Future | None = None
+        until = None if deadline is None else loop.time() + deadline
+        dial_at = loop.time() + PREDIAL_DELAY if predial else None
+        try:
+            while True:
+                verdict = sniff_protocol(buf)
+                if verdict is not None:
+                    return verdict, buf, up
+                if cread is None:
+                    cread = asyncio.ensure_future(raw.read())
+                waits = {cread}
+                for t in (uread, dial):
+                    if t is not None:
+                        waits.add(t)
+                now = loop.time()
+                timeout = None if until is None else max(0.0, until - now)
+                if dial_at is not None:
+                    timeout = max(0.0, dial_at - now) if timeout is None \
+                        else min(timeout, max(0.0, dial_at - now))
+                done, _ = await asyncio.wait(waits, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if cread in done:
+                    data = cread.result()
+                    cread = None
+                    if not data:
+                        return "closed", buf, up
+                    buf += data
+                    continue
+                if dial is not None and dial in done:
+                    task, dial = dial, None
+                    try:
+                        up = task.result()
+                    except (OSError, TimeoutError) as e:
+                        self._event("error", f"{dst_ip}:{dst_port}",
+                                    f"could not connect to {dst_ip}:{dst_port}: "
+                                    f"{type(e).__name__}")
+                        until = loop.time() + HANDSHAKE_TIMEOUT
+                        continue
+                    if not buf:
+                        uread = asyncio.ensure_future(up.read())
+                    continue
+                if uread is not None and uread in done:
+                    data = uread.result()
+                    uread = None
+                    if data:
+                        up.unread(data)
+                        if not buf:
+                            return "server", b"", up
+                    continue  # the guest spoke first: its bytes decide
+                if until is not None and loop.time() >= until:
+                    return "timeout", buf, up
+                if dial_at is not None and loop.time() >= dial_at:
+                    dial_at = None
+                    dial = asyncio.ensure_future(self.relay.dial(dst_ip, dst_port, idle))
+        finally:
+            for t in (cread, uread, dial):
+                if t is not None and not t.done():
+                    t.cancel()
+            if dial is not None:  # it may have connected while we decided: close that
+                dial.add_done_callback(_close_dialled)
+
+    def _passthrough_verdict(self, dst_ip: str, dst_port: int) -> tuple[bool, str | None, str]:
+        """Raw TCP (not TLS, not HTTP) may go to an address our DNS gave for an allowed host."""
         try:
             host = self.policy.host_for_ip(dst_ip)
             ok = host is not None and self.policy.host_allowed(host) and \
                 self.policy.ip_allowed(dst_ip, dst_port, host)
+            reason = ""
             if not ok:
                 reason = (self.policy.block_reason_host(host) if host is not None
                           and not self.policy.host_allowed(host)
                           else self.policy.block_reason_ip(dst_ip, dst_port, host))
         except Exception as e:
             ok, host, reason = False, None, f"policy error: {type(e).__name__}"
-        if not ok:
-            self._event("blocked", host or f"{dst_ip}:{dst_port}", reason,
-                        ip=dst_ip, port=dst_port)
-            return
-        await self.relay.relay_to(raw, dst_ip, dst_port, idle, host=host)
+        return ok, host, reason
 
     async def _tls(self, raw: _Stream, dst_ip: str, dst_port: int, idle: _Idle) -> _Stream:
         tls = _TlsServerStream(raw, self._guest_ctx)
@@ -522,6 +629,11 @@ class InterceptProxy:
                              f"{type(last).__name__}: {last}")
 
 
+def _close_dialled(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
 def _as_http11(ev):
     """The guest always talks HTTP/1.1 to us (h11 only sends 1.1): an HTTP/1.0 upstream's
     response is passed on as 1.1; h11 re-frames its body (chunked, or close-delimited for an
@@ -552,6 +664,29 @@ async def _refuse_http(guest: _Stream, status: int, text: str) -> None:
         return
 
 
+# Towards a host a secret is bound to, responses must come back in a form we can scrub:
+# these asks are dropped (and Accept-Encoding: identity sent).
+_ASKS = frozenset({b"accept-encoding", b"sec-websocket-extensions"})
+
+
+class _Plan:
+    """What `_Session._check` decided about one request."""
+
+    __slots__ = ("host", "rules", "target", "headers", "used", "length", "chunked", "ctype",
+                 "encoded")
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.rules: SecretRules
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.used: set[str] = set()
+        self.length: int | None = None
+        self.chunked = False
+        self.ctype: bytes | None = None
+        self.encoded = False
+
+
 class _Session:
     """One guest connection speaking HTTP/1.1 (plain, or inside TLS for `sni_host`)."""
 
@@ -559,6 +694,8 @@ class _Session:
                  sni_host: str | None, idle: _Idle) -> None:
         self.proxy = proxy
         self.policy = proxy.policy
+        self.scrubber = proxy.scrubber
+        self.budget = proxy.budget
         self.guest = guest
         self.dst_ip = dst_ip
         self.dst_port = dst_port
@@ -568,6 +705,7 @@ class _Session:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_INCOMPLETE_EVENT)
         self.upstream: _Upstream | None = None
         self._rules: dict[str, SecretRules] = {}
+        self._held = 0  # bytes of the VM's budget the current request holds
 
     async def _guest_event(self):
         conn = self.conn
@@ -575,6 +713,30 @@ class _Session:
             ev = conn.next_event()
             if ev is h11.NEED_DATA:
                 conn.receive_data(await self.guest.read())
+                continue
+            return ev
+
+    async def _next_request(self):
+        """The guest's next event while a request head is awaited. The raw head bytes (the
+        pipelined ones h11 already holds included) pass `check_head` before h11 parses them,
+        so its size limit and framing rules hold however the bytes arrive."""
+        conn = self.conn
+        head = conn.trailing_data[0]
+        checked = False
+        while True:
+            if not checked:
+                end = head_end(head)
+                if end is not None:
+                    check_head(head[:end])
+                    checked, head = True, b""
+                elif len(head) > MAX_HEAD:
+                    raise FramingError(431, f"request head over {MAX_HEAD >> 10} KiB")
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                data = await self.guest.read()
+                if not checked:
+                    head += data
+                conn.receive_data(data)
                 continue
             return ev
 
@@ -598,14 +760,22 @@ class _Session:
             with contextlib.suppress(Exception):
                 await self.guest.drain()
 
+    async def _bad_request(self, status: int, reason: str, host: str = "") -> None:
+        host = host or self.sni_host or self.dst_ip
+        reason = f"bad request: {reason}"[:300]
+        self.proxy._event("blocked", host, reason, status=status)
+        await self._refuse(status, block_message(host, reason))
+
     async def run(self) -> None:
         try:
             while True:
                 try:
-                    ev = await self._guest_event()
+                    ev = await self._next_request()
+                except FramingError as e:
+                    await self._bad_request(e.status, e.reason)
+                    return
                 except h11.RemoteProtocolError as e:
-                    status = e.error_status_hint
-                    await self._refuse(status, f"matchlock: bad request: {e}")
+                    await self._bad_request(e.error_status_hint, str(e))
                     return
                 if not isinstance(ev, h11.Request):
                     return  # ConnectionClosed (or a protocol switch we did not agree to)
@@ -624,44 +794,88 @@ class _Session:
             rules = self._rules[host] = SecretRules.for_host(self.policy, host)
         return rules
 
-    def _check(self, req: h11.Request) -> tuple[str, h11.Request, SecretRules, set[str]]:
-        """Policy and secret decisions on the request head. Raises _Blocked."""
+    def _check(self, req: h11.Request) -> _Plan:
+        """Policy and secret decisions on the request head, one pass over its headers.
+        Raises _Blocked or FramingError."""
         policy = self.policy
-        host_values = [v for k, v in req.headers if k == b"host"]
+        authority, target = split_target(req.method, req.target, self.tls)
+        plan = _Plan()
+        host_values = []
+        kept = []  # framing headers are always ours to write
+        asks = False
+        for h in req.headers.raw_items():
+            k = h[0].lower()
+            if k == b"content-length":
+                plan.length = int(h[1])
+                continue
+            if k == b"transfer-encoding":
+                plan.chunked = True
+                continue
+            kept.append(h)
+            if k == b"host":
+                host_values.append(h[1])
+            elif k == b"content-type":
+                plan.ctype = h[1]
+            elif k == b"content-encoding":
+                plan.encoded = plan.encoded or h[1].strip().lower() != b"identity"
+            elif k in _ASKS:
+                asks = True
         if len(host_values) > 1:
             raise _Blocked(400, "blocked", self.sni_host or self.dst_ip,
                            "more than one Host header")
         if host_values:
             host = normalize_host(host_values[0])
+            if authority is not None:
+                try:
+                    named = split_authority(host_values[0], 443 if self.tls else 80)
+                except FramingError:
+                    named = None
+                if named != authority:
+                    raise _Blocked(400, "blocked", host,
+                                   f"bad request: absolute-form target names "
+                                   f"{authority[0][:100]}:{authority[1]}, not the Host header")
+        elif authority is not None:
+            host = authority[0]
         else:  # HTTP/1.0 without Host
             host = self.sni_host or policy.host_for_ip(self.dst_ip) or self.dst_ip
+        if plan.chunked and req.http_version == b"1.0":
+            raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if self.tls and host != self.sni_host:
             raise _Blocked(421, "sni_host_mismatch", self.sni_host,
                            f"Host header {host!r} does not match the TLS server name "
                            f"{self.sni_host!r}", host_header=host)
         if not valid_hostname(host) or not policy.host_allowed(host):
             raise _Blocked(403, "blocked", host, policy.block_reason_host(host))
-        rules = self._secret_rules(host)
-        used: set[str] = set()
+        plan.host = host
+        plan.rules = rules = self._secret_rules(host)
+        # Towards a host a secret is bound to, no asks that would make the response
+        # unscannable.
+        if asks and rules.rewrites:
+            kept = [h for h in kept if h[0].lower() not in _ASKS]
         if rules.active:
-            leaked: list[str] = []
-            target, headers = rewrite_head(req.target, req.headers.raw_items(), rules, used,
-                                           leaked)
+            leaked = rules.leaks(req.method)  # a placeholder is a valid method token too
+            target, headers = rewrite_head(target, kept, rules, plan.used, leaked)
             if leaked:
                 raise _Blocked(403, "secret_leak_blocked", host,
-                               f"request carries the placeholder of secret {leaked[0]}, "
-                               f"which is not bound to host {host}", secret=leaked[0])
+                               f"request carries the placeholder or value of secret "
+                               f"{leaked[0]}, which is not bound to host {host}",
+                               secret=leaked[0])
         else:
-            target, headers = req.target, req.headers.raw_items()
+            headers = kept
         if not host_values:
-            headers = [(b"Host", host.encode()), *headers]
-        req = h11.Request(method=req.method, target=target, headers=headers)
-        return host, req, rules, used
+            headers.insert(0, (b"Host", host.encode()))
+        if rules.rewrites:
+            headers.append((b"Accept-Encoding", b"identity"))
+        plan.target, plan.headers = target, headers
+        return plan
 
     async def _request(self, req: h11.Request) -> bool:
         """Handle one request/response; False when the guest connection must close."""
         try:
-            host, up_req, rules, used = self._check(req)
+            plan = self._check(req)
+        except FramingError as e:
+            await self._bad_request(e.status, e.reason)
+            return False
         except _Blocked as b:
             self.proxy._event(b.kind, b.host, b.reason, method=req.method.decode(), **b.fields)
             await self._refuse(b.status, block_message(b.host, b.reason))
@@ -673,19 +887,50 @@ class _Session:
             await self._refuse(502, "matchlock: internal policy error; request not sent")
             return False
 
-        # Body plan: scanned types are rewritten (bound secrets) and checked (foreign ones).
-        headers = up_req.headers
-        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in headers) \
-            and not any(k == b"content-length" and v.strip() == b"0" for k, v in headers)
-        ctype = next((v for k, v in headers if k == b"content-type"), None)
-        encoded = any(k == b"content-encoding" and v.strip().lower() != b"identity"
-                      for k, v in headers)
-        scan = has_body and rules.active and scanned_content_type(ctype) and not encoded
-        chunked = any(k == b"transfer-encoding" for k, _ in headers)
-        body: bytes | None = None
+        # Body plan. Every body is scanned for foreign placeholders and values; bodies of the
+        # rewritten types also get bound placeholders replaced (held whole when they have a
+        # Content-Length, as its value changes; streamed chunked past the limits).
+        host, rules, length, chunked = plan.host, plan.rules, plan.length, plan.chunked
+        has_body = chunked or bool(length)
+        scan = has_body and rules.active
+        rewrite = scan and rules.rewrites and rewritten_content_type(plan.ctype) \
+            and not plan.encoded
+        buffered = rewrite and not chunked
+        if buffered:
+            assert length is not None
+            if length <= MAX_BUFFERED_BODY and self.budget.take(length):
+                self._held = length
+            else:
+                buffered = False
+                why = (f"over the {MAX_BUFFERED_BODY >> 20} MiB per-request limit"
+                       if length > MAX_BUFFERED_BODY else
+                       f"the VM's {self.budget.limit >> 20} MiB buffer budget is in use")
+                self.proxy._event("buffer_limit", host,
+                                  f"request body streamed chunked instead of held: {why}",
+                                  length=length)
+        # Upstream framing: exactly one framing header, written by us.
+        out = plan.headers
+        if chunked or (rewrite and not buffered):
+            out.append((b"Transfer-Encoding", b"chunked"))
+        elif length is not None and not buffered:
+            out.append((b"Content-Length", str(length).encode()))
+
         try:
-            if scan and rules.rewrites and not chunked:
-                body, up_req = await self._buffer_body(host, up_req, rules, used)
+            return await self._send(req, plan, out, scan, rewrite, buffered)
+        finally:
+            if self._held:  # a held body that never went out
+                self.budget.give(self._held)
+                self._held = 0
+
+    async def _send(self, req: h11.Request, plan: _Plan, out: list[tuple[bytes, bytes]],
+                    scan: bool, rewrite: bool, buffered: bool) -> bool:
+        host, rules, used = plan.host, plan.rules, plan.used
+        parts: list[bytes] = []
+        try:
+            if buffered:
+                parts, total = await self._buffer_body(host, rules, used)
+                out = [(k, v) for k, v in out if k.lower() != b"expect"]
+                out.append((b"Content-Length", str(total).encode()))
         except _Blocked as b:
             self.proxy._event(b.kind, b.host, b.reason, **b.fields)
             await self._refuse(b.status, block_message(b.host, b.reason))
@@ -704,13 +949,19 @@ class _Session:
             await self._refuse(502, f"matchlock: {e}")
             return False
 
+        up_req = h11.Request(method=req.method, target=plan.target, headers=out)
         up.stream.write(up.conn.send(up_req))
         pump: asyncio.Task | None = None
-        if body is not None:
-            if body:
-                up.stream.writelines(up.conn.send_with_data_passthrough(h11.Data(data=body)))
-            up.stream.write(up.conn.send(h11.EndOfMessage()))
-            await up.stream.drain()
+        if buffered:
+            conn, stream = up.conn, up.stream
+            parts.reverse()
+            while parts:  # piece by piece, so the body is not copied whole once more
+                stream.writelines(conn.send_with_data_passthrough(h11.Data(data=parts.pop())))
+                await stream.drain()
+            stream.write(conn.send(h11.EndOfMessage()))
+            await stream.drain()
+            self.budget.give(self._held)  # the held body went out
+            self._held = 0
         else:
             ev = self.conn.next_event()  # no body: EndOfMessage is already there
             if type(ev) is h11.EndOfMessage:
@@ -718,47 +969,47 @@ class _Session:
                 await up.stream.drain()
             else:
                 up.stream.flush()
-                rewriter = rules.stream() if scan else None
+                rewriter = rules.stream(rewrite=rewrite) if scan else None
                 pump = asyncio.get_running_loop().create_task(
                     self._pump_body(up, ev, rewriter, host), name="matchlock-proxy-body")
         try:
-            return await self._response(up, host, req, pump)
+            return await self._response(up, host, req, pump, rules)
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
                 with contextlib.suppress(BaseException):
                     await pump
 
-    async def _buffer_body(self, host: str, req: h11.Request, rules: SecretRules,
-                           used: set[str]) -> tuple[bytes, h11.Request]:
+    async def _buffer_body(self, host: str, rules: SecretRules,
+                           used: set[str]) -> tuple[list[bytes], int]:
+        """The whole request body, rewritten, as pieces (their total length)."""
         if self.conn.client_is_waiting_for_100_continue:
-            self.guest.write(self.conn.send(h11.InformationalResponse(status_code=100)))
+            self.guest.write(self.conn.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
             await self.guest.drain()
+        rewriter = rules.stream()
         parts: list[bytes] = []
-        size = 0
+        total = 0
         while True:
             ev = await self._guest_event()
             if type(ev) is h11.Data:
-                size += len(ev.data)
-                if size > MAX_BUFFERED_BODY:
-                    raise _Blocked(413, "blocked", host,
-                                   f"request body over {MAX_BUFFERED_BODY >> 20} MiB with a "
-                                   "secret to substitute; send it chunked")
-                parts.append(ev.data)
+                data = rewriter.feed(ev.data)
             elif type(ev) is h11.EndOfMessage:
-                break
+                data = rewriter.finish()
             else:
                 raise _Blocked(400, "blocked", host, "request body ended early")
-        leaked: list[str] = []
-        body = rules.rewrite(b"".join(parts), used, leaked)
-        if leaked:
-            raise _Blocked(403, "secret_leak_blocked", host,
-                           f"request body carries the placeholder of secret {leaked[0]}, "
-                           f"which is not bound to host {host}", secret=leaked[0])
-        headers = [(k, v) for k, v in req.headers.raw_items()
-                   if k.lower() not in (b"content-length", b"expect")]
-        headers.append((b"Content-Length", str(len(body)).encode()))
-        return body, h11.Request(method=req.method, target=req.target, headers=headers)
+            if rewriter.leaked:
+                raise _Blocked(403, "secret_leak_blocked", host,
+                               f"request body carries the placeholder or value of secret "
+                               f"{rewriter.leaked[0]}, which is not bound to host {host}",
+                               secret=rewriter.leaked[0])
+            if data:
+                parts.append(data)
+                total += len(data)
+            if type(ev) is h11.EndOfMessage:
+                break
+        used |= rewriter.used
+        return parts, total
 
     async def _pump_body(self, up: _Upstream, ev, rewriter, host: str) -> None:
         """Stream the request body guest → upstream (runs beside the response reader)."""
@@ -772,9 +1023,9 @@ class _Session:
                     data = rewriter.feed(data)
                     if rewriter.leaked:
                         raise _Blocked(403, "secret_leak_blocked", host,
-                                       "request body carries the placeholder of secret "
-                                       f"{rewriter.leaked[0]}, which is not bound to host "
-                                       f"{host}", secret=rewriter.leaked[0])
+                                       "request body carries the placeholder or value of "
+                                       f"secret {rewriter.leaked[0]}, which is not bound to "
+                                       f"host {host}", secret=rewriter.leaked[0])
                 if data:
                     stream.writelines(conn.send_with_data_passthrough(h11.Data(data=data)))
                     await stream.drain()
@@ -810,7 +1061,7 @@ class _Session:
         return up
 
     async def _response(self, up: _Upstream, host: str, req: h11.Request,
-                        pump: asyncio.Task | None) -> bool:
+                        pump: asyncio.Task | None, rules: SecretRules) -> bool:
         guest, gconn = self.guest, self.conn
         next_up: asyncio.Future | None = None
         try:
@@ -835,35 +1086,22 @@ class _Session:
                     self.proxy._event("allowed", host, method=req.method.decode(),
                                       target=req.target[:200].decode("latin-1"),
                                       status=ev.status_code)
-                    guest.write(gconn.send(_as_http11(ev)))
+                    await self._forward_response(up, host, req, ev, rules)
                     break
                 if t is h11.InformationalResponse:
                     if ev.status_code == 101:
                         await self._upgrade(up, host, ev)
                         return False
-                    guest.write(gconn.send(_as_http11(ev)))
+                    guest.write(gconn.send(self._scrubbed(ev)))
                     await guest.drain()
                 else:  # ConnectionClosed before a response
                     raise _UpstreamError(f"{host} closed the connection without a response")
-            # body: flushed to the guest as it arrives (SSE, chunked)
-            while True:
-                ev = await self._upstream_event(up)
-                t = type(ev)
-                if t is h11.Data:
-                    guest.writelines(gconn.send_with_data_passthrough(ev))
-                    await guest.drain()
-                elif t is h11.EndOfMessage:
-                    guest.write(gconn.send(ev))
-                    await guest.drain()
-                    break
-                else:
-                    raise _UpstreamError(f"{host} closed the connection mid-response")
         except _Blocked as b:
             self.proxy._event(b.kind, b.host, b.reason, **b.fields)
             self._close_upstream()
             await self._refuse(b.status, block_message(b.host, b.reason))
             return False
-        except (_UpstreamError, h11.ProtocolError, OSError, ssl.SSLError) as e:
+        except (_UpstreamError, InflateError, h11.ProtocolError, OSError, ssl.SSLError) as e:
             self.proxy._event("upstream_error", host, f"{type(e).__name__}: {e}"[:300])
             self._close_upstream()
             await self._refuse(502, f"matchlock: upstream {host} failed: {type(e).__name__}")
@@ -884,18 +1122,139 @@ class _Session:
             self._close_upstream()
         return True
 
+    # -- responses: every real secret value is scrubbed before the guest sees it ------------
+
+    def _scrubbed(self, ev):
+        """A response head (final or interim) as HTTP/1.1 with real values scrubbed from the
+        header names, values and reason phrase."""
+        ev = _as_http11(ev)
+        sc = self.scrubber
+        if not sc.active:
+            return ev
+        raw = ev.headers.raw_items()
+        if not sc.found(b"\n".join(chain(chain.from_iterable(raw), (ev.reason,)))):
+            return ev
+        return type(ev)(status_code=ev.status_code, reason=sc.scrub(ev.reason),
+                        headers=[(sc.scrub(k), sc.scrub(v)) for k, v in raw])
+
+    async def _forward_response(self, up: _Upstream, host: str, req: h11.Request,
+                                resp: h11.Response, rules: SecretRules) -> None:
+        """Response head and body to the guest, scrubbed. Bodies: a small Content-Length one
+        is held whole (placeholders, Content-Length recomputed); a larger one is streamed
+        with same-length fillers (its announced length stays true); a chunked or
+        close-delimited one is streamed with placeholders; gzip/deflate from a host a secret
+        is bound to is decoded first."""
+        guest, gconn, sc = self.guest, self.conn, self.scrubber
+        resp = self._scrubbed(resp)
+        if not sc.active or req.method == b"HEAD" or resp.status_code in (204, 304):
+            guest.write(gconn.send(resp))
+            await self._relay_body(up)
+            return
+        raw = resp.headers.raw_items()
+        length: int | None = None
+        codings: list[bytes] = []
+        for k, v in raw:
+            k = k.lower()
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"content-encoding":
+                codings = content_codings(raw)
+        if codings:
+            if not rules.rewrites:  # no secret is ever sent to this host: passed on as is
+                guest.write(gconn.send(resp))
+                await self._relay_body(up)
+                return
+            if len(codings) != 1 or codings[0] not in DECODABLE:
+                raise _Blocked(502, "blocked", host,
+                               f"response from {host} has Content-Encoding "
+                               f"{b','.join(codings).decode('latin-1')[:60]}, which the proxy "
+                               "cannot scan for secret values")
+            headers = [(k, v) for k, v in resp.headers.raw_items()
+                       if k.lower() not in (b"content-encoding", b"content-length")]
+            guest.write(gconn.send(h11.Response(status_code=resp.status_code,
+                                                reason=resp.reason, headers=headers)))
+            await self._relay_body(up, sc.stream(), Inflater(codings[0]))
+            return
+        if length is not None and length <= SMALL_RESPONSE and self.budget.take(length):
+            try:
+                parts: list[h11.Data] = []
+                while True:
+                    ev = await self._upstream_event(up)
+                    if type(ev) is h11.Data:
+                        parts.append(ev)
+                    elif type(ev) is h11.EndOfMessage:
+                        break
+                    else:
+                        raise _UpstreamError(f"{host} closed the connection mid-response")
+            finally:
+                self.budget.give(length)
+            body = parts[0].data if len(parts) == 1 else b"".join(d.data for d in parts)
+            if sc.found(body):
+                body = sc.scrub(body)
+                parts = [h11.Data(data=body)]
+                headers = [(k, v) for k, v in raw if k.lower() != b"content-length"]
+                headers.append((b"Content-Length", str(len(body)).encode()))
+                resp = h11.Response(status_code=resp.status_code, reason=resp.reason,
+                                    headers=headers)
+            guest.write(gconn.send(resp))
+            for d in parts:
+                guest.writelines(gconn.send_with_data_passthrough(d))
+            guest.write(gconn.send(ev))  # no trailers: Content-Length framing has none
+            await guest.drain()
+            return
+        guest.write(gconn.send(resp))
+        await self._relay_body(up, sc.stream(same_length=length is not None))
+
+    async def _relay_body(self, up: _Upstream, filt=None, inflater: Inflater | None = None
+                          ) -> None:
+        """Response body upstream → guest, flushed as it arrives (SSE, chunked)."""
+        guest, gconn = self.guest, self.conn
+        while True:
+            ev = await self._upstream_event(up)
+            t = type(ev)
+            if t is h11.Data:
+                if filt is None:
+                    guest.writelines(gconn.send_with_data_passthrough(ev))
+                    await guest.drain()
+                    continue
+                pieces = inflater.feed(ev.data) if inflater is not None else (ev.data,)
+                for piece in pieces:
+                    data = filt.feed(piece)
+                    if data:
+                        guest.writelines(gconn.send_with_data_passthrough(h11.Data(data=data)))
+                        await guest.drain()
+            elif t is h11.EndOfMessage:
+                if filt is not None:
+                    tail = filt.feed(inflater.finish()) if inflater is not None else b""
+                    tail += filt.finish()
+                    if tail:
+                        guest.writelines(gconn.send_with_data_passthrough(h11.Data(data=tail)))
+                if ev.headers and self.scrubber.active:  # trailers
+                    scrubbed = self.scrubber.scrub_headers(ev.headers.raw_items())
+                    if scrubbed is not None:
+                        ev = h11.EndOfMessage(headers=scrubbed)
+                guest.write(gconn.send(ev))
+                await guest.drain()
+                return
+            else:
+                raise _UpstreamError(f"{up.host} closed the connection mid-response")
+
     async def _upgrade(self, up: _Upstream, host: str, resp: h11.InformationalResponse) -> None:
-        """101 Switching Protocols: pass it on, then relay raw bytes both ways."""
+        """101 Switching Protocols: pass it on, then relay raw bytes both ways. What the
+        upstream sends is masked (same-length fillers: frames keep their lengths); towards
+        hosts a secret is bound to the WebSocket compression offer was removed, so frames
+        arrive readable."""
         gconn = self.conn
         if gconn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             raise _UpstreamError(f"{host} switched protocols without an upgrade request")
         self.proxy._event("upgraded", host, detail="101 Switching Protocols")
-        self.guest.write(gconn.send(_as_http11(resp)))
+        self.guest.write(gconn.send(self._scrubbed(resp)))
         await self.guest.drain()
         self.guest.unread(gconn.trailing_data[0])
         up.stream.unread(up.conn.trailing_data[0])
         self.upstream = None  # the relay owns it now
+        filt = self.scrubber.stream(same_length=True) if self.scrubber.active else None
         try:
-            await _pipe(self.guest, up.stream)
+            await _pipe(self.guest, up.stream, b_to_a=filt)
         finally:
             up.stream.close()
