@@ -9,7 +9,20 @@ import sys
 import click
 
 from matchlock import __version__
-from matchlock.errors import MatchlockError
+from matchlock.errors import ConfigError, MatchlockError
+
+# Config fields as the CLI spells them (lower boxes name fields, never flags).
+FLAGS = {
+    "cpus": "--cpus", "memory_mib": "--memory", "disk_size_mib": "--disk-size",
+    "hostname": "--hostname", "rows": "terminal rows", "cols": "terminal columns",
+}
+
+
+def word(e: MatchlockError) -> str:
+    """One line for a person."""
+    if isinstance(e, ConfigError):
+        return f"{FLAGS.get(e.field, e.field)} {e.detail}"
+    return str(e)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         print("error: aborted", file=sys.stderr)
         rc = 130
     except MatchlockError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {word(e)}", file=sys.stderr)
         rc = e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -66,6 +66,7 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     """
     from matchlock.net.config import parse_network_flags
     from matchlock.sandbox import SandboxConfig
+    from matchlock.sandbox._command import parse_env_item, read_env_file
 
     if tty and not interactive:
         interactive = True  # -t alone is useless; behave like docker's common -it
@@ -76,20 +77,24 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         dns_servers=dns_servers, network_intercept=network_intercept, mtu=mtu,
         host_env=os.environ,
     )
+    vm_env: dict[str, str] = {}
+    for path in env_file:
+        vm_env.update(read_env_file(path, os.environ))
+    for item in env:
+        k, v = parse_env_item(item, os.environ, "-e")
+        vm_env[k] = v
     config = SandboxConfig(
         image=image, cpus=cpus, memory_mib=memory, disk_size_mib=disk_size,
         hostname=hostname, no_network=no_network, kernel=kernel, accel=accel,
-        network=network,
+        network=network, env=tuple(vm_env.items()), user=user,
     )
     config.validate()
-    from matchlock.cli._session import RunSession
+    from matchlock.cli._session import RunSession, exec_request
+    from matchlock.sandbox import Sandbox
 
-    session = RunSession(
-        config, list(command), env=env, env_files=env_file, workdir=workdir, user=user,
-        entrypoint=entrypoint, interactive=interactive, tty=tty, progress=_progress,
-    )
+    request = exec_request(list(command), entrypoint=entrypoint, workdir=workdir,
+                           interactive=interactive, tty=tty)
+    session = RunSession(Sandbox(config, _progress), request)
     rc = aio_run(session.run())
     sys.stdout.flush()
     raise SystemExit(rc)
-
-

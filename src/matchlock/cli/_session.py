@@ -1,8 +1,10 @@
-"""One `matchlock run`: boot, exec with the host terminal attached, tear down.
+"""Running one command with the host terminal attached: output, stdin, PTY, signals.
 
-Signals: the first SIGINT/SIGTERM asks the guest to stop the process (SIGTERM, then
-SIGKILL); if it has not gone 2 s later, or on a second signal, the VM is torn down.
-Either way `run` returns within ~5 s and leaves nothing behind.
+Output reaches the terminal through `FdWriter`s (a thread per fd), so a slow terminal or
+`| less` holds back the guest process only, never the event loop that also runs the VM's
+network. Signals: the first SIGINT/SIGTERM asks the guest to stop the process (SIGTERM,
+then SIGKILL); if it has not gone `CANCEL_GRACE_S` later, or on a second signal, `force`
+is called (the caller tears the VM down).
 """
 
 from __future__ import annotations
@@ -10,22 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import signal
 import sys
 import termios
 import threading
-import time
 import tty as ttymod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 
-from matchlock.channel import ChannelError
-from matchlock.channel.client import ExecHandle
-from matchlock.errors import GuestError, MatchlockError, UsageError
-from matchlock.sandbox import ImageDefaults, Sandbox, SandboxConfig, compose_argv, compose_env
-
-log = logging.getLogger(__name__)
+from matchlock._fdio import FdWriter
+from matchlock.sandbox import ExecRequest, ExecResult, Process, Sandbox
 
 CANCEL_GRACE_S = 2.0
 STDIN_CHUNK = 65536
@@ -59,61 +55,150 @@ class StdinReader:
         return await self._queue.get()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            import select
+@contextlib.contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    try:
+        ttymod.setraw(0)
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
+
+def terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(0)
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+class Attached:
+    """One process with this terminal's stdio attached to it."""
+
+    def __init__(self, process: Process, *, stdin: bool, tty: bool,
+                 force: Callable[[], None]) -> None:
+        self.proc = process
+        self.stdin, self.tty = stdin, tty
+        self._force = force
+        self.signalled = 0
+        self._cancelled = False
+
+    def on_signal(self, sig: int) -> None:
+        self.signalled = sig
+        if not self._cancelled:
+            self._cancelled = True
+            asyncio.ensure_future(self.proc.cancel())
+            asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._force)
+        else:
+            self._force()
+
+    def _on_winch(self) -> None:
+        rows, cols = terminal_size()
+        asyncio.ensure_future(self.proc.resize(rows, cols))
+
+    async def _pump_stdin(self) -> None:
+        reader = StdinReader(asyncio.get_running_loop())
+        while chunk := await reader.read():
+            await self.proc.write(chunk)
+        await self.proc.close_stdin()
+
+    async def _pump_output(self) -> None:
+        writers = {1: FdWriter(1), 2: FdWriter(2)}
+        broken = False
+        try:
+            async for fd, data in self.proc:
+                if broken:
+                    continue
+                try:
+                    await writers[fd].write(data)
+                except BrokenPipeError:
+                    broken = True  # the reader went away (`| head`): stop the process
+                    await self.proc.cancel()
+            for w in writers.values():
+                with contextlib.suppress(OSError):
+                    await w.flush()
+        finally:
+            for w in writers.values():
+                w.close()
+
+    async def run(self) -> ExecResult:
+        loop = asyncio.get_running_loop()
+        stdin_task = asyncio.ensure_future(self._pump_stdin()) if self.stdin else None
+        if self.tty:
+            loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
+        try:
+            with raw_terminal(self.tty):
+                await self._pump_output()
+                return await self.proc.wait()
+        finally:
+            if self.tty:
+                loop.remove_signal_handler(signal.SIGWINCH)
+            if stdin_task is not None:
+                stdin_task.cancel()
+
+
+def exec_request(args: list[str], *, entrypoint: str | None, workdir: str | None,
+                 interactive: bool, tty: bool) -> ExecRequest:
+    """`run`'s own command: ENTRYPOINT ++ (args or CMD)."""
+    rows, cols = terminal_size() if tty else (24, 80)
+    return ExecRequest(argv=tuple(args), image_command=True, entrypoint=entrypoint,
+                       cwd=workdir, tty=tty, stdin=interactive, rows=rows, cols=cols,
+                       term=os.environ.get("TERM") or "xterm")
+
+
+async def run_attached(sandbox: Sandbox, request: ExecRequest, force: Callable[[], None],
+                       on_start: Callable[[Attached], None] | None = None) -> ExecResult:
+    proc = await sandbox.exec(request)
+    att = Attached(proc, stdin=request.stdin, tty=request.tty, force=force)
+    if on_start is not None:
+        on_start(att)
+    return await att.run()
+
+
+def report(result: ExecResult) -> None:
+    if result.error is not None:
+        print(f"matchlock: {result.error}", file=sys.stderr)
 
 
 class RunSession:
-    def __init__(
-        self,
-        config: SandboxConfig,
-        args: Sequence[str],
-        *,
-        env: Sequence[str] = (),
-        env_files: Sequence[str] = (),
-        workdir: str | None = None,
-        user: str | None = None,
-        entrypoint: str | None = None,
-        interactive: bool = False,
-        tty: bool = False,
-        progress=None,
-    ) -> None:
-        self.config = config
-        self.args = list(args)
-        self.env, self.env_files = env, env_files
-        self.workdir, self.user, self.entrypoint = workdir, user, entrypoint
-        self.interactive, self.tty = interactive, tty
-        self.progress = progress
-        self.sandbox: Sandbox | None = None
-        self.handle: ExecHandle | None = None
-        self._signalled = 0
+    """Foreground `run --rm`: boot, run the command attached, tear down."""
+
+    def __init__(self, sandbox: Sandbox, request: ExecRequest) -> None:
+        self.sandbox = sandbox
+        self.request = request
         self._main: asyncio.Task | None = None
-        # Validate what we can before booting anything (so bad input costs nothing).
-        self._host_env = dict(os.environ)
-        compose_env(ImageDefaults(), env_files, env, self._host_env)
+        self._att: Attached | None = None
+        self._signalled = 0
+
+    def _force(self) -> None:
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+
+    def _on_signal(self, sig: int) -> None:
+        self._signalled = sig
+        if self._att is not None:
+            self._att.on_signal(sig)
+        else:
+            self._force()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.sandbox = Sandbox(self.config, self.progress)
         try:
             await self.sandbox.start()
-            return await self._exec()
+            result = await run_attached(self.sandbox, self.request, self._force,
+                                        lambda a: setattr(self, "_att", a))
+            report(result)
+            return 128 + self._signalled if self._signalled else result.exit_code
         except asyncio.CancelledError:
-            sig = self._signalled or signal.SIGINT
             print("error: interrupted, sandbox removed", file=sys.stderr)
-            return 128 + sig
+            return 128 + (self._signalled or signal.SIGINT)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -123,110 +208,8 @@ class RunSession:
     def _dump_timings(self) -> None:
         # For bench/: where a run's time went, from its own clock.
         path = os.environ.get("MATCHLOCK_TIMINGS")
-        if path and self.sandbox is not None:
+        if path:
             import json
 
             with open(path, "w") as f:
                 json.dump(self.sandbox.timings, f)
-
-    def _on_signal(self, sig: int) -> None:
-        self._signalled = sig
-        if self.handle is not None and self._signalled_once is False:
-            self._signalled_once = True
-            asyncio.ensure_future(self.handle.cancel())
-            asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._force)
-        else:
-            self._force()
-
-    _signalled_once = False
-
-    def _force(self) -> None:
-        if self._main is not None and not self._main.done():
-            self._main.cancel()
-
-    def _request(self) -> dict:
-        assert self.sandbox is not None and self.sandbox.image is not None
-        cfg = self.sandbox.image.config
-        defaults = ImageDefaults(
-            env=cfg.env, entrypoint=cfg.entrypoint, cmd=cfg.cmd,
-            working_dir=cfg.working_dir, user=cfg.user,
-        )
-        argv = compose_argv(defaults, self.args, self.entrypoint)
-        if not argv:
-            raise UsageError(
-                "no command given and the image has no CMD/ENTRYPOINT: add a command"
-            )
-        env = compose_env(defaults, self.env_files, self.env, self._host_env, tty=self.tty)
-        env.update(self.sandbox.extra_env())
-        req = {
-            "argv": argv,
-            "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": self.workdir or defaults.working_dir or "/",
-            "user": self.user if self.user is not None else defaults.user,
-            "tty": self.tty,
-            "stdin": self.interactive,
-        }
-        if self.tty:
-            size = os.get_terminal_size(0)
-            req["rows"], req["cols"] = size.lines, size.columns
-        return req
-
-    async def _exec(self) -> int:
-        assert self.sandbox is not None
-        loop = asyncio.get_running_loop()
-        request = self._request()
-        stdin = StdinReader(loop).read if self.interactive else None
-        broken = False
-
-        def on_output(fd: int, data: bytes) -> None:
-            nonlocal broken
-            if broken:
-                return
-            try:
-                _write_all(2 if fd == 2 else 1, data)
-            except BrokenPipeError:
-                broken = True
-                asyncio.ensure_future(self.handle.cancel()) if self.handle else None
-
-        with self._terminal():
-            try:
-                t0 = time.monotonic()
-                self.handle = await self.sandbox.exec(request, on_output, stdin)
-                if self.tty:
-                    loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
-                status = await self.handle.wait()
-                self.sandbox.timings["exec"] = time.monotonic() - t0
-            except ChannelError as e:
-                raise GuestError(f"{self.sandbox.crashed_reason()} ({e})") from None
-            finally:
-                if self.tty:
-                    loop.remove_signal_handler(signal.SIGWINCH)
-        if status.error is not None:
-            print(f"matchlock: {status.error}", file=sys.stderr)
-        if self._signalled:
-            return 128 + self._signalled
-        return status.shell_code
-
-    def _on_winch(self) -> None:
-        if self.handle is None:
-            return
-        try:
-            size = os.get_terminal_size(0)
-        except OSError:
-            return
-        asyncio.ensure_future(self.handle.resize(size.lines, size.columns))
-
-    @contextlib.contextmanager
-    def _terminal(self):
-        if not self.tty:
-            yield
-            return
-        saved = termios.tcgetattr(0)
-        try:
-            ttymod.setraw(0)
-            yield
-        finally:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-
-__all__ = ["MatchlockError", "RunSession"]

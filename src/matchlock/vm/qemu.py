@@ -104,7 +104,6 @@ class QemuProcess:
                 pass_fds=(channel_fd,) + ((spec.nic.tap_fd,) if spec.nic else ()),
                 start_new_session=True,  # a terminal Ctrl-C reaches us, not QEMU
                 preexec_fn=_child_setup,
-                env={**os.environ, **spec.extra_env},
             )
         self.started = time.monotonic()
 
