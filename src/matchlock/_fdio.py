@@ -8,11 +8,14 @@ a slow reader pushes back on whoever awaits, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import select
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 DEFAULT_LIMIT = 1 << 20  # bytes queued per fd before write() waits
 
@@ -36,6 +39,8 @@ class FdWriter:
     `write()`/`flush()` as the OSError they were."""
 
     def __init__(self, fd: int, limit: int = DEFAULT_LIMIT) -> None:
+        import asyncio  # here: write_all's users (the exec client) do without asyncio
+
         self.fd = fd
         self._limit = limit
         self._loop = asyncio.get_running_loop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -30,10 +29,10 @@ def word(e: MatchlockError) -> str:
 @click.option("--debug", is_flag=True, envvar="MATCHLOCK_DEBUG", help="Verbose logs on stderr.")
 def cli(debug: bool) -> None:
     """Run commands in disposable micro-VMs with a sealed network."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-    )
+    if debug:
+        import logging  # only then: `exec` and `list` start faster without it
+
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
 
 
 @cli.command()
@@ -43,10 +42,24 @@ def version() -> None:
 
 
 def _register() -> None:
-    from matchlock.cli import _image, _run
+    from matchlock.cli import _image, _run, _vms
 
     cli.add_command(_run.run)
+    cli.add_command(_vms.exec_, "exec")
+    cli.add_command(_vms.list_, "list")
+    cli.add_command(_vms.list_, "ls")
+    cli.add_command(_vms.get)
+    cli.add_command(_vms.inspect)
+    cli.add_command(_vms.inspect, "stat")
+    cli.add_command(_vms.log)
+    cli.add_command(_vms.kill)
+    cli.add_command(_vms.rm)
+    cli.add_command(_vms.rm, "remove")
+    cli.add_command(_vms.prune)
+    cli.add_command(_vms.gc)
+    cli.add_command(_vms.allow_list)
     cli.add_command(_image.image)
+    cli.add_command(_run.supervise)
 
 
 _register()

@@ -21,7 +21,17 @@ import tty as ttymod
 from collections.abc import Callable, Iterator
 
 from matchlock._fdio import FdWriter
-from matchlock.sandbox import ExecRequest, ExecResult, Process, Sandbox
+from matchlock.errors import UsageError
+from matchlock.sandbox import (
+    ExecRequest,
+    ExecResult,
+    Process,
+    Sandbox,
+    SandboxConfig,
+    VmStopped,
+    compose_request,
+)
+from matchlock.supervisor._supervisor import Supervisor
 
 CANCEL_GRACE_S = 2.0
 STDIN_CHUNK = 65536
@@ -165,14 +175,29 @@ def report(result: ExecResult) -> None:
 
 
 class RunSession:
-    """Foreground `run --rm`: boot, run the command attached, tear down."""
+    """A foreground `run`: the VM's supervisor lives in this process (same class, same
+    control socket as a detached one), the command runs attached to this terminal.
 
-    def __init__(self, sandbox: Sandbox, request: ExecRequest) -> None:
-        self.sandbox = sandbox
+    `--rm` (default): the VM goes with the command. `--rm=false`: it stays up after the
+    command until SIGINT/SIGTERM, `matchlock kill` or `--timeout`, and is kept (stopped).
+    """
+
+    def __init__(self, config: SandboxConfig, request: ExecRequest, *, rm: bool = True,
+                 timeout: float | None = None, progress: Callable[[str], None] | None = None,
+                 ) -> None:
+        self.config = config
         self.request = request
+        self.rm = rm
+        self.timeout = timeout
+        self.supervisor = Supervisor(config, progress)
         self._main: asyncio.Task | None = None
         self._att: Attached | None = None
         self._signalled = 0
+        self._keeping = False  # the command is over; waiting for a stop
+
+    @property
+    def sandbox(self) -> Sandbox:
+        return self.supervisor.sandbox
 
     def _force(self) -> None:
         if self._main is not None and not self._main.done():
@@ -180,30 +205,92 @@ class RunSession:
 
     def _on_signal(self, sig: int) -> None:
         self._signalled = sig
-        if self._att is not None:
+        if self._att is not None and not self._keeping:
             self._att.on_signal(sig)
         else:
             self._force()
+
+    def _check_command(self, sup: Supervisor) -> None:
+        """Before boot: a --rm run needs a command (args, or the image's)."""
+        if self.request.argv or not self.rm:
+            return
+        try:
+            compose_request(sup.sandbox.defaults, self.request)
+        except UsageError:
+            raise UsageError("command required (or use --rm=false to start without a "
+                             "command)") from None
+
+    def _killed(self) -> bool:
+        sup = self.supervisor
+        return sup.stopping and sup.stop_reason == "stopped by request"
+
+    def _has_command(self) -> bool:
+        try:
+            compose_request(self.sandbox.defaults, self.request)
+        except UsageError:
+            return False
+        return True
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        sup = self.supervisor
         try:
-            await self.sandbox.start()
-            result = await run_attached(self.sandbox, self.request, self._force,
-                                        lambda a: setattr(self, "_att", a))
-            report(result)
-            return 128 + self._signalled if self._signalled else result.exit_code
+            async with asyncio.timeout(self.timeout):
+                return await self._run(sup)
+        except TimeoutError:
+            if self._keeping:
+                return 0  # --rm=false: the VM's time is up, a normal stop
+            print(f"error: timed out after {self.timeout:g} s"
+                  + ("; sandbox removed" if self.rm else ""), file=sys.stderr)
+            return 1
         except asyncio.CancelledError:
-            print("error: interrupted, sandbox removed", file=sys.stderr)
+            if self._keeping:
+                return 0  # --rm=false: a signal is the normal way to stop
+            print("error: interrupted" + (", sandbox removed" if self.rm else ""),
+                  file=sys.stderr)
             return 128 + (self._signalled or signal.SIGINT)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            await asyncio.shield(self.sandbox.close(remove=True))
+            if self.rm:
+                await asyncio.shield(sup.remove())
+            else:
+                await asyncio.shield(sup.stop(graceful=True, reason="run ended"))
+                await asyncio.shield(sup.finish_clients())
             self._dump_timings()
+
+    async def _run(self, sup: Supervisor) -> int:
+        await sup.start(before_boot=self._check_command)
+        if not self.rm:
+            print(f"Sandbox {sup.id} is running\n  Connect: matchlock exec {sup.id} -it sh\n"
+                  f"  Stop:    matchlock kill {sup.id}", file=sys.stderr)
+        code = 0
+        if self.rm or self._has_command():
+            try:
+                result = await run_attached(self.sandbox, self.request, self._force,
+                                            lambda a: setattr(self, "_att", a))
+            except VmStopped:
+                if not self._killed():
+                    raise
+                result = None
+            if self._killed() and self.rm:
+                # `matchlock kill` (the control socket's close) ends a foreground run too.
+                print(f"error: sandbox {sup.id} was stopped (matchlock kill)",
+                      file=sys.stderr)
+                return 128 + signal.SIGTERM
+            if result is None:
+                return 0
+            report(result)
+            code = 128 + self._signalled if self._signalled else result.exit_code
+        if self.rm:
+            return code
+        self._keeping = True
+        self._att = None
+        await sup.wait_stopped()
+        return 0
 
     def _dump_timings(self) -> None:
         # For bench/: where a run's time went, from its own clock.

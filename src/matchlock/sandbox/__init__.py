@@ -1,30 +1,28 @@
-"""The Sandbox: one VM from image to teardown, with typed requests and results."""
+"""The Sandbox: one VM from image to teardown, with typed requests and results.
 
-from matchlock.sandbox._command import ImageDefaults, compose_argv, compose_env
-from matchlock.sandbox._config import PortSpec, SandboxConfig
-from matchlock.sandbox._exec import (
-    ExecRequest,
-    ExecResult,
-    Process,
-    VmDefaults,
-    VmStopped,
-    compose_request,
-)
-from matchlock.sandbox._sandbox import CONSOLE_LOG, SUPERVISOR_LOG, Sandbox
+Names load on first use (PEP 562), so a face that needs one helper (say the env parsing
+in `_command`) does not pay for QEMU, the network stack and the channel."""
 
-__all__ = [
-    "CONSOLE_LOG",
-    "SUPERVISOR_LOG",
-    "ExecRequest",
-    "ExecResult",
-    "ImageDefaults",
-    "PortSpec",
-    "Process",
-    "Sandbox",
-    "SandboxConfig",
-    "VmDefaults",
-    "VmStopped",
-    "compose_argv",
-    "compose_env",
-    "compose_request",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "ImageDefaults": "_command", "compose_argv": "_command", "compose_env": "_command",
+    "PortSpec": "_config", "SandboxConfig": "_config",
+    "ExecRequest": "_exec", "ExecResult": "_exec", "Process": "_exec",
+    "VmDefaults": "_exec", "VmStopped": "_exec", "compose_request": "_exec",
+    "CONSOLE_LOG": "_sandbox", "SUPERVISOR_LOG": "_sandbox", "Sandbox": "_sandbox",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'matchlock.sandbox' has no attribute {name!r}")
+    value = getattr(import_module(f"matchlock.sandbox.{mod}"), name)
+    globals()[name] = value
+    return value

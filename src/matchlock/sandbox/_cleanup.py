@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matchlock import _proc
-from matchlock.state import Resource, StateDB
+from matchlock.errors import VmRunning
+from matchlock.state import ACTIVE, Resource, StateDB, Status, VmRecord
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +126,81 @@ def release_recorded(db: StateDB, vm_id: str, *, include_dir: bool) -> list[Step
         db.released(vm_id, res.kind, error)
         results.append(StepResult(res.kind, error))
     return results
+
+
+def reclaim(db: StateDB, rec: VmRecord, *, remove: bool) -> list[StepResult]:
+    """Finish a VM whose owner is gone (or that is stopped): write `crashed` if the owner
+    died in an active state, release what is left (with this process as the owner while
+    it does), and with `remove` forget the VM. Refuses a VM whose owner is alive."""
+    if rec.status in ACTIVE:
+        raise VmRunning(rec.id, rec.status)
+    me = _proc.ProcessId.current()
+    left = pending(db.resources(rec.id), include_dir=remove)
+    stored = rec.stored_status
+    if stored in ACTIVE:  # the owner died mid-way
+        db.transition(rec.id, Status.CRASHED.value,
+                      detail=f"owner pid {rec.pid} is gone; reclaimed by pid {me.pid}")
+        stored = Status.CRASHED.value
+    runtime_left = [r for r in left if r.kind != VM_DIR]
+    moved = False
+    if runtime_left and stored in (Status.CRASHED.value, Status.CLEANUP_FAILED.value):
+        db.transition(rec.id, Status.STOPPING.value, owner=me, detail="gc")
+        moved = True
+    results = release_recorded(db, rec.id, include_dir=remove)
+    errors = [f"{r.kind}: {r.error}" for r in results if r.error]
+    if moved:
+        db.transition(rec.id, (Status.CLEANUP_FAILED if errors else Status.STOPPED).value,
+                      error="; ".join(errors) if errors else None)
+    if remove and not errors:
+        db.delete(rec.id)
+    return results
+
+
+def orphans(db: StateDB) -> dict[str, list[str]]:
+    """What matchlock made that no VM row accounts for: VM directories, network
+    namespaces of dead supervisors, QEMU processes naming a VM directory."""
+    from matchlock.net.netns import leftover_namespaces
+    from matchlock.paths import vms_dir
+
+    ids = db.ids()
+    root = vms_dir()
+    dirs = sorted(str(p) for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("vm-") and p.name not in ids) \
+        if root.exists() else []
+    known_ns = {"ml-" + i.removeprefix("vm-") for i in ids}
+    namespaces = [n for n in leftover_namespaces() if n not in known_ns]
+    qemus = []
+    prefix = str(root) + "/vm-"
+    for pid in _proc.pids():
+        argv = _proc.cmdline(pid)
+        if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+            continue
+        for a in argv:
+            i = a.find(prefix)
+            if i >= 0:
+                vm = a[i + len(prefix) - 3:].split("/")[0]
+                if vm not in ids:
+                    qemus.append(str(pid))
+                break
+    return {"vm_dirs": dirs, "namespaces": namespaces, "qemu": qemus}
+
+
+def remove_orphans(found: dict[str, list[str]]) -> list[str]:
+    """Remove what `orphans` found; returns error lines."""
+    from matchlock.net.netns import remove_namespace
+
+    errs = []
+    for pid in found["qemu"]:
+        p = _proc.ProcessId.of(int(pid))
+        if p is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+    for name in found["namespaces"]:
+        if not remove_namespace(name):
+            errs.append(f"namespace {name}: cannot delete")
+    for d in found["vm_dirs"]:
+        try:
+            shutil.rmtree(d)
+        except OSError as e:
+            errs.append(f"{d}: {e}")
+    return errs

@@ -25,9 +25,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from matchlock._proc import ProcessId
 from matchlock.channel import ChannelError
@@ -45,6 +46,7 @@ from matchlock.paths import vms_dir
 from matchlock.sandbox import _cleanup as cleanup
 from matchlock.sandbox._command import ImageDefaults
 from matchlock.sandbox._config import SandboxConfig
+from matchlock.sandbox._events import EventHub, network_event
 from matchlock.sandbox._exec import ExecRequest, Process, VmDefaults, compose_request
 from matchlock.state import InvalidTransition, StateDB, Status
 from matchlock.vm.accel import detect_accel
@@ -174,6 +176,17 @@ class Sandbox:
         self._removed = False
         self._stop_waiting = False
         self.stop_reason = ""  # why the VM stopped, for messages
+        self._hub: EventHub | None = None
+
+    @property
+    def hub(self) -> EventHub:
+        if self._hub is None:
+            self._hub = EventHub()
+        return self._hub
+
+    def events(self) -> AsyncIterator[dict]:
+        """The VM's events (network today) until the caller stops iterating."""
+        return self.hub.subscribe()
 
     # -- state ---------------------------------------------------------------------------
 
@@ -249,6 +262,7 @@ class Sandbox:
         if self._assets is None:
             raise VmStartError("create() must come before boot()", vm_id=self.id)
         t0 = time.monotonic()
+        _ = self.hub  # made here, on the loop it delivers events on
         # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind stop().
         self._work = asyncio.ensure_future(asyncio.to_thread(self._spawn))
         host_sock = await asyncio.shield(self._work)
@@ -308,7 +322,15 @@ class Sandbox:
 
             self.record(cleanup.NETNS, {"name": ns_name_for(self.id),
                                         "privileged": os.geteuid() == 0})
-            self.net = NetworkStack(self.id, self.dir, netcfg)
+            hub = self.hub
+
+            class Stack(NetworkStack):
+                def emit(self, event) -> None:  # noqa: ANN001 - NetEvent
+                    super().emit(event)
+                    hub.publish(network_event(event.kind, event.host, event.detail,
+                                              event.fields))
+
+            self.net = Stack(self.id, self.dir, netcfg)
             self.net.prepare()
             cmdline += self.net.guest_cmdline()
             nic = Nic(self.net.tap_fd, mac_for(self.id))
@@ -445,17 +467,19 @@ class Sandbox:
     def allow_list(self) -> list[str]:
         return list(self._policy().allow_hosts)
 
-    def allow_list_add(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
-        """(added, current). Takes effect for new connections at once."""
+    def allow_list_add(self, hosts: Sequence[str]) -> dict[str, Any]:
+        """{added, allowed_hosts, allow_all}: in force for new connections at once."""
         pol = self._policy()
         added = pol.add_allowed(list(hosts))
-        return added, list(pol.allow_hosts)
+        return {"added": added, "allowed_hosts": list(pol.allow_hosts),
+                "allow_all": pol.allow_all}
 
-    def allow_list_delete(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
-        """(removed, current). An empty list blocks everything."""
+    def allow_list_delete(self, hosts: Sequence[str]) -> dict[str, Any]:
+        """{removed, allowed_hosts, allow_all}: deleting the last host blocks everything."""
         pol = self._policy()
         removed = pol.remove_allowed(list(hosts))
-        return removed, list(pol.allow_hosts)
+        return {"removed": removed, "allowed_hosts": list(pol.allow_hosts),
+                "allow_all": pol.allow_all}
 
     # -- teardown ------------------------------------------------------------------------
 
