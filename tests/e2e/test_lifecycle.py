@@ -144,6 +144,36 @@ def test_run_d_then_exec_at_once_never_fails(ml_env, qemu_present, state_home):
     assert residue(state_home) == NO_RESIDUE  # runs before the module's shared VM exists
 
 
+def test_exec_while_the_vm_boots_waits_for_it(ml, ml_env, state_home):
+    """A client that connects before the VM is up (status `starting`) is served once it
+    is, instead of failing."""
+    vms = state_home / "vms"
+    before = set(os.listdir(vms)) if vms.exists() else set()
+    starter = subprocess.Popen([*matchlock_cmd(), "run", "-d", "--image", BB, "--no-network"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env)
+    vm_id = None
+    try:
+        deadline = time.monotonic() + 60
+        while vm_id is None:
+            new = [d for d in (set(os.listdir(vms)) if vms.exists() else set()) - before
+                   if (vms / d / "control.sock").exists()]
+            vm_id = new[0] if new else None
+            assert time.monotonic() < deadline and starter.poll() is None
+            time.sleep(0.01)
+        status = _listing(ml)[vm_id]["status"]
+        p = ml("exec", vm_id, "--", "echo", "served")
+        assert (p.returncode, p.stdout) == (0, b"served\n"), p.stderr
+        out, _ = starter.communicate(timeout=120)
+        assert out.decode().strip() == vm_id
+        print(f"status when exec connected: {status}")
+    finally:
+        if vm_id:
+            _remove(ml, vm_id)
+        if starter.poll() is None:
+            starter.kill()
+            starter.wait()
+
+
 def test_exec_modes_defaults_and_exit_codes(ml, vm, user_image):
     p = ml("exec", vm, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (p.returncode, p.stdout, p.stderr) == (7, b"out\n", b"err\n")
@@ -208,19 +238,23 @@ def test_slow_reader_does_not_delay_another_exec(ml, ml_env, vm):
             times.append((time.monotonic() - t0) * 1000)
         return statistics.median(times)
 
-    before = exec_true_ms(5)
+    before = exec_true_ms(7)
     cmd = " ".join(matchlock_cmd())
     slow = subprocess.Popen(["bash", "-c", f"{cmd} exec {vm} -- cat /root/big | "
-                            "(sleep 5; cat) >/dev/null"], env=ml_env)
+                            "(sleep 6; cat) >/dev/null"], env=ml_env)
     try:
         time.sleep(1.0)  # the pipe is full and the guest `cat` is held back by now
         assert slow.poll() is None
-        during = exec_true_ms(5)
+        during = exec_true_ms(7)
         assert slow.poll() is None, "the slow reader finished too early to test anything"
     finally:
         assert slow.wait(120) == 0
-    print(f"exec true: {before:.0f} ms before, {during:.0f} ms with a stalled reader")
-    assert during - before < 100, (before, during)
+    after = exec_true_ms(7)
+    # Medians of CLI round trips (mostly Python start-up): the machine's own load moves
+    # them, so the baseline is the worse of the runs before and after.
+    print(f"exec true: {before:.0f} ms before, {during:.0f} ms with a stalled reader, "
+          f"{after:.0f} ms after")
+    assert during - max(before, after) < 100, (before, during, after)
 
 
 def test_exec_into_a_foreground_vm_and_kill_it(ml, ml_env, state_home):

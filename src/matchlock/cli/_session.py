@@ -20,6 +20,7 @@ import threading
 import tty as ttymod
 from collections.abc import Callable, Iterator
 
+from matchlock._aio import spawn
 from matchlock._fdio import FdWriter
 from matchlock.errors import UsageError
 from matchlock.sandbox import (
@@ -101,14 +102,14 @@ class Attached:
         self.signalled = sig
         if not self._cancelled:
             self._cancelled = True
-            asyncio.ensure_future(self.proc.cancel())
+            spawn(self.proc.cancel(), name="cancel-on-signal")
             asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._force)
         else:
             self._force()
 
     def _on_winch(self) -> None:
         rows, cols = terminal_size()
-        asyncio.ensure_future(self.proc.resize(rows, cols))
+        spawn(self.proc.resize(rows, cols), name="resize")
 
     async def _pump_stdin(self) -> None:
         reader = StdinReader(asyncio.get_running_loop())
@@ -137,7 +138,7 @@ class Attached:
 
     async def run(self) -> ExecResult:
         loop = asyncio.get_running_loop()
-        stdin_task = asyncio.ensure_future(self._pump_stdin()) if self.stdin else None
+        stdin_task = spawn(self._pump_stdin(), name="stdin") if self.stdin else None
         if self.tty:
             loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
         try:

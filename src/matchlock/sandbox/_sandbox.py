@@ -295,6 +295,8 @@ class Sandbox:
             if not reply.get("ok"):
                 raise VmStartError(f"cannot install the sandbox CA: {reply.get('error')}",
                                    vm_id=self.id)
+        if self._stop_task is not None:
+            raise VmStartError("the VM was stopped while it started", vm_id=self.id)
         self._running = True
         await asyncio.to_thread(self._transition, Status.RUNNING)
         log.debug("sandbox %s ready: %s", self.id, self.timings)

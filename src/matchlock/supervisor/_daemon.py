@@ -134,6 +134,7 @@ def _say(ready, msg: dict[str, Any]) -> None:  # noqa: ANN001 - the readiness pi
 
 
 async def _serve(payload: dict[str, Any], ready) -> int:  # noqa: ANN001
+    from matchlock._aio import spawn
     from matchlock.sandbox import ExecRequest, SandboxConfig
     from matchlock.supervisor._supervisor import Supervisor
 
@@ -167,7 +168,7 @@ async def _serve(payload: dict[str, Any], ready) -> int:  # noqa: ANN001
     if command is not None:
         req = ExecRequest(argv=tuple(command.get("argv", ())), image_command=True,
                           entrypoint=command.get("entrypoint"), cwd=command.get("workdir"))
-        asyncio.ensure_future(_run_command(sup, req))
+        spawn(_run_command(sup, req), name=f"command-{sup.id}")
     waiters = [asyncio.ensure_future(sup.wait_stopped()), asyncio.ensure_future(stop.wait())]
     left = None if deadline is None else max(0.0, deadline - loop.time())
     done, _ = await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)

@@ -91,7 +91,7 @@ class Supervisor:
 
     async def _listen(self) -> None:
         path = self.control_path
-        self.sandbox.record(cleanup.CONTROL_SOCKET, {"path": str(path)})
+        await asyncio.to_thread(self.sandbox.record, cleanup.CONTROL_SOCKET, {"path": str(path)})
         sock = await asyncio.to_thread(bind_unix, path)
         self._server = await asyncio.start_unix_server(self._client, sock=sock,
                                                        limit=1 << 20)
