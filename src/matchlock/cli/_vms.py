@@ -39,12 +39,6 @@ def _split_hosts(values: tuple[str, ...]) -> list[str]:
 
 # -- exec ----------------------------------------------------------------------------------
 
-_BOOL_FLAGS = {"-i": "i", "--interactive": "i", "-t": "t", "--tty": "t", "-it": "it",
-               "-ti": "it"}
-_VALUE_FLAGS = {"-w": "workdir", "--workdir": "workdir", "-u": "user", "--user": "user",
-                "-e": "env", "--env": "env"}
-
-
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin.")
 @click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal (with -i).")
@@ -62,50 +56,12 @@ def exec_(interactive: bool, tty: bool, workdir: str | None, user: str | None,
     The VM's environment, user and working directory apply unless overridden. The exit
     status is the command's. Ctrl-C stops the command (its process group), not the VM.
     """
-    args = list(command)
-    env_items = list(env)
-    # Flags between the id and `--` (`exec ID -it sh`) are exec's, as with the reference.
-    while args and args[0] != "--":
-        a = args[0]
-        name, eq, val = a.partition("=")
-        if a in _BOOL_FLAGS:
-            f = _BOOL_FLAGS[a]
-            interactive = interactive or "i" in f
-            tty = tty or "t" in f
-            args.pop(0)
-        elif name in _VALUE_FLAGS and (eq or len(args) > 1):
-            args.pop(0)
-            val = val if eq else args.pop(0)
-            field = _VALUE_FLAGS[name]
-            if field == "workdir":
-                workdir = val
-            elif field == "user":
-                user = val
-            else:
-                env_items.append(val)
-        else:
-            break
-    if args and args[0] == "--":
-        args.pop(0)
-    if tty and not interactive:
-        interactive = True
-    if not args:
-        if not tty:
-            raise UsageError("no command given: matchlock exec ID -- COMMAND [ARGS...]")
-        args = ["sh"]
-    env_map: dict[str, str] = {}
-    if env_items:
-        from matchlock.sandbox._command import parse_env_item
+    from matchlock.cli._exec import ExecArgs, parse_after_id, run_exec
 
-        env_map = dict(parse_env_item(item, os.environ, "-e") for item in env_items)
-    from matchlock.cli._exec import run_exec
-
-    rc = run_exec(vm_id, args, interactive=interactive, tty=tty, workdir=workdir, user=user,
-                  env=env_map)
+    ea = parse_after_id(ExecArgs(interactive, tty, workdir, user, list(env)), list(command))
+    rc = run_exec(vm_id, ea)
     sys.stdout.flush()
     raise SystemExit(rc)
-
-
 # -- list / get / inspect / log --------------------------------------------------------------
 
 

@@ -5,10 +5,12 @@
 
 from matchlock.rpc._codec import (
     MAX_LINE,
+    FrameDecoder,
     Invalid,
     LineDecoder,
     Notification,
     ProtocolError,
+    Raw,
     Request,
     Response,
     decode_request,
@@ -17,16 +19,19 @@ from matchlock.rpc._codec import (
     encode_error,
     encode_input,
     encode_notification,
+    encode_raw,
     encode_request,
     encode_result,
 )
 
 __all__ = [
     "MAX_LINE",
+    "FrameDecoder",
     "Invalid",
     "LineDecoder",
     "Notification",
     "ProtocolError",
+    "Raw",
     "Request",
     "Response",
     "decode_request",
@@ -35,6 +40,7 @@ __all__ = [
     "encode_error",
     "encode_input",
     "encode_notification",
+    "encode_raw",
     "encode_request",
     "encode_result",
 ]

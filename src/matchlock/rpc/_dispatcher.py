@@ -24,12 +24,14 @@ from matchlock._aio import spawn
 from matchlock.errors import ErrorCode, MatchlockError, UsageError
 from matchlock.rpc._codec import (
     Invalid,
+    Raw,
     Request,
     b64,
     decode_request,
     encode_data,
     encode_error,
     encode_notification,
+    encode_raw,
     encode_result,
     unb64,
 )
@@ -263,6 +265,14 @@ class Session:
             task.cancel()
         await self._send(encode_result(msg.id, {"cancelled": cancelled}))
 
+    async def handle_raw(self, raw: Raw) -> None:
+        """A raw-payload message (ours): only exec stdin takes one."""
+        if self._closed or raw.method not in ("exec_pipe.stdin", "exec_tty.stdin"):
+            return
+        inp = self._inputs.get(raw.id)
+        if inp is not None and raw.data:
+            await inp.queue.put(raw.data)
+
     async def _input(self, msg: Request) -> None:
         """stdin / stdin_eof / resize: never answered; unknown targets are ignored."""
         target = msg.params.get("id")
@@ -347,6 +357,7 @@ class Session:
         proc = await self.target.exec(exec_request(msg.params, tty=tty, stdin=interactive))
         inp = None
         names = {1: f"{mode}.stdout", 2: f"{mode}.stdout" if tty else f"{mode}.stderr"}
+        encode = encode_raw if msg.params.get("raw") is True else encode_data
         try:
             if interactive:
                 assert msg.id is not None
@@ -356,7 +367,7 @@ class Session:
             rid = msg.id if msg.id is not None else 0
             while (chunk := await proc.read()) is not None:
                 fd, data = chunk
-                await self._send(encode_data(names[fd], rid, data))
+                await self._send(encode(names[fd], rid, data))
             return _result(await proc.wait())
         except BaseException:
             # Cancelled, or the client is gone: stop the process (its group), not the VM.

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 
-from matchlock.rpc._codec import LineDecoder, ProtocolError
+from matchlock.rpc._codec import FrameDecoder, ProtocolError, Raw
 from matchlock.rpc._dispatcher import Session, Target
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,17 @@ async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     """Serve one client until it disconnects or sends `close`."""
     out = StreamOutbox(writer)
     session = Session(target, out.send)
-    decoder = LineDecoder()
+    decoder = FrameDecoder()
     try:
         while not session.closed:
             data = await reader.read(READ_SIZE)
             if not data:
                 break
             decoder.feed(data)
-            while (line := decoder.next_line()) is not None:
-                if not await session.handle_line(line):
+            while (item := decoder.next_item()) is not None:
+                if isinstance(item, Raw):
+                    await session.handle_raw(item)
+                elif not await session.handle_line(item):
                     break
     except ProtocolError as e:
         log.debug("client broke the framing: %s", e)

@@ -9,10 +9,13 @@ import os
 import pytest
 
 from matchlock.rpc._codec import (
+    MAX_RAW,
+    FrameDecoder,
     Invalid,
     LineDecoder,
     Notification,
     ProtocolError,
+    Raw,
     Request,
     Response,
     decode_request,
@@ -21,6 +24,7 @@ from matchlock.rpc._codec import (
     encode_error,
     encode_input,
     encode_notification,
+    encode_raw,
     encode_request,
     encode_result,
 )
@@ -141,3 +145,42 @@ def test_client_encoders():
     assert stdin == {"jsonrpc": "2.0", "method": "exec_pipe.stdin",
                      "params": {"id": 9, "data": "aGk="}}
     assert decode_request(encode_input("exec_pipe.stdin", 9, b"hi").rstrip()).id is None
+
+
+RAW_STREAM = (encode_raw("exec_stream.stdout", 1, b"line\nwith\nnewlines\n")
+              + b'{"jsonrpc":"2.0","result":{},"id":1}\n'
+              + encode_raw("exec_stream.stderr", 1, b"")
+              + encode_raw("exec_pipe.stdin", 7, bytes(range(256)) * 3))
+
+
+@pytest.mark.parametrize("size", [len(RAW_STREAM), 1, 3, 100])
+def test_raw_payloads_under_every_chunking(size):
+    dec = FrameDecoder()
+    got = []
+    for chunk in _split(RAW_STREAM, size):
+        dec.feed(chunk)
+        while (item := dec.next_item()) is not None:
+            got.append(item)
+    assert got == [Raw("exec_stream.stdout", 1, b"line\nwith\nnewlines\n"),
+                   b'{"jsonrpc":"2.0","result":{},"id":1}',
+                   Raw("exec_stream.stderr", 1, b""),
+                   Raw("exec_pipe.stdin", 7, bytes(range(256)) * 3)]
+
+
+def test_only_the_exact_raw_layout_announces_a_payload():
+    # The same message spelled differently (an SDK's json.dumps) is an ordinary line.
+    spaced = b'{"jsonrpc": "2.0", "method": "m", "params": {"id": 1, "bytes": 5}}\n'
+    dec = FrameDecoder()
+    dec.feed(spaced + b"hello\n")
+    assert dec.next_item() == spaced.rstrip(b"\n")
+    assert dec.next_item() == b"hello"
+    dec = FrameDecoder()
+    dec.feed(b'{"jsonrpc":"2.0","method":"m","params":{"id":1,"bytes":-5}}\n')
+    assert isinstance(dec.next_item(), bytes)  # not a valid size: a plain line
+
+
+def test_raw_payload_size_is_capped():
+    dec = FrameDecoder()
+    dec.feed(b'{"jsonrpc":"2.0","method":"m","params":{"id":1,"bytes":%d}}\n' % (MAX_RAW + 1))
+    with pytest.raises(ProtocolError):
+        dec.next_item()

@@ -259,3 +259,37 @@ def test_long_socket_paths_work(tmp_path):
     c = connect_unix(path, timeout=5)
     c.close()
     s.close()
+
+
+def test_raw_output_and_stdin(binary, tmp_path):
+    async def body(t) -> None:  # noqa: ANN001
+        from matchlock.rpc._codec import FrameDecoder, Raw, encode_raw
+
+        sent: list[bytes] = []
+
+        async def send(data: bytes) -> None:
+            sent.append(data)
+
+        s = Session(t, send)
+        await s.handle_line(encode_request("exec_pipe", {"command": "cat", "raw": True},
+                                           1).rstrip())
+        while not any(b"exec_pipe.ready" in x for x in sent):
+            await asyncio.sleep(0.01)
+        payload = os.urandom(1 << 20)
+        dec = FrameDecoder()
+        dec.feed(encode_raw("exec_pipe.stdin", 1, payload))
+        item = dec.next_item()
+        assert isinstance(item, Raw)
+        await s.handle_raw(item)
+        await s.handle_line(encode_request("exec_pipe.stdin_eof", {"id": 1}, None).rstrip())
+        while not any(b'"id":1}' in x and b"result" in x for x in sent):
+            await asyncio.sleep(0.01)
+        dec = FrameDecoder()
+        out = bytearray()
+        dec.feed(b"".join(sent))
+        while (item := dec.next_item()) is not None:
+            if isinstance(item, Raw):
+                out += item.data
+        assert bytes(out) == payload
+
+    run(binary, tmp_path, body)
