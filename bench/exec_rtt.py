@@ -3,7 +3,8 @@
 Round trip (p50/p99 over --calls calls, one VM whose supervisor runs in this process):
 - floor:   the channel's raw echo (`ping`, a REPLY op: no guest process);
 - channel: `true` run straight through the Sandbox (the guest's fork/exec included);
-- socket:  `exec` of `true` on the VM's control socket, from this process (blocking client);
+- socket:  `exec` of `true` on the VM's control socket, from this process (blocking client),
+           and `info` (a no-op) for the socket and dispatcher alone;
 - CLI:     `matchlock exec ID true` as a new process, against Python's own start-up.
 Targets (issue 7): socket p50 <= 2x floor; CLI p50 <= floor + Python start-up + 20 ms.
 
@@ -102,16 +103,17 @@ def in_loop_rtts(vm: InProcessVm, n: int) -> tuple[list[float], list[float]]:
     return vm.call(measure())
 
 
-def socket_rtts(vm_id: str, n: int) -> list[float]:
+def socket_rtts(vm_id: str, n: int, method: str = "exec") -> list[float]:
     from matchlock.supervisor.client import ControlClient
 
+    params = {"argv": ["true"]} if method == "exec" else None
     out = []
     with ControlClient(vm_id) as c:
         for _ in range(n):
             t0 = time.perf_counter()
-            r = c.call("exec", {"argv": ["true"]})
+            r = c.call(method, params)
             out.append(time.perf_counter() - t0)
-            assert r["exit_code"] == 0, r
+            assert method != "exec" or r["exit_code"] == 0, r
     return out
 
 
@@ -165,6 +167,7 @@ def main() -> None:
         vm_id = vm.sup.id
         pings, chan = in_loop_rtts(vm, args.calls)
         sock = socket_rtts(vm_id, args.calls)
+        info = socket_rtts(vm_id, args.calls, "info")
         py = process_times([sys.executable, "-c", "pass"], 20, e)
         cli = process_times([*matchlock_cmd(), "exec", vm_id, "true"], args.cli_calls, e)
     finally:
@@ -175,6 +178,7 @@ def main() -> None:
           f"{os.environ.get('MATCHLOCK_ACCEL', 'auto')} accel")
     print(fmt("floor: channel ping", pings))
     print(fmt("channel: exec true", chan))
+    print(fmt("control socket: info (no-op)", info))
     print(fmt("control socket: exec true", sock))
     print(fmt("python -c pass", py))
     print(fmt("CLI: matchlock exec ID true", cli))
