@@ -45,7 +45,7 @@ async def main(mib: int, requests: int) -> None:
     import os
 
     os.environ.setdefault("MATCHLOCK_HOME", tempfile.mkdtemp(prefix="ml-bench-"))
-    from matchlock.sandbox import PortForwarder, PortSpec, Sandbox, SandboxConfig
+    from matchlock.sandbox import ExecRequest, PortForwarder, PortSpec, Sandbox, SandboxConfig
 
     nbytes = mib << 20
     sb = Sandbox(SandboxConfig(image="matchlock/busybox", no_network=True))
@@ -53,14 +53,13 @@ async def main(mib: int, requests: int) -> None:
     try:
         got = 0
 
-        def sink(fd: int, data: bytes) -> None:
-            nonlocal got
-            got += len(data)
-
         async def sh(cmd: str) -> int:
-            h = await sb.exec({"argv": ["sh", "-c", cmd], "env": [PATH], "cwd": "/",
-                               "user": "", "tty": False, "stdin": False}, sink)
-            return (await h.wait()).shell_code
+            nonlocal got
+            k, _, v = PATH.partition("=")
+            proc = await sb.exec(ExecRequest(shell=cmd, env=((k, v),), cwd="/"))
+            async for _fd, data in proc:
+                got += len(data)
+            return (await proc.wait()).exit_code
 
         assert await sh(f"mkdir -p /tmp/w && head -c {nbytes} /dev/zero > /tmp/w/big && "
                         "echo ok > /tmp/w/small && busybox httpd -p 127.0.0.1:8000 -h /tmp/w "

@@ -23,7 +23,7 @@ from _common import bare_vm
 
 from matchlock._aio import run as aio_run
 
-PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def raw_floor(tmp: Path, nbytes: int) -> float:
@@ -47,7 +47,7 @@ def raw_floor(tmp: Path, nbytes: int) -> float:
 
 
 async def in_guest(nbytes: int) -> dict[str, tuple[float, float]]:
-    from matchlock.sandbox import Sandbox, SandboxConfig
+    from matchlock.sandbox import ExecRequest, Sandbox, SandboxConfig
 
     producers = {
         "head -c": f"head -c {nbytes} /dev/zero",
@@ -60,16 +60,12 @@ async def in_guest(nbytes: int) -> dict[str, tuple[float, float]]:
 
         async def run(cmd: str) -> tuple[float, int]:
             got = 0
-
-            def sink(fd: int, data: bytes) -> None:
-                nonlocal got
-                got += len(data)
-
             t0 = time.perf_counter()
-            h = await sb.exec({"argv": ["sh", "-c", cmd], "env": [PATH], "cwd": "/",
-                               "user": "", "tty": False, "stdin": False}, sink)
-            st = await h.wait()
-            if st.shell_code != 0:
+            proc = await sb.exec(ExecRequest(shell=cmd, env=(("PATH", PATH),)))
+            async for _fd, data in proc:
+                got += len(data)
+            st = await proc.wait()
+            if st.exit_code != 0:
                 raise SystemExit(f"{cmd}: {st}")
             return time.perf_counter() - t0, got
 

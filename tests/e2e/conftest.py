@@ -8,8 +8,10 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -137,12 +139,80 @@ def qemu_pids(state_home: Path) -> list[int]:
     return pids
 
 
-def residue(state_home: Path) -> dict:
+def _known_ids(state_home: Path, ids: tuple[str, ...]) -> set[str]:
+    known = set(ids)
     vms = state_home / "vms"
+    if vms.exists():
+        known |= {p.name for p in vms.iterdir() if p.name.startswith("vm-")}
+    db = state_home / "state.db"
+    if db.exists():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            known |= {r[0] for r in con.execute("SELECT id FROM vms")}
+        except sqlite3.Error:
+            pass
+        finally:
+            con.close()
+    return known
+
+
+def _rows(state_home: Path) -> list[str]:
+    db = state_home / "state.db"
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        out = []
+        for table, col in (("vms", "id"), ("vm_history", "vm_id"), ("vm_resources", "vm_id")):
+            try:
+                rows = con.execute(f"SELECT DISTINCT {col} FROM {table}")
+                out += [f"{table}:{r[0]}" for r in rows]
+            except sqlite3.Error:
+                pass
+        return sorted(out)
+    finally:
+        con.close()
+
+
+def residue(state_home: Path, ids: tuple[str, ...] = ()) -> dict:
+    """Everything a VM of this state home (or one of `ids`) could leave behind: QEMU
+    processes, VM directories, network namespaces (their TAP and nftables rules live and
+    die inside them), TAPs or matchlock nft tables in the host namespace, sockets and
+    disks under the state home, mounts, and state DB rows."""
+    vms = state_home / "vms"
+    known = _known_ids(state_home, ids)
+    ns_names = {"ml-" + i.removeprefix("vm-") for i in known}
+    try:
+        namespaces = sorted(n for n in os.listdir("/run/netns") if n in ns_names)
+    except FileNotFoundError:
+        namespaces = []
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    host_taps = sorted(re.findall(r"^\d+: (ml-[^:@]+)", links, re.M))
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    host_nft = sorted(t for t in tables.splitlines() if "matchlock" in t)
+    files = [p for p in state_home.rglob("*")] if state_home.exists() else []
+    sockets = sorted(str(p) for p in files if p.is_socket())
+    unix = Path("/proc/net/unix").read_text()
+    sockets += sorted({line.split()[-1] for line in unix.splitlines()
+                       if str(state_home) in line})
+    disks = sorted(str(p) for p in files if p.suffix == ".ext4")
+    mounts = sorted(m for m in Path("/proc/mounts").read_text().splitlines()
+                    if str(state_home) in m or any(f"/run/netns/{n} " in m for n in ns_names))
     return {
         "qemu": qemu_pids(state_home),
         "vm_dirs": sorted(p.name for p in vms.iterdir()) if vms.exists() else [],
+        "namespaces": namespaces,
+        "host_taps": host_taps,
+        "host_nft": host_nft,
+        "sockets": sorted(set(sockets)),
+        "disks": disks,
+        "mounts": mounts,
+        "rows": _rows(state_home),
     }
+
+
+NO_RESIDUE = {k: [] for k in ("qemu", "vm_dirs", "namespaces", "host_taps", "host_nft",
+                              "sockets", "disks", "mounts", "rows")}
 
 
 @contextlib.contextmanager

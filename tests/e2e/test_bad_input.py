@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import residue
+from tests.e2e.conftest import NO_RESIDUE, residue
 
 pytestmark = pytest.mark.e2e
 BB = "matchlock/busybox"
@@ -21,7 +21,7 @@ def _one_line_error(p) -> str:
 def test_unknown_image(ml, state_home):
     err = _one_line_error(ml("run", "--image", "nope:missing", "true"))
     assert "nope:missing" in err and "import" in err
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_corrupt_tarball(ml, tmp_path):
@@ -41,14 +41,14 @@ def test_corrupt_tarball(ml, tmp_path):
 def test_bad_flags(ml, state_home, args, needle):
     err = _one_line_error(ml("run", "--image", BB, *args, "true"))
     assert needle in err
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_missing_qemu_names_package(ml, state_home):
     err = _one_line_error(ml("run", "--image", BB, "true",
                              env={"MATCHLOCK_QEMU": "/nonexistent/qemu-system-x86_64"}))
     assert "apt-get install qemu-system-x86" in err
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_missing_kernel_without_network(ml, state_home, tmp_path):
@@ -57,7 +57,7 @@ def test_missing_kernel_without_network(ml, state_home, tmp_path):
            "MATCHLOCK_APT_CACHE": "false"}
     err = _one_line_error(ml("run", "--image", BB, "true", env=env))
     assert "kernel" in err and "--kernel" in err
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_kernel_path_missing(ml, state_home):

@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from matchlock._aio import run
-from matchlock.sandbox import PortForwarder, PortSpec, Sandbox, SandboxConfig
+from matchlock.sandbox import ExecRequest, PortForwarder, PortSpec, Sandbox, SandboxConfig
 from tests.e2e.conftest import residue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -55,13 +55,12 @@ def refused(port: int) -> bool:
 
 async def guest_sh(sb: Sandbox, script: str) -> tuple[int, bytes]:
     out = bytearray()
-    h = await sb.exec(
-        {"argv": ["sh", "-c", script], "env": [PATH], "cwd": "/", "user": "", "tty": False,
-         "stdin": False},
-        lambda fd, data: out.extend(data),
-    )
-    st = await h.wait()
-    return st.shell_code, bytes(out)
+    k, _, v = PATH.partition("=")
+    proc = await sb.exec(ExecRequest(shell=script, env=((k, v),), cwd="/"))
+    async for _fd, data in proc:
+        out.extend(data)
+    st = await proc.wait()
+    return st.exit_code, bytes(out)
 
 
 def test_20_concurrent_http_requests_then_vm_stop_closes_listener(

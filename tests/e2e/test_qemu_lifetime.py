@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from matchlock._aio import run
-from matchlock.sandbox import Sandbox, SandboxConfig
+from matchlock.sandbox import ExecRequest, Sandbox, SandboxConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -51,15 +51,18 @@ def test_qemu_survives_the_exit_of_the_thread_that_spawned_it(
                 await asyncio.sleep(0.01)
             loop.set_default_executor(concurrent.futures.ThreadPoolExecutor())
             out = bytearray()
-            h = await sb.exec(
-                {"argv": ["echo", "alive"], "env": ["PATH=/bin"], "cwd": "/", "user": "",
-                 "tty": False, "stdin": False},
-                lambda fd, data: out.extend(data),
-            )
-            st = await asyncio.wait_for(h.wait(), 60)
+            proc = await sb.exec(ExecRequest(argv=("echo", "alive"), env=(("PATH", "/bin"),),
+                                             cwd="/"))
+
+            async def drain() -> None:
+                async for _fd, data in proc:
+                    out.extend(data)
+
+            await asyncio.wait_for(drain(), 60)
+            st = await asyncio.wait_for(proc.wait(), 60)
             alive = sb.qemu.poll() is None
             state = Path(f"/proc/{sb.qemu.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            return bytes(out), st.shell_code, alive, state
+            return bytes(out), st.exit_code, alive, state
         finally:
             await sb.close()
 

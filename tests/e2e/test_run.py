@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import matchlock_cmd
-from tests.e2e.conftest import residue
+from tests.e2e.conftest import NO_RESIDUE, residue
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ def test_default_image_echo(ml, qemu_present, state_home):
     p = ml("run", "--image", BB, "echo", "hello")
     assert p.returncode == 0, p.stderr
     assert p.stdout == b"hello\n"
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_debian_os_release(ml, debian_image):
@@ -135,7 +135,7 @@ def test_ctrl_c_stops_within_5s(ml_env, qemu_present, state_home):
     elapsed = time.monotonic() - t0
     assert elapsed < 5, f"took {elapsed:.1f}s"
     assert rc == 130
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_sigterm_stops_within_5s(ml_env, qemu_present, state_home):
@@ -151,7 +151,7 @@ def test_sigterm_stops_within_5s(ml_env, qemu_present, state_home):
     rc = proc.wait(10)
     assert time.monotonic() - t0 < 5
     assert rc == 143
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_twenty_sequential_runs_leave_no_residue(ml, qemu_present, state_home):
@@ -160,7 +160,7 @@ def test_twenty_sequential_runs_leave_no_residue(ml, qemu_present, state_home):
     for i in range(20):
         p = ml("run", "--image", BB, "echo", str(i))
         assert (p.returncode, p.stdout) == (0, f"{i}\n".encode()), p.stderr
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
     # Only mounts matchlock could have made (netns bind mounts, anything under its dirs):
     # other processes on the machine may mount and unmount meanwhile.
     new = set(Path("/proc/mounts").read_text().splitlines()) - set(mounts_before.splitlines())
@@ -177,7 +177,7 @@ def test_guest_crash_is_reported_and_cleaned_up(ml, qemu_present, state_home):
     assert p.stdout == b"before\n"
     err = p.stderr.decode().strip().splitlines()[-1]
     assert "VM stopped unexpectedly" in err and "Kernel panic" in err
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_cpus_memory_disk_size(ml, qemu_present):

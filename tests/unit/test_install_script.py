@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install.sh"
 
 # Always there on Debian (Essential/required packages), or optional and documented as such.
-BASE = {"sh", "sleep", "chown", "true", "env", "cat", "ls", "id", "kill", "sha256sum"}
+BASE = {"sh", "bash", "sleep", "chown", "true", "env", "cat", "ls", "id", "kill", "sha256sum"}
 OPTIONAL = {"mitmdump"}  # bench/proxy.py: an optional comparison, skipped when absent
 
 CALL = re.compile(

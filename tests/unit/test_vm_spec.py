@@ -27,7 +27,7 @@ def test_vcpus():
 
 
 def test_spec_validation(tmp_path):
-    with pytest.raises(UsageError, match="--memory"):
+    with pytest.raises(UsageError, match="memory_mib"):
         _spec(tmp_path, memory_mib=0)
     with pytest.raises(UsageError, match="machine"):
         _spec(tmp_path, machine="pc")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from matchlock.channel import (
@@ -39,6 +38,8 @@ READ_SIZE = 256 * 1024
 # Credit the host grants per stream for guest output. Larger than the protocol default:
 # under TCG one WINDOW round trip costs milliseconds, and the window must cover it.
 HOST_WINDOW = 4 << 20
+# Most bytes one ExecHandle.read() joins from already buffered frames.
+MAX_READ = 256 * 1024
 
 
 class ChannelClosed(ChannelError):
@@ -85,8 +86,8 @@ class GuestChannel:
         self._streams: dict[int, _Stream] = {}
         self._hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         self._closed_error: BaseException | None = None
-        self._closed = asyncio.Event()
         self._reader: asyncio.Task | None = None
+        self._closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     # -- connection ---------------------------------------------------------------------
 
@@ -124,13 +125,10 @@ class GuestChannel:
         except (ChannelError, OSError) as e:
             self._fail(e if isinstance(e, ChannelError) else ChannelClosed(str(e)))
 
-    async def wait_closed(self) -> None:
-        """Return once the channel is gone (guest powered off or crashed, or close())."""
-        await self._closed.wait()
-
     def _fail(self, err: BaseException) -> None:
         self._closed_error = err
-        self._closed.set()
+        if not self._closed.done():
+            self._closed.set_result(err)
         if not self._hello.done():
             self._hello.set_exception(err)
             self._hello.exception()  # mark retrieved
@@ -150,12 +148,17 @@ class GuestChannel:
         st = self._streams.get(getattr(ev, "stream_id", 0))
         if st is None:
             return
-        if isinstance(ev, Window):
-            st.credit_changed.set()
-            return
+        if isinstance(ev, Window | Exit | Reset):
+            st.credit_changed.set()  # a stdin writer waiting for credit rechecks
+            if isinstance(ev, Window):
+                return
         st.events.put_nowait(ev)
         if isinstance(ev, Exit | Reset | Reply):
             st.credit_changed.set()  # a writer waiting for credit must see the stream end
+
+    async def wait_closed(self) -> BaseException:
+        """Until the channel is gone (guest powered off or crashed, or close()); why."""
+        return await asyncio.shield(self._closed)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -164,6 +167,8 @@ class GuestChannel:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._closed_error is None:
+            self._fail(ChannelClosed("channel closed by host"))
         self._sock.close()
 
     # -- streams ------------------------------------------------------------------------
@@ -189,15 +194,11 @@ class GuestChannel:
         finally:
             self._streams.pop(st.id, None)
 
-    async def exec(
-        self,
-        request: dict,
-        on_output: Callable[[int, bytes], None],
-        stdin: Callable[[], Awaitable[bytes]] | None = None,
-    ) -> ExecHandle:
+    async def exec(self, request: dict) -> ExecHandle:
+        """Start a process; its output is pulled with `ExecHandle.read` (backpressure)."""
         st, wire = self._open(request)
         await self._write(wire)
-        return ExecHandle(self, st, on_output, stdin)
+        return ExecHandle(self, st)
 
     async def open_tcp(self, port: int) -> TcpStream:
         """A byte stream to 127.0.0.1:`port` inside the guest (port forwarding).
@@ -218,6 +219,8 @@ class GuestChannel:
     async def _send_stdin(self, st: _Stream, data: bytes) -> None:
         view = memoryview(data)
         while view:
+            if not self._conn.is_open(st.id):
+                return  # the process is gone: its stdin is moot
             credit = self._conn.credit(st.id)
             if credit <= 0:
                 st.credit_changed.clear()
@@ -231,67 +234,104 @@ class GuestChannel:
 
 
 class ExecHandle:
-    """A running guest process: feed stdin, resize, signal, and wait for its exit."""
+    """A running guest process: pull its output, feed stdin, resize, signal, wait.
 
-    def __init__(self, chan: GuestChannel, st: _Stream, on_output, stdin) -> None:
+    Output is pulled, never pushed: credit for a chunk goes back to the guest only once
+    `read()` has handed it out, so a consumer that stops reading stops the guest process
+    (and nothing else) after at most one window of buffered output.
+    """
+
+    def __init__(self, chan: GuestChannel, st: _Stream) -> None:
         self._chan = chan
         self._st = st
-        self._on_output = on_output
-        self._stdin_task = asyncio.ensure_future(self._pump_stdin(stdin)) if stdin else None
-        self._done = False
+        self._unacked = 0
+        self._pending: object | None = None  # an event taken while coalescing
+        self._status: ExitStatus | None = None
+        self._stdin_closed = False
 
-    async def _pump_stdin(self, stdin: Callable[[], Awaitable[bytes]]) -> None:
-        try:
-            while True:
-                chunk = await stdin()
-                if not chunk:
-                    await self._chan._write(self._chan._conn.send(Eof(self._st.id, 0)))
-                    return
-                await self._chan._send_stdin(self._st, chunk)
-        except (ChannelError, OSError) as e:
-            log.debug("stdin pump stopped: %s", e)
+    @property
+    def done(self) -> bool:
+        return self._status is not None
+
+    async def _next_event(self) -> object:
+        if self._pending is not None:
+            ev, self._pending = self._pending, None
+            return ev
+        return await self._st.events.get()
+
+    def _finish(self, status: ExitStatus) -> None:
+        self._status = status
+        self._chan._streams.pop(self._st.id, None)
+
+    async def read(self, max_bytes: int = MAX_READ) -> tuple[int, bytes] | None:
+        """The next output chunk as (fd, bytes), or None once the process has exited.
+
+        Chunks of the same fd that are already buffered are joined up to `max_bytes`, so a
+        fast producer costs one consumer wake-up per `max_bytes`, not per frame.
+        """
+        if self._status is not None:
+            return None
+        chan = self._chan
+        while True:
+            ev = await self._next_event()
+            if isinstance(ev, BaseException):
+                self._finish(ExitStatus(error=str(ev)))
+                raise ev
+            if isinstance(ev, Data):
+                fd, parts, size = ev.fd, [ev.data], len(ev.data)
+                queue = self._st.events
+                while size < max_bytes and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, Data) and nxt.fd == fd:
+                        parts.append(nxt.data)
+                        size += len(nxt.data)
+                    else:
+                        self._pending = nxt
+                        break
+                # Return credit in quarter-window batches: each WINDOW wakes the guest,
+                # and the guest still holds >= 3/4 of the window meanwhile.
+                self._unacked += size
+                if self._unacked >= chan._conn.window // 4:
+                    n, self._unacked = self._unacked, 0
+                    await chan._write(chan._conn.send(Window(self._st.id, n)))
+                return fd, parts[0] if len(parts) == 1 else b"".join(parts)
+            if isinstance(ev, Exit):
+                self._finish(ExitStatus(ev.code, ev.signal, ev.error))
+                return None
+            if isinstance(ev, Reset):
+                self._finish(ExitStatus(error="the guest dropped the process"))
+                return None
+            # Eof of stdout/stderr needs no action: Exit follows it.
+
+    async def write(self, data: bytes) -> None:
+        """Send stdin bytes; waits for the guest's credit (the guest's pipe pushes back)."""
+        if self._status is None and not self._stdin_closed and data:
+            await self._chan._send_stdin(self._st, data)
+
+    async def close_stdin(self) -> None:
+        if self._status is None and not self._stdin_closed:
+            self._stdin_closed = True
+            await self._chan._write(self._chan._conn.send(Eof(self._st.id, 0)))
 
     async def resize(self, rows: int, cols: int) -> None:
-        if not self._done:
+        if self._status is None:
             await self._chan._write(self._chan._conn.send(Resize(self._st.id, rows, cols)))
 
     async def signal(self, signum: int) -> None:
-        if not self._done:
+        if self._status is None:
             await self._chan._write(self._chan._conn.send(Signal(self._st.id, signum)))
 
     async def cancel(self) -> None:
         """Ask the guest to stop the process (SIGTERM, then SIGKILL after 5 s)."""
-        if not self._done:
+        if self._status is None and self._chan._conn.is_open(self._st.id):
             await self._chan._write(self._chan._conn.send(Reset(self._st.id)))
 
     async def wait(self) -> ExitStatus:
-        chan, st = self._chan, self._st
-        unacked = 0
-        try:
-            while True:
-                ev = await st.events.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                if isinstance(ev, Data):
-                    self._on_output(ev.fd, ev.data)
-                    # Return credit in quarter-window batches: each WINDOW wakes the guest,
-                    # and the guest still holds >= 3/4 of the window meanwhile.
-                    unacked += len(ev.data)
-                    if unacked >= chan._conn.window // 4:
-                        await chan._write(chan._conn.send(Window(st.id, unacked)))
-                        unacked = 0
-                elif isinstance(ev, Exit):
-                    self._done = True
-                    return ExitStatus(ev.code, ev.signal, ev.error)
-                elif isinstance(ev, Reset):
-                    self._done = True
-                    return ExitStatus(error="the guest dropped the process")
-                # Eof of stdout/stderr needs no action: Exit follows it.
-        finally:
-            self._done = True
-            chan._streams.pop(st.id, None)
-            if self._stdin_task is not None:
-                self._stdin_task.cancel()
+        """Discard any output not read yet and return how the process ended."""
+        while await self.read() is not None:
+            pass
+        assert self._status is not None
+        return self._status
 
 
 class TcpStream:

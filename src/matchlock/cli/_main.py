@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -10,7 +9,20 @@ import click
 
 from matchlock._version import version_line
 from matchlock.cli._help import Group
-from matchlock.errors import MatchlockError
+from matchlock.errors import ConfigError, MatchlockError
+
+# Config fields as the CLI spells them (lower boxes name fields, never flags).
+FLAGS = {
+    "cpus": "--cpus", "memory_mib": "--memory", "disk_size_mib": "--disk-size",
+    "hostname": "--hostname", "rows": "terminal rows", "cols": "terminal columns",
+}
+
+
+def word(e: MatchlockError) -> str:
+    """One line for a person."""
+    if isinstance(e, ConfigError):
+        return f"{FLAGS.get(e.field, e.field)} {e.detail}"
+    return str(e)
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -25,10 +37,10 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 @click.option("--debug", is_flag=True, envvar="MATCHLOCK_DEBUG", help="Verbose logs on stderr.")
 def cli(debug: bool) -> None:
     """Run commands in disposable micro-VMs with a sealed network."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-    )
+    if debug:
+        import logging  # only then: `exec` and `list` start faster without it
+
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
 
 
 @cli.command()
@@ -38,13 +50,27 @@ def version() -> None:
 
 
 def _register() -> None:
-    from matchlock.cli import _diagnose, _image, _pull, _run
+    from matchlock.cli import _diagnose, _image, _pull, _run, _vms
 
     cli.add_command(_run.run)
+    cli.add_command(_vms.exec_, "exec")
+    cli.add_command(_vms.list_, "list")
+    cli.add_command(_vms.list_, "ls")
+    cli.add_command(_vms.get)
+    cli.add_command(_vms.inspect)
+    cli.add_command(_vms.inspect, "stat")
+    cli.add_command(_vms.log)
+    cli.add_command(_vms.kill)
+    cli.add_command(_vms.rm)
+    cli.add_command(_vms.rm, "remove")
+    cli.add_command(_vms.prune)
+    cli.add_command(_vms.gc)
+    cli.add_command(_vms.allow_list)
     cli.add_command(_image.image)
     cli.add_command(_pull.pull)
     cli.add_command(_pull.build)
     cli.add_command(_diagnose.diagnose)
+    cli.add_command(_run.supervise)
 
 
 _register()
@@ -65,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         print("error: aborted", file=sys.stderr)
         rc = 130
     except MatchlockError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {word(e)}", file=sys.stderr)
         rc = e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -1,39 +1,114 @@
-"""`matchlock run`: create a sandbox, run one command in it, remove it."""
+"""`matchlock run`: create a sandbox and run a command in it (foreground or detached)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 
 import click
 
-from matchlock._aio import run as aio_run
 from matchlock.errors import UsageError
+
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _progress(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
+class _RunCommand(click.Command):
+    """`--rm=false`: click flags take no value, so `--rm=<bool>` becomes `--rm`/`--no-rm`
+    before parsing. Only tokens before the guest command are looked at."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {o for p in self.params if isinstance(p, click.Option)
+                       and not p.is_flag for o in p.opts}
+        out, i = [], 0
+        while i < len(args):
+            a = args[i]
+            if a == "--" or not a.startswith("-") or a == "-":
+                out += args[i:]
+                break
+            if a.startswith("--rm="):
+                word = a[5:].lower()
+                if word not in BOOL_WORDS:
+                    raise click.BadParameter(f"{a[5:]!r} is not a boolean (true or false)",
+                                             ctx=ctx, param_hint="'--rm'")
+                a = "--rm" if BOOL_WORDS[word] else "--no-rm"
+            out.append(a)
+            if a in takes_value and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+def parse_publish(values: tuple[str, ...]):  # noqa: ANN201 - tuple[PortSpec, ...]
+    from matchlock.sandbox import PortSpec
+
+    out = []
+    for v in values:
+        local, sep, remote = v.strip().rpartition(":")
+        try:
+            r = int(remote)
+            spec = PortSpec(int(local) if sep else r, r)
+        except (ValueError, UsageError):
+            raise UsageError(f"invalid --publish {v!r}: use [LOCAL_PORT:]REMOTE_PORT with "
+                             "ports 1-65535 (e.g. 8080:80)") from None
+        out.append(spec)
+    return tuple(dict.fromkeys(out))
+
+
+def parse_addresses(values: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        for a in (p.strip() for p in v.split(",")):
+            if not a:
+                continue
+            if a == "localhost":
+                out.append("127.0.0.1")
+                continue
+            try:
+                out.append(str(ipaddress.ip_address(a.strip("[]"))))
+            except ValueError:
+                raise UsageError(f"invalid --address {a!r}: use an IP address or localhost"
+                                 ) from None
+    return tuple(dict.fromkeys(out)) or ("127.0.0.1",)
+
+
+@click.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
 @click.option("--image", required=True, help="Image reference or local name (see `matchlock "
               "image ls`), pulled on first use; `matchlock/busybox` is built in.")
 @click.option("--pull", is_flag=True, help="Ask the image's registry again even when the "
               "image is stored.")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and forward it.")
 @click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-terminal (with -i).")
+@click.option("-d", "--detach", is_flag=True,
+              help="Start the VM in the background and print its id once it accepts "
+                   "exec (implies --rm=false).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY[=VALUE]",
-              help="Set a variable; KEY alone copies it from the host environment.")
+              help="Set a variable (every exec in the VM gets it); KEY alone copies it "
+                   "from the host environment.")
 @click.option("--env-file", multiple=True, metavar="FILE", help="KEY=VALUE lines.")
-@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
-@click.option("-u", "--user", default=None, help="uid, uid:gid, name or name:group.")
+@click.option("-w", "--workdir", default=None,
+              help="Working directory of this command in the guest.")
+@click.option("-u", "--user", default=None,
+              help="uid, uid:gid, name or name:group (also the default for later exec).")
 @click.option("--entrypoint", default=None, help="Replace the image ENTRYPOINT (\"\" clears it).")
 @click.option("--cpus", type=float, default=1.0, show_default=True, help="Virtual CPUs.")
 @click.option("--memory", type=int, default=512, show_default=True, help="Guest RAM in MB.")
 @click.option("--disk-size", type=int, default=5120, show_default=True,
               help="Size of the writable root layer in MB (sparse).")
-@click.option("--rm", is_flag=True, default=True,
-              help="Remove the sandbox when the command exits (the only mode for now).")
+@click.option("--rm/--no-rm", "rm", default=True, show_default=True,
+              help="Remove the sandbox when the command exits; --rm=false keeps it "
+                   "running until a signal or `matchlock kill`, then keeps it stopped.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop the VM after this long (boot and command).")
+@click.option("-p", "--publish", multiple=True, metavar="[LOCAL:]REMOTE",
+              help="Forward a host TCP port to a guest port (repeatable).")
+@click.option("--address", "addresses", multiple=True, metavar="IP",
+              help="Host addresses for --publish (default 127.0.0.1; comma-separated).")
 @click.option("--hostname", default="", help="Guest hostname (default: the VM id).")
 @click.option("--no-network", is_flag=True, help="No network interface at all.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
@@ -53,15 +128,17 @@ def _progress(msg: str) -> None:
               help="Upstream DNS servers the host-side resolver uses "
                    "(default: the host's).")
 @click.option("--network-intercept", is_flag=True,
-              help="Inspect HTTP/HTTPS even without --allow-host or --secret.")
+              help="Inspect HTTP/HTTPS even without --allow-host or --secret "
+                   "(so that `allow-list add` works later).")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Guest NIC MTU.")
 @click.option("--kernel", default=None, envvar="MATCHLOCK_KERNEL",
               help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(image: str, pull: bool, interactive: bool, tty: bool, env: tuple[str, ...],
+def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env: tuple[str, ...],
         env_file: tuple[str, ...], workdir: str | None, user: str | None,
         entrypoint: str | None, cpus: float, memory: int, disk_size: int, rm: bool,
+        timeout: float | None, publish: tuple[str, ...], addresses: tuple[str, ...],
         hostname: str, no_network: bool, allow_hosts: tuple[str, ...],
         add_hosts: tuple[str, ...], allow_private: tuple[str, ...], secrets: tuple[str, ...],
         dns_servers: tuple[str, ...],
@@ -75,7 +152,13 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, env: tuple[str, ..
     """
     from matchlock.net.config import ALLOW_PRIVATE_ENV, parse_network_flags
     from matchlock.sandbox import SandboxConfig
+    from matchlock.sandbox._command import parse_env_item, read_env_file
+    from matchlock.sandbox._exec_limits import check_exec_size
 
+    if detach and (interactive or tty):
+        raise UsageError("--detach cannot be combined with --interactive/--tty")
+    if detach:
+        rm = False
     if tty and not interactive:
         interactive = True  # -t alone is useless; behave like docker's common -it
     if tty and not os.isatty(0):
@@ -86,20 +169,44 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, env: tuple[str, ..
         host_env=os.environ, allow_private=allow_private,
         env_allow_private=os.environ.get(ALLOW_PRIVATE_ENV, ""),
     )
+    vm_env: dict[str, str] = {}
+    for path in env_file:
+        vm_env.update(read_env_file(path, os.environ))
+    for item in env:
+        k, v = parse_env_item(item, os.environ, "-e")
+        vm_env[k] = v
+    # Linux's ARG_MAX limits, checked before anything boots (bad input costs nothing).
+    check_exec_size(list(command), [f"{k}={v}" for k, v in vm_env.items()])
     config = SandboxConfig(
         image=image, cpus=cpus, memory_mib=memory, disk_size_mib=disk_size,
         hostname=hostname, no_network=no_network, kernel=kernel, accel=accel,
-        network=network, pull=pull,
+        network=network, pull=pull, env=tuple(vm_env.items()), user=user,
+        publish=parse_publish(publish), addresses=parse_addresses(addresses),
     )
     config.validate()
-    from matchlock.cli._session import RunSession
+    if detach:
+        from matchlock.supervisor import spawn_detached
 
-    session = RunSession(
-        config, list(command), env=env, env_files=env_file, workdir=workdir, user=user,
-        entrypoint=entrypoint, interactive=interactive, tty=tty, progress=_progress,
-    )
+        vm_id = spawn_detached(config.to_wire(), {"argv": list(command),
+                                                  "entrypoint": entrypoint,
+                                                  "workdir": workdir}, timeout)
+        click.echo(vm_id)
+        return
+    from matchlock._aio import run as aio_run
+    from matchlock.cli._session import RunSession, exec_request
+
+    request = exec_request(list(command), entrypoint=entrypoint, workdir=workdir,
+                           interactive=interactive, tty=tty)
+    session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress)
     rc = aio_run(session.run())
     sys.stdout.flush()
     raise SystemExit(rc)
 
 
+@click.command("_supervise", hidden=True)
+@click.option("--ready-fd", type=int, required=True)
+def supervise(ready_fd: int) -> None:
+    """Internal: the detached supervisor `run -d` starts."""
+    from matchlock.supervisor import daemon_main
+
+    raise SystemExit(daemon_main(ready_fd))

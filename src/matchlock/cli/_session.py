@@ -1,8 +1,10 @@
-"""One `matchlock run`: boot, exec with the host terminal attached, tear down.
+"""Running one command with the host terminal attached: output, stdin, PTY, signals.
 
-Signals: the first SIGINT/SIGTERM asks the guest to stop the process (SIGTERM, then
-SIGKILL); if it has not gone 2 s later, or on a second signal, the VM is torn down.
-Either way `run` returns within ~5 s and leaves nothing behind.
+Output reaches the terminal through `FdWriter`s (a thread per fd), so a slow terminal or
+`| less` holds back the guest process only, never the event loop that also runs the VM's
+network. Signals: the first SIGINT/SIGTERM asks the guest to stop the process (SIGTERM,
+then SIGKILL); if it has not gone `CANCEL_GRACE_S` later, or on a second signal, `force`
+is called (the caller tears the VM down).
 """
 
 from __future__ import annotations
@@ -10,29 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import signal
 import sys
 import termios
 import threading
-import time
 import tty as ttymod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 
-from matchlock.channel import ChannelError
-from matchlock.channel.client import ExecHandle
-from matchlock.errors import GuestError, MatchlockError, UsageError
+from matchlock._aio import spawn
+from matchlock._fdio import FdWriter
+from matchlock.errors import UsageError
 from matchlock.sandbox import (
-    ImageDefaults,
+    ExecRequest,
+    ExecResult,
+    Process,
     Sandbox,
     SandboxConfig,
-    check_exec_size,
-    compose_argv,
-    compose_env,
+    VmStopped,
+    compose_request,
 )
-
-log = logging.getLogger(__name__)
+from matchlock.supervisor._supervisor import Supervisor
 
 CANCEL_GRACE_S = 2.0
 STDIN_CHUNK = 65536
@@ -66,175 +66,238 @@ class StdinReader:
         return await self._queue.get()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            import select
+@contextlib.contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    try:
+        ttymod.setraw(0)
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
+
+def terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(0)
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+class Attached:
+    """One process with this terminal's stdio attached to it."""
+
+    def __init__(self, process: Process, *, stdin: bool, tty: bool,
+                 force: Callable[[], None]) -> None:
+        self.proc = process
+        self.stdin, self.tty = stdin, tty
+        self._force = force
+        self.signalled = 0
+        self._cancelled = False
+
+    def on_signal(self, sig: int) -> None:
+        self.signalled = sig
+        if not self._cancelled:
+            self._cancelled = True
+            spawn(self.proc.cancel(), name="cancel-on-signal")
+            asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._force)
+        else:
+            self._force()
+
+    def _on_winch(self) -> None:
+        rows, cols = terminal_size()
+        spawn(self.proc.resize(rows, cols), name="resize")
+
+    async def _pump_stdin(self) -> None:
+        reader = StdinReader(asyncio.get_running_loop())
+        while chunk := await reader.read():
+            await self.proc.write(chunk)
+        await self.proc.close_stdin()
+
+    async def _pump_output(self) -> None:
+        writers = {1: FdWriter(1), 2: FdWriter(2)}
+        broken = False
+        try:
+            async for fd, data in self.proc:
+                if broken:
+                    continue
+                try:
+                    await writers[fd].write(data)
+                except BrokenPipeError:
+                    broken = True  # the reader went away (`| head`): stop the process
+                    await self.proc.cancel()
+            for w in writers.values():
+                with contextlib.suppress(OSError):
+                    await w.flush()
+        finally:
+            for w in writers.values():
+                w.close()
+
+    async def run(self) -> ExecResult:
+        loop = asyncio.get_running_loop()
+        stdin_task = spawn(self._pump_stdin(), name="stdin") if self.stdin else None
+        if self.tty:
+            loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
+        try:
+            with raw_terminal(self.tty):
+                await self._pump_output()
+                return await self.proc.wait()
+        finally:
+            if self.tty:
+                loop.remove_signal_handler(signal.SIGWINCH)
+            if stdin_task is not None:
+                stdin_task.cancel()
+
+
+def exec_request(args: list[str], *, entrypoint: str | None, workdir: str | None,
+                 interactive: bool, tty: bool) -> ExecRequest:
+    """`run`'s own command: ENTRYPOINT ++ (args or CMD)."""
+    rows, cols = terminal_size() if tty else (24, 80)
+    return ExecRequest(argv=tuple(args), image_command=True, entrypoint=entrypoint,
+                       cwd=workdir, tty=tty, stdin=interactive, rows=rows, cols=cols,
+                       term=os.environ.get("TERM") or "xterm")
+
+
+async def run_attached(sandbox: Sandbox, request: ExecRequest, force: Callable[[], None],
+                       on_start: Callable[[Attached], None] | None = None) -> ExecResult:
+    proc = await sandbox.exec(request)
+    att = Attached(proc, stdin=request.stdin, tty=request.tty, force=force)
+    if on_start is not None:
+        on_start(att)
+    return await att.run()
+
+
+def report(result: ExecResult) -> None:
+    if result.error is not None:
+        print(f"matchlock: {result.error}", file=sys.stderr)
 
 
 class RunSession:
-    def __init__(
-        self,
-        config: SandboxConfig,
-        args: Sequence[str],
-        *,
-        env: Sequence[str] = (),
-        env_files: Sequence[str] = (),
-        workdir: str | None = None,
-        user: str | None = None,
-        entrypoint: str | None = None,
-        interactive: bool = False,
-        tty: bool = False,
-        progress=None,
-    ) -> None:
+    """A foreground `run`: the VM's supervisor lives in this process (same class, same
+    control socket as a detached one), the command runs attached to this terminal.
+
+    `--rm` (default): the VM goes with the command. `--rm=false`: it stays up after the
+    command until SIGINT/SIGTERM, `matchlock kill` or `--timeout`, and is kept (stopped).
+    """
+
+    def __init__(self, config: SandboxConfig, request: ExecRequest, *, rm: bool = True,
+                 timeout: float | None = None, progress: Callable[[str], None] | None = None,
+                 ) -> None:
         self.config = config
-        self.args = list(args)
-        self.env, self.env_files = env, env_files
-        self.workdir, self.user, self.entrypoint = workdir, user, entrypoint
-        self.interactive, self.tty = interactive, tty
-        self.progress = progress
-        self.sandbox: Sandbox | None = None
-        self.handle: ExecHandle | None = None
-        self._signalled = 0
+        self.request = request
+        self.rm = rm
+        self.timeout = timeout
+        self.supervisor = Supervisor(config, progress)
         self._main: asyncio.Task | None = None
-        # Validate what we can before booting anything (so bad input costs nothing).
-        self._host_env = dict(os.environ)
-        check_exec_size(compose_argv(ImageDefaults(), self.args, entrypoint),
-                        compose_env(ImageDefaults(), env_files, env, self._host_env))
+        self._att: Attached | None = None
+        self._signalled = 0
+        self._keeping = False  # the command is over; waiting for a stop
+
+    @property
+    def sandbox(self) -> Sandbox:
+        return self.supervisor.sandbox
+
+    def _force(self) -> None:
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+
+    def _on_signal(self, sig: int) -> None:
+        self._signalled = sig
+        if self._att is not None and not self._keeping:
+            self._att.on_signal(sig)
+        else:
+            self._force()
+
+    def _check_command(self, sup: Supervisor) -> None:
+        """Before boot: a --rm run needs a command (args, or the image's)."""
+        if self.request.argv or not self.rm:
+            return
+        try:
+            compose_request(sup.sandbox.defaults, self.request)
+        except UsageError:
+            raise UsageError("command required (or use --rm=false to start without a "
+                             "command)") from None
+
+    def _killed(self) -> bool:
+        sup = self.supervisor
+        return sup.stopping and sup.stop_reason == "stopped by request"
+
+    def _has_command(self) -> bool:
+        try:
+            compose_request(self.sandbox.defaults, self.request)
+        except UsageError:
+            return False
+        return True
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.sandbox = Sandbox(self.config, self.progress)
+        sup = self.supervisor
         try:
-            await self.sandbox.start()
-            return await self._exec()
+            async with asyncio.timeout(self.timeout):
+                return await self._run(sup)
+        except TimeoutError:
+            if self._keeping:
+                return 0  # --rm=false: the VM's time is up, a normal stop
+            print(f"error: timed out after {self.timeout:g} s"
+                  + ("; sandbox removed" if self.rm else ""), file=sys.stderr)
+            return 1
         except asyncio.CancelledError:
-            sig = self._signalled or signal.SIGINT
-            print("error: interrupted, sandbox removed", file=sys.stderr)
-            return 128 + sig
+            if self._keeping:
+                return 0  # --rm=false: a signal is the normal way to stop
+            print("error: interrupted" + (", sandbox removed" if self.rm else ""),
+                  file=sys.stderr)
+            return 128 + (self._signalled or signal.SIGINT)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            await asyncio.shield(self.sandbox.close(remove=True))
+            if self.rm:
+                await asyncio.shield(sup.remove())
+            else:
+                await asyncio.shield(sup.stop(graceful=True, reason="run ended"))
+                await asyncio.shield(sup.finish_clients())
             self._dump_timings()
+
+    async def _run(self, sup: Supervisor) -> int:
+        await sup.start(before_boot=self._check_command)
+        if not self.rm:
+            print(f"Sandbox {sup.id} is running\n  Connect: matchlock exec {sup.id} -it sh\n"
+                  f"  Stop:    matchlock kill {sup.id}", file=sys.stderr)
+        code = 0
+        if self.rm or self._has_command():
+            try:
+                result = await run_attached(self.sandbox, self.request, self._force,
+                                            lambda a: setattr(self, "_att", a))
+            except VmStopped:
+                if not self._killed():
+                    raise
+                result = None
+            if self._killed() and self.rm:
+                # `matchlock kill` (the control socket's close) ends a foreground run too.
+                print(f"error: sandbox {sup.id} was stopped (matchlock kill)",
+                      file=sys.stderr)
+                return 128 + signal.SIGTERM
+            if result is None:
+                return 0
+            report(result)
+            code = 128 + self._signalled if self._signalled else result.exit_code
+        if self.rm:
+            return code
+        self._keeping = True
+        self._att = None
+        await sup.wait_stopped()
+        return 0
 
     def _dump_timings(self) -> None:
         # For bench/: where a run's time went, from its own clock.
         path = os.environ.get("MATCHLOCK_TIMINGS")
-        if path and self.sandbox is not None:
+        if path:
             import json
 
             with open(path, "w") as f:
                 json.dump(self.sandbox.timings, f)
-
-    def _on_signal(self, sig: int) -> None:
-        self._signalled = sig
-        if self.handle is not None and self._signalled_once is False:
-            self._signalled_once = True
-            asyncio.ensure_future(self.handle.cancel())
-            asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._force)
-        else:
-            self._force()
-
-    _signalled_once = False
-
-    def _force(self) -> None:
-        if self._main is not None and not self._main.done():
-            self._main.cancel()
-
-    def _request(self) -> dict:
-        assert self.sandbox is not None and self.sandbox.image is not None
-        cfg = self.sandbox.image.config
-        defaults = ImageDefaults(
-            env=cfg.env, entrypoint=cfg.entrypoint, cmd=cfg.cmd,
-            working_dir=cfg.working_dir, user=cfg.user,
-        )
-        argv = compose_argv(defaults, self.args, self.entrypoint)
-        if not argv:
-            raise UsageError(
-                "no command given and the image has no CMD/ENTRYPOINT: add a command"
-            )
-        env = compose_env(defaults, self.env_files, self.env, self._host_env, tty=self.tty)
-        env.update(self.sandbox.extra_env())
-        req = {
-            "argv": argv,
-            "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": self.workdir or defaults.working_dir or "/",
-            "user": self.user if self.user is not None else defaults.user,
-            "tty": self.tty,
-            "stdin": self.interactive,
-        }
-        if self.tty:
-            size = os.get_terminal_size(0)
-            req["rows"], req["cols"] = size.lines, size.columns
-        return req
-
-    async def _exec(self) -> int:
-        assert self.sandbox is not None
-        loop = asyncio.get_running_loop()
-        request = self._request()
-        stdin = StdinReader(loop).read if self.interactive else None
-        broken = False
-
-        def on_output(fd: int, data: bytes) -> None:
-            nonlocal broken
-            if broken:
-                return
-            try:
-                _write_all(2 if fd == 2 else 1, data)
-            except BrokenPipeError:
-                broken = True
-                asyncio.ensure_future(self.handle.cancel()) if self.handle else None
-
-        with self._terminal():
-            try:
-                t0 = time.monotonic()
-                self.handle = await self.sandbox.exec(request, on_output, stdin)
-                if self.tty:
-                    loop.add_signal_handler(signal.SIGWINCH, self._on_winch)
-                status = await self.handle.wait()
-                self.sandbox.timings["exec"] = time.monotonic() - t0
-            except ChannelError as e:
-                raise GuestError(f"{self.sandbox.crashed_reason()} ({e})") from None
-            finally:
-                if self.tty:
-                    loop.remove_signal_handler(signal.SIGWINCH)
-        if status.error is not None:
-            print(f"matchlock: {status.error}", file=sys.stderr)
-        if self._signalled:
-            return 128 + self._signalled
-        return status.shell_code
-
-    def _on_winch(self) -> None:
-        if self.handle is None:
-            return
-        try:
-            size = os.get_terminal_size(0)
-        except OSError:
-            return
-        asyncio.ensure_future(self.handle.resize(size.lines, size.columns))
-
-    @contextlib.contextmanager
-    def _terminal(self):
-        if not self.tty:
-            yield
-            return
-        saved = termios.tcgetattr(0)
-        try:
-            ttymod.setraw(0)
-            yield
-        finally:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-
-__all__ = ["MatchlockError", "RunSession"]

@@ -139,14 +139,6 @@ def _make_listener(kind: ListenerKind, ip: str, port: int) -> socket.socket:
     return s
 
 
-def open_listener_in_ns(ns_path: str, kind: ListenerKind, ip: str, port: int) -> socket.socket:
-    """A listening TCP socket or bound UDP socket that lives in the namespace at ns_path.
-
-    The caller's thread never changes namespace; the socket is non-blocking.
-    """
-    return run_in_netns(ns_path, lambda: _make_listener(kind, ip, port))
-
-
 def _pid_start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

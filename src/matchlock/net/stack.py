@@ -171,13 +171,6 @@ class NetworkStack:
         self._events.close()
         self.timings["net_teardown"] = time.monotonic() - t0
 
-    def close_sync(self) -> None:
-        """For paths without a running loop (setup failed before start()): ns only."""
-        self._closed = True
-        self._events.close()
-        self.ns.close()
-        self.policy.close()
-
     def _default_handler(self) -> ConnectionHandler:
         if self.config.mode == "open":
             return TcpRelay(self.policy, self.emit)

@@ -1,30 +1,31 @@
-"""The Sandbox: one VM from image to teardown."""
+"""The Sandbox: one VM from image to teardown, with typed requests and results.
 
-from matchlock.sandbox._command import ImageDefaults, compose_argv, compose_env
-from matchlock.sandbox._exec_limits import check_exec_size
-from matchlock.sandbox._ports import (
-    Binding,
-    PortForwarder,
-    PortForwardError,
-    PortSpec,
-    PortSpecError,
-    parse_addresses,
-    parse_port_spec,
-)
-from matchlock.sandbox._sandbox import Sandbox, SandboxConfig
+Names load on first use (PEP 562), so a face that needs one helper (say the env parsing
+in `_command`) does not pay for QEMU, the network stack and the channel."""
 
-__all__ = [
-    "Binding",
-    "ImageDefaults",
-    "PortForwardError",
-    "PortForwarder",
-    "PortSpec",
-    "PortSpecError",
-    "Sandbox",
-    "SandboxConfig",
-    "check_exec_size",
-    "compose_argv",
-    "compose_env",
-    "parse_addresses",
-    "parse_port_spec",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "ImageDefaults": "_command", "compose_argv": "_command", "compose_env": "_command",
+    "SandboxConfig": "_config", "check_exec_size": "_exec_limits",
+    "Binding": "_ports", "PortForwarder": "_ports", "PortForwardError": "_ports",
+    "PortSpec": "_ports", "PortSpecError": "_ports", "parse_addresses": "_ports",
+    "parse_port_spec": "_ports",
+    "ExecRequest": "_exec", "ExecResult": "_exec", "Process": "_exec",
+    "VmDefaults": "_exec", "VmStopped": "_exec", "compose_request": "_exec",
+    "CONSOLE_LOG": "_sandbox", "SUPERVISOR_LOG": "_sandbox", "Sandbox": "_sandbox",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'matchlock.sandbox' has no attribute {name!r}")
+    value = getattr(import_module(f"matchlock.sandbox.{mod}"), name)
+    globals()[name] = value
+    return value

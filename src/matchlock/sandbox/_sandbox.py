@@ -1,12 +1,23 @@
 """Sandbox: one VM from image to teardown. Owns every resource the VM takes.
 
-Data flows one way: CLI/RPC -> Sandbox -> {image, vm, channel, state}.
+Data flows one way: supervisor -> Sandbox -> {image, vm, channel, net, state}.
+
+    create()   image, kernel and initramfs resolved (bad input fails here, nothing is
+               registered); then the row (`creating`) and the VM directory
+    boot()     writable disk, network namespace, QEMU (`starting`), hello, CA (`running`)
+    exec()     typed ExecRequest in, Process out (channel types stay in here)
+    stop()     the recorded resources released newest first (`stopping` -> `stopped`)
+    remove()   the directory and the rows too
+
+Each resource is written to the state DB before it is taken and marked when released, so
+`gc` can finish the job from the records if this process dies (see _cleanup).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -14,75 +25,49 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from matchlock.channel.client import ChannelClosed, ExecHandle, GuestChannel
-from matchlock.errors import DependencyError, UsageError, VmStartError
+from matchlock._proc import ProcessId
+from matchlock.channel import ChannelError
+from matchlock.channel.client import GuestChannel
+from matchlock.errors import (
+    DependencyError,
+    MatchlockError,
+    NotAvailable,
+    VmNotRunning,
+    VmStartError,
+)
 from matchlock.guest import guest_binary
 from matchlock.image import Image, ImageStore
-from matchlock.net.types import NetworkConfig
 from matchlock.paths import vms_dir
+from matchlock.sandbox import _cleanup as cleanup
+from matchlock.sandbox._command import ImageDefaults
+from matchlock.sandbox._config import SandboxConfig
+from matchlock.sandbox._events import EventHub, network_event
+from matchlock.sandbox._exec import ExecRequest, Process, VmDefaults, compose_request
 from matchlock.sandbox._exec_limits import check_exec_size
-from matchlock.state import StateDB
+from matchlock.state import InvalidTransition, StateDB, Status
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
-from matchlock.vm.kernel import host_tsc_khz, resolve_kernel
+from matchlock.vm.kernel import Kernel, host_tsc_khz, resolve_kernel
 from matchlock.vm.qemu import QemuProcess, qemu_binary
-from matchlock.vm.spec import MIN_MEMORY_MIB, Disk, Nic, VmSpec, mac_for, vcpus_for
+from matchlock.vm.spec import Disk, Nic, VmSpec, mac_for
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
 BOOT_TIMEOUT_S = float(os.environ.get("MATCHLOCK_BOOT_TIMEOUT", "90"))
-MAX_DISK_SIZE_MIB = 1 << 20  # 1 TiB: sparse, but a typo of a few zeros should be caught
 GUEST_CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"  # written by the guest's install_ca
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 ROOT_SERIAL = "ml-root"
 UPPER_SERIAL = "ml-upper"
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxConfig:
-    image: str
-    cpus: float = 1.0
-    memory_mib: int = 512
-    disk_size_mib: int = 5120
-    hostname: str = ""
-    no_network: bool = False
-    kernel: str | None = None
-    accel: str | None = None
-    machine: str | None = None
-    pull: bool = False  # ask the image's registry again even when the image is stored
-    labels: dict[str, str] = field(default_factory=dict)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-
-    @property
-    def net(self) -> NetworkConfig:
-        """The network config in force: `no_network` wins (mode "none")."""
-        if self.no_network and self.network.mode != "none":
-            return dataclasses.replace(self.network, mode="none")
-        return self.network
-
-    def validate(self) -> int:
-        """Check everything that needs no I/O; returns the vCPU count."""
-        vcpus = vcpus_for(self.cpus)
-        if self.memory_mib < MIN_MEMORY_MIB:
-            raise UsageError(
-                f"--memory must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})"
-            )
-        if not 64 <= self.disk_size_mib <= MAX_DISK_SIZE_MIB:
-            raise UsageError(
-                f"--disk-size must be between 64 and {MAX_DISK_SIZE_MIB} MB "
-                f"(got {self.disk_size_mib})"
-            )
-        if self.hostname and (len(self.hostname) > 63 or not all(
-            c.isalnum() or c in "-." for c in self.hostname
-        )):
-            raise UsageError(f"--hostname {self.hostname!r}: use letters, digits, '-' and '.'")
-        return vcpus
+POWEROFF_REPLY_S = 2.0  # the guest answers poweroff at once; it then syncs and halts
+CONSOLE_LOG = "vm.log"
+SUPERVISOR_LOG = "supervisor.log"
 
 
 def base_cmdline(accel: str, tsc_khz: int | None) -> list[str]:
@@ -146,100 +131,141 @@ def make_upper_disk(path: Path, size_mib: int) -> None:
         raise VmStartError(f"cannot create the VM's writable disk: {r.stderr.strip()}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Assets:
+    accel: str
+    warning: str | None
+    image: Image
+    kernel: Kernel
+    tsc: int | None
+    machine: str
+    initrd: Path
+
+
 class Sandbox:
-    def __init__(self, config: SandboxConfig, progress: Progress | None = None) -> None:
+    """One VM. Usage::
+
+        sb = Sandbox(SandboxConfig(image="matchlock/busybox"))
+        await sb.start()                       # create() + boot()
+        proc = await sb.exec(ExecRequest(argv=("echo", "hi")))
+        async for fd, data in proc: ...
+        result = await proc.wait()
+        await sb.close()                       # stop() + remove()
+    """
+
+    def __init__(self, config: SandboxConfig, progress: Progress | None = None, *,
+                 vm_id: str | None = None, db: StateDB | None = None,
+                 owner: ProcessId | None = None) -> None:
         self.config = config
+        self.vcpus = config.validate()
         self.progress = progress or (lambda msg: None)
-        self.id = new_vm_id()
+        self.id = vm_id or new_vm_id()
         self.dir = vms_dir() / self.id
+        self.owner = owner or ProcessId.current()
         self.image: Image | None = None
         self.qemu: QemuProcess | None = None
         self.channel: GuestChannel | None = None
-        self.timings: dict[str, float] = {}
-        self._db: StateDB | None = None
-        self._closed = False
-        self._prep: asyncio.Future | None = None
         self.net = None  # NetworkStack when the VM has a NIC
+        self.timings: dict[str, float] = {}
+        self._db = db
+        self._registered = False
+        self._running = False
+        self._assets: _Assets | None = None
+        self._work: asyncio.Future | None = None  # blocking setup in flight (shielded)
+        self._stop_task: asyncio.Task | None = None
+        self._removed = False
+        self._stop_waiting = False
+        self.stop_reason = ""  # why the VM stopped, for messages
+        self._hub: EventHub | None = None
 
-    # -- start ---------------------------------------------------------------------------
+    @property
+    def hub(self) -> EventHub:
+        if self._hub is None:
+            self._hub = EventHub()
+        return self._hub
 
-    def _prepare(self, vcpus: int) -> tuple[VmSpec, socket.socket]:
-        """Blocking preparation (image, kernel, disks); runs in a worker thread."""
+    def events(self) -> AsyncIterator[dict]:
+        """The VM's events (network today) until the caller stops iterating."""
+        return self.hub.subscribe()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def db(self) -> StateDB:
+        if self._db is None:
+            self._db = StateDB()
+        return self._db
+
+    def record(self, kind: str, value: dict) -> None:
+        """Write down a resource before taking it (also used by the supervisor)."""
+        self.db.take(self.id, kind, value)
+
+    def released(self, kind: str, error: str = "") -> None:
+        try:
+            self.db.released(self.id, kind, error)
+        except MatchlockError as e:
+            log.warning("%s: cannot record the release of %s: %s", self.id, kind, e)
+
+    def _transition(self, to: Status, detail: str = "", error: str | None = None) -> None:
+        if self._registered:
+            self.db.transition(self.id, to.value, detail=detail, error=error)
+
+    @property
+    def log_paths(self) -> tuple[Path, Path]:
+        return self.dir / "logs" / CONSOLE_LOG, self.dir / "logs" / SUPERVISOR_LOG
+
+    # -- create --------------------------------------------------------------------------
+
+    async def create(self) -> None:
+        """Resolve the image, kernel and initramfs, then register the VM and make its dir."""
+        self._work = asyncio.ensure_future(asyncio.to_thread(self._create))
+        await asyncio.shield(self._work)
+
+    def _create(self) -> None:
         t0 = time.monotonic()
         cfg = self.config
         accel, warning = detect_accel(cfg.accel)
         qemu_binary()  # fail on a missing QEMU before any other work
-        self.image = resolve_image(ImageStore(), cfg.image, cfg.pull, self.progress)
+        image = resolve_image(ImageStore(), cfg.image, cfg.pull, self.progress)
         kernel = resolve_kernel(cfg.kernel, progress=self.progress)
         tsc = host_tsc_khz()
         machine = pick_machine(cfg.machine, accel, tsc)
         initrd = build_initramfs(
-            kernel, guest_binary(), modules_for(machine, networked=cfg.net.mode != "none")
-        )
+            kernel, guest_binary(), modules_for(machine, networked=cfg.net.mode != "none"))
+        self.image = image
+        self._assets = _Assets(accel, warning, image, kernel, tsc, machine, initrd)
         if warning:
             # Only once the input is known good, so a bad-input error stays one line.
             self.progress(warning)
         self.timings["prepare_assets"] = time.monotonic() - t0
 
+        public = cfg.public_view() | {"image": image.name}
+        while not self.db.create(self.id, image=image.name, config=public, owner=self.owner,
+                                 cpus=cfg.cpus, memory_mib=cfg.memory_mib,
+                                 ports=public["ports"]):
+            self.id = new_vm_id()  # 2^32 ids: a clash is rare, never fatal
+            self.dir = vms_dir() / self.id
+        self._registered = True
+        self.record(cleanup.VM_DIR, {"path": str(self.dir)})
         self.dir.mkdir(parents=True, mode=0o700)
         (self.dir / "logs").mkdir()
-        self._db = StateDB()
-        netcfg = cfg.net
-        # Only the public view: secret values never reach the state DB.
-        self._db.register(self.id, os.getpid(), self.image.name,
-                          {"image": self.image.name, "network": netcfg.public_view()})
-        upper = self.dir / "upper.ext4"
-        make_upper_disk(upper, cfg.disk_size_mib)
+        # Only the public view: secret values never reach the state directory.
+        (self.dir / "config.json").write_text(json.dumps(public, indent=2) + "\n")
 
-        cmdline = [
-            *base_cmdline(accel, tsc),
-            f"matchlock.hostname={cfg.hostname or self.id}",
-            f"matchlock.root={ROOT_SERIAL}", f"matchlock.upper={UPPER_SERIAL}",
-            f"matchlock.net={0 if netcfg.mode == 'none' else 1}",
-        ]
-        nic = None
-        if netcfg.mode != "none":
-            from matchlock.net.stack import NetworkStack
-
-            self.net = NetworkStack(self.id, self.dir, netcfg)
-            self.net.prepare()
-            cmdline += self.net.guest_cmdline()
-            nic = Nic(self.net.tap_fd, mac_for(self.id))
-            self.timings.update(self.net.timings)
-        else:
-            cmdline += [f"matchlock.add_host={h}:{ip}" for h, ip in netcfg.add_hosts]
-        spec = VmSpec(
-            kernel=kernel.image,
-            initrd=initrd,
-            memory_mib=cfg.memory_mib,
-            vcpus=vcpus,
-            accel=accel,
-            machine=machine,
-            log_path=self.dir / "logs" / "vm.log",
-            disks=(
-                Disk(self.image.disk, ROOT_SERIAL, readonly=True),
-                Disk(upper, UPPER_SERIAL),
-            ),
-            cmdline=tuple(cmdline),
-            nic=nic,
-        )
-        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.qemu = QemuProcess(spec, guest_sock.fileno(), self.dir / "qemu.err")
-        except BaseException:
-            host_sock.close()
-            raise
-        finally:
-            guest_sock.close()
-        self.timings["qemu_spawned"] = time.monotonic() - t0
-        return spec, host_sock
+    # -- boot ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        vcpus = self.config.validate()
+        await self.create()
+        await self.boot()
+
+    async def boot(self) -> None:
+        if self._assets is None:
+            raise VmStartError("create() must come before boot()", vm_id=self.id)
         t0 = time.monotonic()
-        # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind close().
-        self._prep = asyncio.ensure_future(asyncio.to_thread(self._prepare, vcpus))
-        _, host_sock = await asyncio.shield(self._prep)
+        _ = self.hub  # made here, on the loop it delivers events on
+        # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind stop().
+        self._work = asyncio.ensure_future(asyncio.to_thread(self._spawn))
+        host_sock = await asyncio.shield(self._work)
         if self.net is not None:
             # The sockets listen already; the guest's first packets wait in their queues.
             await self.net.start()
@@ -254,25 +280,88 @@ class Sandbox:
             )
         finally:
             self._stop_waiting = True
-        if hello_task in done and hello_task.exception() is None:
-            hello = hello_task.result()
+            hello_task.cancel()
             exit_task.cancel()
-            self.timings["ready"] = time.monotonic() - t0
-            if hello.uptime_ns:
-                self.timings["guest_uptime_at_ready"] = hello.uptime_ns / 1e9
-            if self.net is not None and self.net.ca is not None:
-                # Before any exec: so curl, Python, Node and git trust the proxy's leaves.
-                reply = await self.channel.request(
-                    {"op": "install_ca", "pem": self.net.ca.cert_pem.decode()}
-                )
-                if not reply.get("ok"):
-                    raise VmStartError(f"cannot install the sandbox CA: {reply.get('error')}")
-            log.debug("sandbox %s ready: %s", self.id, self.timings)
-            return
-        hello_task.cancel()
-        raise VmStartError(self._boot_failure(elapsed=time.monotonic() - t0))
+        if not (hello_task in done and hello_task.exception() is None):
+            raise VmStartError(self._boot_failure(elapsed=time.monotonic() - t0), vm_id=self.id)
+        hello = hello_task.result()
+        self.timings["ready"] = time.monotonic() - t0
+        if hello.uptime_ns:
+            self.timings["guest_uptime_at_ready"] = hello.uptime_ns / 1e9
+        if self.net is not None and self.net.ca is not None:
+            # Before any exec: so curl, Python, Node and git trust the proxy's leaves.
+            reply = await self.channel.request(
+                {"op": "install_ca", "pem": self.net.ca.cert_pem.decode()})
+            if not reply.get("ok"):
+                raise VmStartError(f"cannot install the sandbox CA: {reply.get('error')}",
+                                   vm_id=self.id)
+        if self._stop_task is not None:
+            raise VmStartError("the VM was stopped while it started", vm_id=self.id)
+        self._running = True
+        await asyncio.to_thread(self._transition, Status.RUNNING)
+        log.debug("sandbox %s ready: %s", self.id, self.timings)
 
-    _stop_waiting = False
+    def _spawn(self) -> socket.socket:
+        """Blocking: writable disk, network, QEMU. Runs in a worker thread."""
+        assert self._assets is not None
+        a, cfg = self._assets, self.config
+        t0 = time.monotonic()
+        upper = self.dir / "upper.ext4"
+        self.record(cleanup.UPPER_DISK, {"path": str(upper)})
+        make_upper_disk(upper, cfg.disk_size_mib)
+
+        netcfg = cfg.net
+        cmdline = [
+            *base_cmdline(a.accel, a.tsc),
+            f"matchlock.hostname={cfg.hostname or self.id}",
+            f"matchlock.root={ROOT_SERIAL}", f"matchlock.upper={UPPER_SERIAL}",
+            f"matchlock.net={0 if netcfg.mode == 'none' else 1}",
+        ]
+        nic = None
+        if netcfg.mode != "none":
+            from matchlock.net.netns import ns_name_for
+            from matchlock.net.stack import NetworkStack
+
+            self.record(cleanup.NETNS, {"name": ns_name_for(self.id),
+                                        "privileged": os.geteuid() == 0})
+            hub = self.hub
+
+            class Stack(NetworkStack):
+                def emit(self, event) -> None:  # noqa: ANN001 - NetEvent
+                    super().emit(event)
+                    hub.publish(network_event(event.kind, event.host, event.detail,
+                                              event.fields))
+
+            self.net = Stack(self.id, self.dir, netcfg)
+            self.net.prepare()
+            cmdline += self.net.guest_cmdline()
+            nic = Nic(self.net.tap_fd, mac_for(self.id))
+            self.timings.update(self.net.timings)
+        else:
+            cmdline += [f"matchlock.add_host={h}:{ip}" for h, ip in netcfg.add_hosts]
+        spec = VmSpec(
+            kernel=a.kernel.image, initrd=a.initrd, memory_mib=cfg.memory_mib,
+            vcpus=self.vcpus, accel=a.accel, machine=a.machine,
+            log_path=self.log_paths[0],
+            disks=(Disk(a.image.disk, ROOT_SERIAL, readonly=True), Disk(upper, UPPER_SERIAL)),
+            cmdline=tuple(cmdline), nic=nic,
+        )
+        self._transition(Status.STARTING)
+        # Recorded before the spawn: gc finds an unrecorded pid by the dir in QEMU's argv.
+        self.record(cleanup.QEMU, {"marker": str(self.dir)})
+        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.qemu = QemuProcess(spec, guest_sock.fileno(), self.dir / "qemu.err")
+        except BaseException:
+            host_sock.close()
+            raise
+        finally:
+            guest_sock.close()
+        pid = ProcessId.of(self.qemu.pid)
+        self.record(cleanup.QEMU, {"marker": str(self.dir), "pid": self.qemu.pid,
+                                   "start": pid.start if pid else ""})
+        self.timings["qemu_spawned"] = time.monotonic() - t0
+        return host_sock
 
     def _wait_qemu_exit(self) -> int | None:
         assert self.qemu is not None
@@ -283,14 +372,13 @@ class Sandbox:
         return None
 
     def _boot_failure(self, elapsed: float) -> str:
-        assert self.qemu is not None
-        rc = self.qemu.poll()
+        rc = self.qemu.poll() if self.qemu else None
         console = self.console_tail()
         if rc is None:
             why = f"the guest did not become ready within {elapsed:.0f} s"
         else:
             why = f"QEMU exited with status {rc} during boot"
-            err = self.qemu.stderr_tail()
+            err = self.qemu.stderr_tail() if self.qemu else ""
             if err:
                 why += f": {err}"
         if console:
@@ -300,28 +388,44 @@ class Sandbox:
     def console_tail(self, lines: int = 3) -> str:
         """The console lines that explain a failure: a panic or init's FATAL if any."""
         try:
-            text = (self.dir / "logs" / "vm.log").read_text(errors="replace")
+            text = self.log_paths[0].read_text(errors="replace")
         except OSError:
             return ""
         rows = [r.strip() for r in text.splitlines() if r.strip()]
         key = [r for r in rows if "Kernel panic" in r or "FATAL" in r]
         return " | ".join(key[:1] if key else rows[-lines:])
 
-    # -- exec ----------------------------------------------------------------------------
+    def crashed_reason(self) -> str:
+        rc = self.qemu.poll() if self.qemu else None
+        msg = "the VM stopped unexpectedly"
+        if rc is not None:
+            msg += f" (QEMU exit status {rc})"
+        tail = self.console_tail()
+        return f"{msg}; console: {tail}" if tail else msg
 
-    async def exec(
-        self,
-        request: dict,
-        on_output: Callable[[int, bytes], None],
-        stdin: Callable[[], Awaitable[bytes]] | None = None,
-    ) -> ExecHandle:
+    @property
+    def running(self) -> bool:
+        return self._running and self._stop_task is None
+
+    async def wait_stopped(self) -> str:
+        """Until the VM is gone (guest powered off or crashed, or stop()); a reason."""
         if self.channel is None:
-            raise VmStartError("the sandbox is not running")
-        # Faces check before booting; this catches what the image and the sandbox added.
-        check_exec_size(request.get("argv", ()), request.get("env", ()))
-        return await self.channel.exec({"op": "exec", **request}, on_output, stdin)
+            raise VmNotRunning(self.id, "not started")
+        await self.channel.wait_closed()
+        return self.stop_reason or self.crashed_reason()
 
-    def extra_env(self) -> dict[str, str]:
+    # -- exec and the rest of the runtime surface -----------------------------------------
+
+    @property
+    def defaults(self) -> VmDefaults:
+        cfg = self.image.config if self.image is not None else None
+        image = ImageDefaults(env=cfg.env, entrypoint=cfg.entrypoint, cmd=cfg.cmd,
+                              working_dir=cfg.working_dir, user=cfg.user) if cfg \
+            else ImageDefaults()
+        return VmDefaults(image=image, env=self.config.env, user=self.config.user,
+                          extra_env=self._extra_env())
+
+    def _extra_env(self) -> dict[str, str]:
         """Variables every exec gets on top of the user's: CA paths, secret placeholders."""
         env: dict[str, str] = {}
         if self.net is not None and self.net.ca is not None:
@@ -332,59 +436,149 @@ class Sandbox:
             env.update({sec.name: sec.placeholder for sec in self.net.config.secrets})
         return env
 
-    def crashed_reason(self) -> str:
-        rc = self.qemu.poll() if self.qemu else None
-        msg = "the VM stopped unexpectedly"
-        if rc is not None:
-            msg += f" (QEMU exit status {rc})"
-        tail = self.console_tail()
-        return f"{msg}; console: {tail}" if tail else msg
+    def _require_running(self) -> GuestChannel:
+        if not self.running or self.channel is None:
+            status = "stopping" if self._stop_task is not None else (
+                "starting" if self._registered else "not started")
+            raise VmNotRunning(self.id, status)
+        return self.channel
+
+    async def exec(self, request: ExecRequest) -> Process:
+        """Start `request` in the guest; raises UsageError for an empty command."""
+        chan = self._require_running()
+        wire = compose_request(self.defaults, request)
+        # Faces check before booting; this catches what the image and the sandbox added.
+        check_exec_size(wire.get("argv", ()), wire.get("env", ()))
+        try:
+            handle = await chan.exec(wire)
+        except ChannelError as e:
+            raise VmNotRunning(self.id, f"stopped: {e}") from None
+        return Process(handle, self.id, lambda: self.stop_reason or self.crashed_reason())
+
+    async def ping(self) -> float:
+        """One channel round trip (the floor under every exec); seconds."""
+        chan = self._require_running()
+        t0 = time.perf_counter()
+        await chan.request({"op": "ping"})
+        return time.perf_counter() - t0
+
+    def _policy(self):
+        if self.net is None or self.net.policy.mode != "intercept":
+            raise NotAvailable("allow-list updates unavailable: sandbox was started without "
+                               "network interception", vm_id=self.id)
+        return self.net.policy
+
+    def allow_list(self) -> list[str]:
+        return list(self._policy().allow_hosts)
+
+    def allow_list_add(self, hosts: Sequence[str]) -> dict[str, Any]:
+        """{added, allowed_hosts, allow_all}: in force for new connections at once."""
+        pol = self._policy()
+        added = pol.add_allowed(list(hosts))
+        return {"added": added, "allowed_hosts": list(pol.allow_hosts),
+                "allow_all": pol.allow_all}
+
+    def allow_list_delete(self, hosts: Sequence[str]) -> dict[str, Any]:
+        """{removed, allowed_hosts, allow_all}: deleting the last host blocks everything."""
+        pol = self._policy()
+        removed = pol.remove_allowed(list(hosts))
+        return {"removed": removed, "allowed_hosts": list(pol.allow_hosts),
+                "allow_all": pol.allow_all}
 
     # -- teardown ------------------------------------------------------------------------
 
-    async def close(self, remove: bool = True) -> None:
-        """Stop the VM and release everything. Idempotent; never raises for cleanup."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stop_waiting = True
+    async def stop(self, *, graceful: bool = True, timeout: float = 5.0,
+                   reason: str = "") -> None:
+        """Stop the VM and release what it took, newest first. Idempotent; concurrent
+        callers share one teardown; never raises (failures are recorded for gc)."""
+        if self._stop_task is None:
+            self.stop_reason = self.stop_reason or reason
+            self._stop_task = asyncio.ensure_future(self._stop(graceful, timeout))
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self, graceful: bool, timeout: float) -> None:
         t0 = time.monotonic()
-        if self._prep is not None and not self._prep.done():
+        self._stop_waiting = True
+        errors: list[str] = []
+
+        def step(kind: str, fn: Callable[[], None]) -> None:
             try:
-                _, sock = await self._prep
-                sock.close()
-            except Exception:  # noqa: BLE001 - its failure was already reported
-                pass
-        if self.channel is not None and self.qemu is not None and self.qemu.poll() is None \
-                and not remove:
-            # Kept VMs get a clean guest shutdown so the upper disk is consistent.
+                fn()
+            except Exception as e:  # noqa: BLE001 - recorded, teardown goes on
+                errors.append(f"{kind}: {e}")
+                log.warning("%s: releasing %s failed: %s", self.id, kind, e)
+                self.released(kind, f"{type(e).__name__}: {e}")
+            else:
+                self.released(kind)
+
+        with contextlib.suppress(MatchlockError):
+            await asyncio.to_thread(self._transition, Status.STOPPING,
+                                    self.stop_reason)
+        if self._work is not None and not self._work.done():
+            # Setup in a worker thread: let it finish so that what it took is known.
+            with contextlib.suppress(BaseException):
+                res = await self._work
+                if isinstance(res, socket.socket) and self.channel is None:
+                    res.close()
+        qemu_alive = self.qemu is not None and self.qemu.poll() is None
+        if graceful and qemu_alive and self.channel is not None and self._running:
+            # Kept VMs get a clean guest shutdown (sync, unmount) before QEMU goes.
             try:
-                await self.channel.request({"op": "poweroff"}, timeout=2)
-            except (ChannelClosed, Exception) as e:  # noqa: BLE001 - best effort
-                log.debug("poweroff request failed: %s", e)
-            await asyncio.to_thread(self.qemu.wait, 3)
+                await self.channel.request({"op": "poweroff"}, timeout=POWEROFF_REPLY_S)
+                await asyncio.to_thread(self.qemu.wait, max(0.1, timeout))
+            except (TimeoutError, ChannelError, OSError) as e:
+                log.debug("%s: poweroff request failed: %s", self.id, e)
+        self._running = False
         if self.channel is not None:
-            await self.channel.close()
+            with contextlib.suppress(Exception):
+                await self.channel.close()
         if self.qemu is not None:
+            q = self.qemu
             # A --rm VM's disks are discarded, so there is nothing to flush: kill at once.
-            await asyncio.to_thread(self.qemu.kill, 0.0 if remove else 1.0)
+            await asyncio.to_thread(step, cleanup.QEMU, lambda: q.kill(1.0 if graceful else 0.0))
         if self.net is not None:
+            err = ""
             try:
                 await self.net.close()
             except Exception as e:  # noqa: BLE001 - cleanup must go on
-                log.warning("network teardown of %s failed: %s", self.id, e)
+                errors.append(f"netns: {e}")
+                err = f"{type(e).__name__}: {e}"
+            await asyncio.to_thread(self.released, cleanup.NETNS, err)
             self.timings.update(self.net.timings)
-        if self._db is not None:
-            if remove:
-                self._db.remove(self.id)
-            else:
-                self._db.set_status(self.id, "stopped")
-            self._db.close()
-        if remove:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        else:
-            try:
-                (self.dir / "upper.ext4").unlink()
-            except FileNotFoundError:
-                pass
+        if self._registered:
+            # Whatever else was recorded (the disk, sockets, a resource taken by a step
+            # that failed half way): released from the records, like gc would.
+            results = await asyncio.to_thread(
+                cleanup.release_recorded, self.db, self.id, include_dir=False)
+            errors += [f"{r.kind}: {r.error}" for r in results if r.error]
+            to = Status.CLEANUP_FAILED if errors else Status.STOPPED
+            with contextlib.suppress(MatchlockError):
+                await asyncio.to_thread(self._transition, to, self.stop_reason,
+                                        "; ".join(errors) if errors else None)
         self.timings["teardown"] = time.monotonic() - t0
+
+    async def remove(self) -> None:
+        """Stop (if needed), then delete the VM directory and forget the VM. Never raises."""
+        await self.stop(graceful=False)
+        if self._removed or not self._registered:
+            return
+        self._removed = True
+        try:
+            await asyncio.to_thread(self._remove)
+        except MatchlockError as e:
+            log.warning("%s: cannot remove its records: %s", self.id, e)
+
+    def _remove(self) -> None:
+        results = cleanup.release_recorded(self.db, self.id, include_dir=True)
+        if any(r.error for r in results):
+            return  # keep the records: gc or rm finishes it
+        self.db.delete(self.id)
+
+    async def close(self, remove: bool = True) -> None:
+        """Stop and release everything; `remove` also deletes the directory and rows."""
+        await self.stop(graceful=not remove)
+        if remove:
+            await self.remove()
+
+
+__all__ = ["InvalidTransition", "Sandbox", "SandboxConfig"]

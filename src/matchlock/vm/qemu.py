@@ -97,7 +97,6 @@ class QemuProcess:
                 stderr=err,
                 pass_fds=(channel_fd,) + ((spec.nic.tap_fd,) if spec.nic else ()),
                 start_new_session=True,  # a terminal Ctrl-C reaches us, not QEMU
-                env={**os.environ, **spec.extra_env},
             )
         self.started = time.monotonic()
 

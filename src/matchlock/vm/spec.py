@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from matchlock.errors import UsageError
+from matchlock.errors import ConfigError
 
 MIN_MEMORY_MIB = 64  # below this the Debian cloud kernel cannot unpack its initramfs
 MAX_DISKS = 16
@@ -53,27 +53,25 @@ class VmSpec:
     disks: tuple[Disk, ...] = ()
     cmdline: tuple[str, ...] = ()
     nic: Nic | None = None  # None: no network interface at all
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.memory_mib < MIN_MEMORY_MIB:
-            raise UsageError(
-                f"--memory must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})"
-            )
+            raise ConfigError("memory_mib",
+                              f"must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})")
         if self.vcpus < 1:
-            raise UsageError(f"--cpus must be at least 1 (got {self.vcpus})")
+            raise ConfigError("cpus", f"must be at least 1 (got {self.vcpus})")
         if len(self.disks) > MAX_DISKS:
-            raise UsageError(f"too many disks ({len(self.disks)} > {MAX_DISKS})")
+            raise ConfigError("disks", f"are too many ({len(self.disks)} > {MAX_DISKS})")
         if self.machine not in ("microvm", "q35"):
-            raise UsageError(f"unknown machine type {self.machine!r}: use microvm or q35")
+            raise ConfigError("machine", f"{self.machine!r} is unknown: use microvm or q35")
 
 
 def vcpus_for(cpus: float) -> int:
     """--cpus is a float (reference semantics); the VM gets ceil(cpus) vCPUs."""
     if not math.isfinite(cpus) or cpus <= 0:
-        raise UsageError(f"--cpus must be a number greater than 0 (got {cpus})")
+        raise ConfigError("cpus", f"must be a number greater than 0 (got {cpus})")
     n = math.ceil(cpus)
     host = os.cpu_count() or 1
     if n > host:
-        raise UsageError(f"--cpus {cpus:g} needs {n} vCPUs but the host has only {host}")
+        raise ConfigError("cpus", f"{cpus:g} needs {n} vCPUs but the host has only {host}")
     return n

@@ -1,0 +1,97 @@
+"""`SandboxConfig`: everything a VM is started with, validated without I/O.
+
+`to_wire`/`from_wire` carry it, secret values included, from `run -d` to the supervisor
+it starts (over a pipe: never a file or argv). `public_view` is what may be stored or
+shown: secrets without their values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from matchlock.errors import ConfigError
+from matchlock.net.types import NetworkConfig, Secret
+from matchlock.sandbox._ports import PortSpec
+from matchlock.vm.spec import MIN_MEMORY_MIB, vcpus_for
+
+MAX_DISK_SIZE_MIB = 1 << 20  # 1 TiB: sparse, but a typo of a few zeros should be caught
+MIN_DISK_SIZE_MIB = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    image: str
+    cpus: float = 1.0
+    memory_mib: int = 512
+    disk_size_mib: int = 5120
+    hostname: str = ""
+    no_network: bool = False
+    kernel: str | None = None
+    accel: str | None = None
+    machine: str | None = None
+    pull: bool = False  # ask the image's registry again even when the image is stored
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    env: tuple[tuple[str, str], ...] = ()  # the VM's own variables (every exec gets them)
+    user: str | None = None  # every exec's default user (None: the image's USER)
+    publish: tuple[PortSpec, ...] = ()
+    addresses: tuple[str, ...] = ("127.0.0.1",)
+
+    @property
+    def net(self) -> NetworkConfig:
+        """The network config in force: `no_network` wins (mode "none")."""
+        if self.no_network and self.network.mode != "none":
+            return dataclasses.replace(self.network, mode="none")
+        return self.network
+
+    def validate(self) -> int:
+        """Check everything that needs no I/O; returns the vCPU count."""
+        vcpus = vcpus_for(self.cpus)
+        if type(self.memory_mib) is not int or self.memory_mib < MIN_MEMORY_MIB:
+            raise ConfigError("memory_mib",
+                              f"must be at least {MIN_MEMORY_MIB} MB (got {self.memory_mib})")
+        if type(self.disk_size_mib) is not int or \
+                not MIN_DISK_SIZE_MIB <= self.disk_size_mib <= MAX_DISK_SIZE_MIB:
+            raise ConfigError("disk_size_mib",
+                              f"must be between {MIN_DISK_SIZE_MIB} and {MAX_DISK_SIZE_MIB} MB "
+                              f"(got {self.disk_size_mib})")
+        if self.hostname and (len(self.hostname) > 63 or not all(
+            c.isalnum() or c in "-." for c in self.hostname
+        )):
+            raise ConfigError("hostname", f"{self.hostname!r} is invalid: use letters, "
+                              "digits, '-' and '.'")
+        return vcpus
+
+    def public_view(self) -> dict[str, Any]:
+        """What may be stored (state DB, config.json) or shown (get, inspect)."""
+        return {
+            "image": self.image, "cpus": self.cpus, "memory_mb": self.memory_mib,
+            "disk_size_mb": self.disk_size_mib, "hostname": self.hostname,
+            "no_network": self.no_network, "kernel": self.kernel, "accel": self.accel,
+            "machine": self.machine, "network": self.net.public_view(),
+            "env": dict(self.env), "user": self.user,
+            "ports": [{"local_port": p.local, "remote_port": p.remote} for p in self.publish],
+            "addresses": list(self.addresses),
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        """Everything, secret values included: for a pipe to the supervisor only."""
+        d = dataclasses.asdict(self)
+        d["env"] = [list(p) for p in self.env]
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> SandboxConfig:
+        net = dict(d.get("network") or {})
+        net["allow_hosts"] = tuple(net.get("allow_hosts", ()))
+        net["add_hosts"] = tuple(tuple(p) for p in net.get("add_hosts", ()))
+        net["secrets"] = tuple(Secret(s["name"], s["value"], tuple(s["hosts"]), s["placeholder"])
+                               for s in net.get("secrets", ()))
+        net["dns_servers"] = tuple(net.get("dns_servers", ()))
+        kw = dict(d)
+        kw["network"] = NetworkConfig(**net)
+        kw["env"] = tuple((str(k), str(v)) for k, v in d.get("env", ()))
+        kw["publish"] = tuple(PortSpec(p["local"], p["remote"]) for p in d.get("publish", ()))
+        kw["addresses"] = tuple(d.get("addresses", ("127.0.0.1",)))
+        return cls(**kw)

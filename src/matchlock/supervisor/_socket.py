@@ -1,0 +1,55 @@
+"""Unix socket paths of any length: sun_path holds 108 bytes, a VM directory under a long
+$HOME may not fit, so long paths go through /proc/self/fd/<dir fd>/<name>."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+MAX_SUN_PATH = 100  # of 108, leaving room for the terminator and the odd multi-byte name
+CONTROL_SOCKET = "control.sock"
+
+
+@contextlib.contextmanager
+def _short(path: Path) -> Iterator[str]:
+    p = str(path)
+    if len(p.encode()) <= MAX_SUN_PATH:
+        yield p
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def bind_unix(path: Path, backlog: int = 64) -> socket.socket:
+    """A listening, non-blocking socket at `path`, mode 0600 (owner only)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _short(path) as p:
+            s.bind(p)
+        os.chmod(path, 0o600)
+        s.listen(backlog)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def connect_unix(path: Path, timeout: float | None = None) -> socket.socket:
+    """A blocking connection to `path`; OSError (ENOENT, ECONNREFUSED, ...) as it comes."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        with _short(path) as p:
+            s.connect(p)
+        s.settimeout(None)
+    except BaseException:
+        s.close()
+        raise
+    return s
