@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import residue
+from tests.e2e.conftest import NO_RESIDUE, residue
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def test_one_mib_of_environment_reaches_the_guest_intact(ml, qemu_present, state
     assert p.returncode == 0, p.stderr[-2000:]
     assert _digests(p.stdout) == [_sha(v) for v in vals.values()]
     print(f"1 MiB of environment: run took {elapsed:.2f} s")
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_long_argv_reaches_the_guest_intact(ml, qemu_present, state_home):
@@ -73,7 +73,7 @@ def test_long_argv_reaches_the_guest_intact(ml, qemu_present, state_home):
     small = ml("run", "--image", BB, "--", "sh", "-c", script, "sh", "x")
     print(f"same run with one small argument: {time.monotonic() - t0:.2f} s")
     assert small.returncode == 0 and small.stdout.decode().split()[:2] == ["1", _sha("x\n")]
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -97,7 +97,7 @@ def test_over_limit_request_fails_before_boot(ml, qemu_present, state_home, tmp_
     assert "ttttttttt" not in err and "vvvvvvvvv" not in err  # never the value
     print(f"refused in {elapsed:.2f} s: {err}")
     assert elapsed < 3, f"took {elapsed:.2f} s: it must fail before booting"
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
     assert _vm_rows(state_home) == rows
     # Positive control: the same machinery with a value that fits boots and runs.
     env_file.write_text("TOKEN=" + "t" * 100_000 + "\n")

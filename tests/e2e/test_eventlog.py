@@ -12,7 +12,7 @@ from bench.eventlog_flood import run_flood
 
 from matchlock.net import eventlog
 from tests.conftest import ROOT
-from tests.e2e.conftest import residue
+from tests.e2e.conftest import NO_RESIDUE, residue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -50,4 +50,4 @@ def test_flood_of_blocked_dns_and_http_keeps_the_log_bounded(debian_image, ml_en
     assert len(events) <= max_lines, diag
     assert r["bytes"] <= 600 * max_lines, diag
     assert r["bytes"] * 5 < seen * 150, diag  # less than a fifth of the unbounded log
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE

@@ -14,7 +14,7 @@ import pytest
 
 from matchlock._aio import run
 from matchlock.sandbox import ExecRequest, PortForwarder, PortSpec, Sandbox, SandboxConfig
-from tests.e2e.conftest import residue
+from tests.e2e.conftest import NO_RESIDUE, residue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -103,7 +103,7 @@ def test_20_concurrent_http_requests_then_vm_stop_closes_listener(
     assert errors == ["port-forward connection error: connect 127.0.0.1:8001: "
                       "Connection refused"]
     assert refused(port) and refused(dead_port)
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def http_get_or_none(port: int) -> int | None:
