@@ -440,6 +440,15 @@ def test_bad_input_one_line_nothing_changed(ml, state_home, args, needle):
     assert residue(state_home) == before
 
 
+def test_port_forwarding_says_it_is_not_there_yet(ml, vm, state_home):
+    before = residue(state_home)
+    err = _one_line_error(ml("port-forward", vm, "18080:80"))
+    assert "not available yet" in err
+    err = _one_line_error(ml("run", "-p", "18080:80", "--image", BB, "--no-network", "true"))
+    assert "not available yet" in err
+    assert residue(state_home) == before
+
+
 def test_rm_of_a_running_vm_is_refused(ml, vm):
     err = _one_line_error(ml("rm", vm))
     assert f"VM {vm} is running" in err and f"matchlock kill {vm}" in err
