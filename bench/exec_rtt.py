@@ -206,6 +206,9 @@ def main() -> None:
     finally:
         subprocess.run([*matchlock_cmd(), "kill", vm_id], env=e, capture_output=True)
         subprocess.run([*matchlock_cmd(), "rm", vm_id], env=e, capture_output=True)
+    import shutil
+
+    shutil.rmtree(home, ignore_errors=True)
     r, x = statistics.median(run_rates), statistics.median(exec_rates)
     print(f"{args.mib} MiB of guest stdout (dd bs=64k), median of {args.repeat}")
     print(f"run:  {r:7.1f} MB/s   ({', '.join(f'{v:.0f}' for v in run_rates)})")

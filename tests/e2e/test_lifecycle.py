@@ -174,6 +174,30 @@ def test_exec_while_the_vm_boots_waits_for_it(ml, ml_env, state_home):
             starter.wait()
 
 
+def test_interrupted_run_d_leaves_nothing(ml, ml_env, state_home):
+    """Ctrl-C on `run -d` while the VM boots: the parent exits 130 and the VM it never
+    printed goes away by itself."""
+    vms = state_home / "vms"
+    before = set(os.listdir(vms)) if vms.exists() else set()
+    starter = subprocess.Popen([*matchlock_cmd(), "run", "-d", "--image", BB, "--no-network"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env)
+    deadline = time.monotonic() + 60
+    new: list[str] = []
+    while not new:
+        new = sorted((set(os.listdir(vms)) if vms.exists() else set()) - before)
+        assert time.monotonic() < deadline and starter.poll() is None
+        time.sleep(0.01)
+    starter.send_signal(signal.SIGINT)
+    out, err = starter.communicate(timeout=10)
+    assert starter.returncode == 130 and out == b"", err
+    vm_id = new[0]
+    deadline = time.monotonic() + 90
+    while vm_id in _listing(ml) or (vms / vm_id).exists():
+        assert time.monotonic() < deadline, ml("inspect", vm_id).stdout
+        time.sleep(0.1)
+    assert_gone(state_home, vm_id)
+
+
 def test_exec_modes_defaults_and_exit_codes(ml, vm, user_image):
     p = ml("exec", vm, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (p.returncode, p.stdout, p.stderr) == (7, b"out\n", b"err\n")
@@ -437,6 +461,15 @@ def test_bad_input_one_line_nothing_changed(ml, state_home, args, needle):
     before = residue(state_home)
     err = _one_line_error(ml(*args))
     assert needle in err, err
+    assert residue(state_home) == before
+
+
+def test_port_forwarding_says_it_is_not_there_yet(ml, vm, state_home):
+    before = residue(state_home)
+    err = _one_line_error(ml("port-forward", vm, "18080:80"))
+    assert "not available yet" in err
+    err = _one_line_error(ml("run", "-p", "18080:80", "--image", BB, "--no-network", "true"))
+    assert "not available yet" in err
     assert residue(state_home) == before
 
 

@@ -66,6 +66,7 @@ def _register() -> None:
     cli.add_command(_vms.prune)
     cli.add_command(_vms.gc)
     cli.add_command(_vms.allow_list)
+    cli.add_command(_vms.port_forward)
     cli.add_command(_image.image)
     cli.add_command(_pull.pull)
     cli.add_command(_pull.build)

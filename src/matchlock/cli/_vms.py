@@ -367,3 +367,35 @@ def allow_list_delete(vm_id: str, hosts: tuple[str, ...]) -> None:
 
 
 allow_list.add_command(allow_list_delete, "remove")
+
+
+# -- port-forward ----------------------------------------------------------------------------
+
+
+@click.command("port-forward")
+@click.option("--address", "addresses", multiple=True, metavar="IP",
+              help="Host addresses to listen on (default 127.0.0.1; comma-separated).")
+@click.argument("vm_id", metavar="ID")
+@click.argument("specs", nargs=-1, required=True, metavar="[LOCAL:]REMOTE...")
+def port_forward(addresses: tuple[str, ...], vm_id: str, specs: tuple[str, ...]) -> None:
+    """Forward host TCP ports to the running VM ID's ports until Ctrl-C."""
+    from matchlock.cli._run import parse_addresses, parse_publish
+    from matchlock.supervisor.client import ControlClient
+
+    forwards = [{"local_port": p.local, "remote_port": p.remote} for p in parse_publish(specs)]
+    addrs = list(parse_addresses(addresses))
+    rec = _db().require(vm_id)
+    if not rec.running:
+        raise VmNotRunning(vm_id, rec.status)
+    with ControlClient(vm_id) as c:
+        res = c.call("port_forward", {"forwards": forwards, "addresses": addrs})
+        for b in res.get("bindings", []):
+            click.echo(f"Forwarding {b['address']}:{b['local_port']} -> "
+                       f"sandbox:{b['remote_port']}", err=True)
+        try:
+            # The session holds the forwards: wait until the VM goes or Ctrl-C.
+            c.sock.settimeout(None)
+            while c.sock.recv(1 << 16):
+                pass
+        except KeyboardInterrupt:
+            pass

@@ -122,15 +122,18 @@ def daemon_main(ready_fd: int) -> int:
     return aio_run(_serve(payload, ready))
 
 
-def _say(ready, msg: dict[str, Any]) -> None:  # noqa: ANN001 - the readiness pipe
+def _say(ready, msg: dict[str, Any]) -> bool:  # noqa: ANN001 - the readiness pipe
+    """Tell the parent; False if it is gone (it was interrupted and never got the id)."""
     if ready.closed:
-        return
+        return False
     try:
         ready.write(json.dumps(msg) + "\n")
+        ready.flush()
         if "vm_id" not in msg:
             ready.close()
     except OSError:
-        pass  # the parent went away (Ctrl-C): the VM lives on regardless
+        return False
+    return True
 
 
 async def _serve(payload: dict[str, Any], ready) -> int:  # noqa: ANN001
@@ -164,7 +167,11 @@ async def _serve(payload: dict[str, Any], ready) -> int:  # noqa: ANN001
         log.error("%s failed to start: %s", sup.id, e)
         await sup.remove()
         return 1
-    _say(ready, {"ready": True})
+    if stop.is_set() or not _say(ready, {"ready": True}):
+        # `run -d` was interrupted while the VM booted: nobody knows this VM; remove it.
+        log.info("%s: the starting command went away; removing the VM", sup.id)
+        await sup.remove()
+        return 130
     if command is not None:
         req = ExecRequest(argv=tuple(command.get("argv", ())), image_command=True,
                           entrypoint=command.get("entrypoint"), cwd=command.get("workdir"))

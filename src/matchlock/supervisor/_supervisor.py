@@ -69,12 +69,12 @@ class Supervisor:
         caller stops or removes the VM."""
         ready, _ = self._events()
         try:
+            if self.config.publish:
+                self._port_forwarder()  # unavailable: fail before anything is made
             await self.sandbox.create()
             await self._listen()
             if before_boot is not None:
                 before_boot(self)
-            if self.config.publish:
-                self._port_forwarder()  # unavailable: fail before booting anything
             await self.sandbox.boot()
             if self.config.publish:
                 await self.port_forward(self.config.publish, self.config.addresses)
