@@ -464,13 +464,68 @@ def test_bad_input_one_line_nothing_changed(ml, state_home, args, needle):
     assert residue(state_home) == before
 
 
-def test_port_forwarding_says_it_is_not_there_yet(ml, vm, state_home):
-    before = residue(state_home)
-    err = _one_line_error(ml("port-forward", vm, "18080:80"))
-    assert "not available yet" in err
-    err = _one_line_error(ml("run", "-p", "18080:80", "--image", BB, "--no-network", "true"))
-    assert "not available yet" in err
-    assert residue(state_home) == before
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fetch_all(port: int, n: int = 20) -> list[bytes]:
+    import concurrent.futures
+    import urllib.request
+
+    def get(_: int) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=60) as r:
+            return r.read()
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(get, range(n)))
+
+
+def _refused(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_publish_and_port_forward(ml, ml_env, state_home):
+    pub, fwd = _free_port(), _free_port()
+    vm_id = _start(ml, "--no-network", "-p", f"{pub}:8000")
+    try:
+        ml("exec", vm_id, "--", "sh", "-c",
+           "mkdir -p /tmp/w && busybox head -c 100000 /dev/urandom > /tmp/w/f && "
+           "busybox httpd -p 127.0.0.1:8000 -h /tmp/w </dev/null >/dev/null 2>&1", check=True)
+        want = ml("exec", vm_id, "busybox", "cat", "/tmp/w/f", check=True).stdout
+        assert len(want) == 100000
+        assert _fetch_all(pub) == [want] * 20  # -p at start: 20 concurrent requests
+        # port-forward at run time, held by the command until Ctrl-C
+        proc = subprocess.Popen([*matchlock_cmd(), "port-forward", vm_id, f"{fwd}:8000"],
+                                stderr=subprocess.PIPE, env=ml_env)
+        try:
+            line = proc.stderr.readline().decode()
+            assert f"127.0.0.1:{fwd} -> sandbox:8000" in line, line
+            assert _fetch_all(fwd) == [want] * 20
+            # the same host port again: one line, nothing changed
+            err = _one_line_error(ml("port-forward", vm_id, f"{fwd}:8000"))
+            assert f"port {fwd} is already in use" in err, err
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+        deadline = time.monotonic() + 10
+        while not _refused(fwd):  # the forward ends with its command
+            assert time.monotonic() < deadline, "port-forward outlived its command"
+            time.sleep(0.05)
+        assert _fetch_all(pub, 2) == [want] * 2  # -p lives as long as the VM
+    finally:
+        _remove(ml, vm_id)
+    assert _refused(pub)  # ... and not longer
+    assert_gone(state_home, vm_id)
 
 
 def test_rm_of_a_running_vm_is_refused(ml, vm):

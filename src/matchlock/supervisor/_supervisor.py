@@ -26,6 +26,7 @@ from matchlock.rpc.server import serve_stream
 from matchlock.sandbox import ExecRequest, PortSpec, Process, Sandbox, SandboxConfig
 from matchlock.sandbox import _cleanup as cleanup
 from matchlock.sandbox import _files as files
+from matchlock.sandbox._ports import Binding, PortForwarder
 from matchlock.supervisor._socket import CONTROL_SOCKET, bind_unix
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Supervisor:
         self._stop_task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self.stop_reason = ""
+        self._forwarders: set[PortForwarder] = set()  # open ones; all closed by _stop()
+        self._fwd: PortForwarder | None = None  # `-p` at start
         self.target = VmTarget(self)
 
     @property
@@ -69,8 +72,6 @@ class Supervisor:
         caller stops or removes the VM."""
         ready, _ = self._events()
         try:
-            if self.config.publish:
-                self._port_forwarder()  # unavailable: fail before anything is made
             await self.sandbox.create()
             await self._listen()
             if before_boot is not None:
@@ -101,10 +102,12 @@ class Supervisor:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        target = VmTarget(self)  # per client: its port forwards end with its connection
         try:
-            await serve_stream(reader, writer, self.target)
+            await serve_stream(reader, writer, target)
         finally:
             self._clients.discard(task)
+            await target.release()
 
     async def _watch_vm(self) -> None:
         """The VM went away by itself (guest crash, poweroff, QEMU killed): clean up."""
@@ -141,6 +144,9 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 self.control_path.unlink()
             await asyncio.to_thread(self.sandbox.released, cleanup.CONTROL_SOCKET)
+        for fwd in list(self._forwarders):
+            await fwd.close()
+        self._forwarders.clear()
         await self.sandbox.stop(graceful=graceful, timeout=timeout, reason=reason)
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
@@ -164,15 +170,34 @@ class Supervisor:
 
     # -- hooks the target calls ----------------------------------------------------------
 
-    def _port_forwarder(self) -> Any:
-        # The port forwarder (host listener -> channel stream -> guest TCP) plugs in here:
-        # one per VM, made on first use, closed in _stop() before the sandbox stops.
-        raise NotAvailable("port forwarding is not available yet in this build",
-                           vm_id=self.id)
+    def new_forwarder(self) -> PortForwarder:
+        """Host listener -> channel stream -> guest TCP; closed at the latest in _stop()."""
+
+        async def connect(port: int):  # noqa: ANN202 - a channel TcpStream
+            chan = self.sandbox.channel
+            if chan is None or self.stopping:
+                raise VmNotRunning(self.id, "stopping" if self.stopping else "stopped")
+            return await chan.open_tcp(port)
+
+        fwd = PortForwarder(connect, on_error=lambda msg: log.warning("%s: %s", self.id, msg))
+        self._forwarders.add(fwd)
+        return fwd
+
+    async def close_forwarder(self, fwd: PortForwarder) -> None:
+        self._forwarders.discard(fwd)
+        await fwd.close()
 
     async def port_forward(self, forwards: Sequence[PortSpec],
                            addresses: Sequence[str]) -> list[dict[str, Any]]:
-        return await self._port_forwarder().forward(forwards, addresses)
+        """`-p` at start: forwards that live as long as the VM."""
+        if self._fwd is None:
+            self._fwd = self.new_forwarder()
+        return _bindings(await self._fwd.add(forwards, addresses))
+
+
+def _bindings(found: Sequence[Binding]) -> list[dict[str, Any]]:
+    return [{"address": b.address, "local_port": b.local_port, "remote_port": b.remote_port}
+            for b in found]
 
 
 class VmTarget:
@@ -180,6 +205,13 @@ class VmTarget:
 
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
+        self._fwd: PortForwarder | None = None  # this client's forwards (replaced per call)
+
+    async def release(self) -> None:
+        """The client left: its port forwards end."""
+        if self._fwd is not None:
+            fwd, self._fwd = self._fwd, None
+            await self._sup.close_forwarder(fwd)
 
     @property
     def vm_id(self) -> str:
@@ -209,7 +241,11 @@ class VmTarget:
     async def port_forward(self, forwards: Sequence[PortSpec],
                            addresses: Sequence[str]) -> list[dict[str, Any]]:
         await self._running()
-        return await self._sup.port_forward(forwards, addresses)
+        # A new call replaces this client's earlier forwards (the reference SDK's semantics).
+        if self._fwd is not None:
+            await self.release()
+        self._fwd = self._sup.new_forwarder()
+        return _bindings(await self._fwd.add(forwards, addresses))
 
     async def write_file(self, path: str, data: bytes, mode: int) -> None:
         await files.write_file(await self._running(), path, data, mode)
