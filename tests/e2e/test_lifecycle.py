@@ -393,7 +393,8 @@ def test_allow_list_at_run_time(ml, ml_env, debian_image, tmp_path):
                 time.sleep(0.05)
             p = ml("run", "-d", "--image", debian_image, "--allow-host", "other.test",
                    "--add-host", f"api.test:{api}", "--add-host", f"other.test:{api}",
-                   "--dns-servers", api, env=env, timeout=300)
+                   "--dns-servers", api, "--allow-private", api,  # upstream in 198.18/15
+                   env=env, timeout=300)
             assert p.returncode == 0, p.stderr.decode()
             vm_id = p.stdout.decode().strip()
 
