@@ -14,7 +14,9 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,16 +156,52 @@ async def _drain(proc: Process) -> int:
         raise
 
 
+_PIPE_FILES: list[Any] = []
+_COPIERS: list[threading.Thread] = []
+
+
+def _copy(src: int, dst: int) -> None:
+    try:
+        while chunk := os.read(src, 1 << 18):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst, view):]
+    except OSError as e:
+        log.debug("stdio copy stopped: %s", e)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def _pipe_fd(fd: int, reading: bool) -> int:
+    """A dup of `fd` the pipe transports accept. A regular file (`matchlock rpc <
+    requests.ndjson > out`) is not one: a thread copies between it and a pipe."""
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        return os.dup(fd)
+    r, w = os.pipe()
+    src, dst, mine = (os.dup(fd), w, r) if reading else (r, os.dup(fd), w)
+    t = threading.Thread(target=_copy, args=(src, dst), name=f"rpc-copy-{fd}", daemon=True)
+    t.start()
+    _COPIERS.append(t)
+    return mine
+
+
 async def _stdio_streams(limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Streams on fds 0/1 (dups, so closing them leaves the process's fds alone)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit)
-    rfile = os.fdopen(os.dup(0), "rb", buffering=0)
+    rfile = os.fdopen(_pipe_fd(0, True), "rb", buffering=0)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
-    wfile = os.fdopen(os.dup(1), "wb", buffering=0)
+    wfile = os.fdopen(_pipe_fd(1, False), "wb", buffering=0)
+    # A StreamReaderProtocol (on an unused reader) gives the writer drain() and
+    # wait_closed(); FlowControlMixin alone lacks the close waiter.
     transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.streams.FlowControlMixin(), wfile)
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), wfile)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    # uvloop keeps only the fds: the file objects must outlive the transports (a
+    # collected one closes its fd under the loop, which aborts).
+    _PIPE_FILES.extend((rfile, wfile))
     return reader, writer
 
 
@@ -195,6 +233,9 @@ async def serve_stdio(progress: Callable[[str], None] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await asyncio.shield(target.teardown())
+        for t in _COPIERS:  # stdout's copier: everything written reaches the file
+            if t.name.endswith("-1"):
+                await asyncio.to_thread(t.join, 5.0)
     return 128 + signalled[0] if signalled else 0
 
 
