@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,20 @@ def test_protocol_edges_and_eof_without_close(ml, ml_env, state_home, qemu_prese
     mine = {k: [x for x in v if vm.removeprefix("vm-") in str(x)] for k, v in left.items()}
     assert {k: v for k, v in mine.items() if v} == {}, left
     assert left["qemu"] == [] and left["namespaces"] == []
+
+
+def test_sigterm_removes_the_vm(ml, ml_env, state_home, qemu_present) -> None:
+    rpc = Rpc(ml_env)
+    try:
+        vm = rpc.call("create", 1, {"image": "matchlock/busybox"})["result"]["id"]
+        r = rpc.call("exec", 2, {"command": "echo up"})
+        assert base64.b64decode(r["result"]["stdout"]) == b"up\n"  # positive control
+        rpc.p.send_signal(signal.SIGTERM)
+        assert rpc.p.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if rpc.p.poll() is None:
+            rpc.p.kill()
+            rpc.p.wait()
+    assert vm not in ml("list").stdout.decode()
+    left = residue(state_home, (vm,))
+    assert left["qemu"] == [] and left["namespaces"] == [] and vm not in left["vm_dirs"]
