@@ -72,6 +72,7 @@ def _register() -> None:
     cli.add_command(_pull.build)
     cli.add_command(_diagnose.diagnose)
     cli.add_command(_run.supervise)
+    cli.add_command(_run.rpc)
 
 
 _register()

@@ -210,3 +210,22 @@ def supervise(ready_fd: int) -> None:
     from matchlock.supervisor import daemon_main
 
     raise SystemExit(daemon_main(ready_fd))
+
+
+@click.command("rpc")
+def rpc() -> None:
+    """Serve the JSON-RPC protocol (one JSON object per line) on stdin/stdout.
+
+    This is what the SDKs start (`Client()`): one session drives one VM, made by its
+    `create` request. The VM stops on `close`; it is removed when stdin ends without
+    `close` or on SIGINT/SIGTERM. Logs go to stderr (--debug for more).
+    """
+    import logging
+
+    from matchlock._aio import run as aio_run
+    from matchlock.rpc.stdio import serve_stdio
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="matchlock rpc: %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(aio_run(serve_stdio(_progress)))

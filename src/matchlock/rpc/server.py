@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 
-from matchlock.rpc._codec import FrameDecoder, ProtocolError, Raw
+from matchlock.rpc._codec import MAX_LINE, FrameDecoder, ProtocolError, Raw
 from matchlock.rpc._dispatcher import Session, Target
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,11 @@ class StreamOutbox:
 
 
 async def serve_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       target: Target) -> None:
+                       target: Target, *, max_line: int = MAX_LINE) -> None:
     """Serve one client until it disconnects or sends `close`."""
     out = StreamOutbox(writer)
     session = Session(target, out.send)
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(max_line)
     try:
         while not session.closed:
             data = await reader.read(READ_SIZE)

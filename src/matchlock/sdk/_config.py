@@ -34,7 +34,9 @@ class Config:
         """argv prefix for plain sub-commands (`rm`, `volume ...`): never sudo."""
         if self.binary_path:
             return [self.binary_path]
-        return [sys.executable, "-m", "matchlock"]
+        # -P: `-m` would put the caller's cwd first on sys.path, so a `secrets.py` there
+        # (examples/python has one) would shadow the stdlib inside the VM's host process.
+        return [sys.executable, "-P", "-m", "matchlock"]
 
     def rpc_argv(self) -> list[str]:
         argv = [*self.cli_argv(), "rpc"]
@@ -42,7 +44,7 @@ class Config:
 
 
 def describe_binary(config: Config) -> str:
-    return config.binary_path or f"{sys.executable} -m matchlock"
+    return config.binary_path or f"{sys.executable} -P -m matchlock"
 
 
 def control_socket(vm_id: str) -> Path:

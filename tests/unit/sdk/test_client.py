@@ -57,7 +57,7 @@ def test_config_resolution(monkeypatch):
     monkeypatch.setenv("MATCHLOCK_BIN", "/opt/ml/matchlock")
     assert Client()._config.binary_path == "/opt/ml/matchlock"
     assert Client(Config())._config.binary_path == ""  # explicit config: env not consulted
-    assert Config().rpc_argv() == [sys.executable, "-m", "matchlock", "rpc"]
+    assert Config().rpc_argv() == [sys.executable, "-P", "-m", "matchlock", "rpc"]
     assert Config("/x/matchlock", use_sudo=True).rpc_argv() == ["sudo", "/x/matchlock", "rpc"]
     assert Config("/x/matchlock", use_sudo=True).cli_argv() == ["/x/matchlock"]
 
