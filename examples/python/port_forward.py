@@ -11,7 +11,7 @@ from _common import IMAGE, check
 from matchlock import Client, Sandbox
 
 SERVE = ("mkdir -p /tmp/www && echo 'hello from the guest' > /tmp/www/index.html && "
-         "exec busybox httpd -f -p 8080 -h /tmp/www")
+         "busybox httpd -p 127.0.0.1:8080 -h /tmp/www </dev/null >/dev/null 2>&1")
 
 
 def free_port() -> int:
@@ -22,10 +22,10 @@ def free_port() -> int:
 
 def main() -> None:
     local = free_port()
-    # The entrypoint runs detached from launch() on; the forward is applied right after.
-    sandbox = Sandbox(IMAGE).with_entrypoint("sh", "-c", SERVE).with_port_forward(local, 8080)
     with Client() as client:
-        client.launch(sandbox)
+        client.launch(Sandbox(IMAGE))
+        check(client.exec(SERVE).exit_code == 0, "busybox httpd started in the guest")
+        client.port_forward(f"{local}:8080")
         body = b""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the guest's server may still be starting
