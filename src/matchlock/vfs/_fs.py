@@ -60,17 +60,23 @@ class Mount:
 
 
 class Node:
-    __slots__ = ("id", "parent", "name", "nlookup", "mount", "mroot", "children", "fmt",
-                 "unlinked")
+    """A file the kernel knows. (parent, name) is its path; a hard-linked file has one
+    node for all its names (the others in `aliases`), so the kernel sees one inode and its
+    caches stay coherent. `unlinked`: no name left (still open, or not yet forgotten)."""
+
+    __slots__ = ("id", "parent", "name", "aliases", "nlookup", "mount", "mroot", "children",
+                 "fmt", "unlinked", "ino")
 
     def __init__(self, nid: int, parent: Node | None, name: str, mount: Mount, mroot: bool,
-                 fmt: int) -> None:
+                 fmt: int, ino: int = 0) -> None:
         self.id, self.parent, self.name = nid, parent, name
+        self.aliases: list[tuple[Node, str]] = []
         self.nlookup = 0
         self.mount, self.mroot = mount, mroot
         self.children: dict[str, Node] = {}
         self.fmt = fmt
         self.unlinked = False
+        self.ino = ino
 
 
 @dataclass(eq=False)
@@ -123,6 +129,7 @@ class FuseFilesystem:
         self.root = Node(F.ROOT_ID, None, "", base, True, stat.S_IFDIR)
         self.root.nlookup = 1
         self.nodes: dict[int, Node] = {F.ROOT_ID: self.root}
+        self._by_ino: dict[tuple[int, int], Node] = {}  # hard-linked files
         self.files: dict[int, OpenFile] = {}
         self.initialized = False
         self.minor = 0
@@ -239,38 +246,73 @@ class FuseFilesystem:
     def _remember(self, parent: Node, name: str, mount: Mount, mroot: bool, attr: Attr) -> Node:
         fmt = stat.S_IFMT(attr.mode)
         node = parent.children.get(name)
-        if node is not None and node.fmt != fmt:
-            node.unlinked = True  # replaced by another kind of file: a new inode for it
-            del parent.children[name]
+        if node is not None and (node.fmt != fmt or node.ino and node.ino != attr.ino):
+            self._unname(node, parent, name)  # replaced by another file: a new inode for it
+            self._maybe_free(node)
             node = None
+        if node is None and fmt != stat.S_IFDIR and attr.nlink > 1:
+            node = self._by_ino.get((id(mount), attr.ino))
+            if node is not None and node.fmt == fmt and not node.unlinked:
+                self._name(node, parent, name)
+            else:
+                node = None
         if node is None:
             if len(self.nodes) >= MAX_NODES:
                 raise fail(errno.ENFILE)
-            node = Node(next(self._ids), parent, name, mount, mroot, fmt)
+            node = Node(next(self._ids), parent, name, mount, mroot, fmt, attr.ino)
             parent.children[name] = node
             self.nodes[node.id] = node
+            if fmt != stat.S_IFDIR and attr.nlink > 1:
+                self._by_ino[(id(mount), attr.ino)] = node
         node.nlookup += 1
         return node
+
+    def _name(self, node: Node, parent: Node, name: str) -> None:
+        """Give `node` the name `name` in `parent` (a hard link, or after a rename)."""
+        parent.children[name] = node
+        if node.unlinked:
+            node.parent, node.name, node.unlinked = parent, name, False
+        elif (node.parent, node.name) != (parent, name):
+            node.aliases.append((parent, name))
+
+    def _unname(self, node: Node, parent: Node, name: str) -> None:
+        if parent.children.get(name) is node:
+            del parent.children[name]
+        if node.parent is parent and node.name == name:
+            if node.aliases:
+                node.parent, node.name = node.aliases.pop()
+            else:
+                node.unlinked = True
+        else:
+            node.aliases = [a for a in node.aliases if a != (parent, name)]
 
     def _entry(self, parent: Node, name: str, mount: Mount, mroot: bool, attr: Attr) -> bytes:
         node = self._remember(parent, name, mount, mroot, attr)
         return F.entry_out(node.id, attr, mount.ttl, mount.ttl)
 
     def _detach(self, parent: Node, name: str) -> None:
-        node = parent.children.pop(name, None)
+        node = parent.children.get(name)
         if node is not None:
-            node.unlinked = True
+            self._unname(node, parent, name)
             self._maybe_free(node)
 
     def _maybe_free(self, node: Node) -> None:
-        while node.nlookup <= 0 and not node.children and node.id != F.ROOT_ID:
-            self.nodes.pop(node.id, None)
-            parent = node.parent
-            if parent is None:
-                return
-            if parent.children.get(node.name) is node:
-                del parent.children[node.name]
-            node = parent
+        todo = [node]
+        while todo:
+            node = todo.pop()
+            if node.nlookup > 0 or node.children or node.id == F.ROOT_ID \
+                    or node.id not in self.nodes:
+                continue
+            del self.nodes[node.id]
+            if node.ino and self._by_ino.get((id(node.mount), node.ino)) is node:
+                del self._by_ino[(id(node.mount), node.ino)]
+            names = [(node.parent, node.name), *node.aliases] if not node.unlinked else []
+            for parent, name in names:
+                if parent is not None and parent.children.get(name) is node:
+                    del parent.children[name]
+                    todo.append(parent)
+            if node.unlinked and node.parent is not None:
+                todo.append(node.parent)
 
     def _file(self, fh: int) -> OpenFile:
         f = self.files.get(fh)
@@ -481,9 +523,15 @@ class FuseFilesystem:
         gpath = self._child_path(parent, name)
         self.hooks.before("link", gpath, req, new_path=self._guest(self._full(old)))
         attr = mount.provider.link(orel, rel)
-        out = self._entry(parent, name, mount, False, attr)
+        # The same node under a second name: the kernel must see one inode.
+        if parent.children.get(name) is not None:
+            self._detach(parent, name)
+        self._name(old, parent, name)
+        old.ino = attr.ino
+        self._by_ino[(id(mount), attr.ino)] = old
+        old.nlookup += 1
         self.hooks.after("link", gpath, req, attr=attr)
-        return out
+        return F.entry_out(old.id, attr, mount.ttl, mount.ttl)
 
     def _unlink(self, req: Request) -> bytes:
         return self._remove(req, dir_=False)
@@ -526,18 +574,25 @@ class FuseFilesystem:
         gold, gnew = self._child_path(oparent, oldname), self._child_path(nparent, newname)
         self.hooks.before("rename", gold, req, new_path=gnew)
         omount.provider.rename(orel, nrel, flags)
-        moved = oparent.children.pop(oldname, None)
-        displaced = nparent.children.pop(newname, None)
-        if flags & F.RENAME_EXCHANGE:
+        moved = oparent.children.get(oldname)
+        displaced = nparent.children.get(newname)
+        if displaced is not None and displaced is moved:
+            pass  # two names of one file: rename does nothing
+        elif flags & F.RENAME_EXCHANGE:
+            if moved is not None:
+                self._unname(moved, oparent, oldname)
             if displaced is not None:
-                displaced.parent, displaced.name = oparent, oldname
-                oparent.children[oldname] = displaced
-        elif displaced is not None and displaced is not moved:
-            displaced.unlinked = True
-            self._maybe_free(displaced)
-        if moved is not None:
-            moved.parent, moved.name = nparent, newname
-            nparent.children[newname] = moved
+                self._unname(displaced, nparent, newname)
+                self._name(displaced, oparent, oldname)
+            if moved is not None:
+                self._name(moved, nparent, newname)
+        else:
+            if displaced is not None:
+                self._unname(displaced, nparent, newname)
+                self._maybe_free(displaced)
+            if moved is not None:
+                self._unname(moved, oparent, oldname)
+                self._name(moved, nparent, newname)
         self._maybe_free(oparent)
         self.hooks.after("rename", gold, req, new_path=gnew)
         return b""

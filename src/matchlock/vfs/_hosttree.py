@@ -70,6 +70,9 @@ class HostTree:
                 raise fail(errno.ENOTDIR, path)
             return "", self.single
         head, _, tail = path.rpartition("/")
+        if path and tail in ("", ".", ".."):
+            # The file system layer never sends these; a bug must not reach the parent.
+            raise fail(errno.EACCES, path)
         return head, tail
 
     def _open_dir(self, rel: str) -> int:

@@ -136,8 +136,8 @@ class MemoryFS(Provider):
         if node.nlink <= 0:
             self.inodes -= 1
             if node.data is not None:
+                # Open handles keep reading it (POSIX); the bytes go with the last handle.
                 self.used_bytes -= len(node.data)
-                node.data = bytearray()  # open handles read an empty file (as after unlink)
 
     # -- lookup --------------------------------------------------------------------------
 
