@@ -175,16 +175,9 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(out)
 
     def _dispatch(self, req: Request) -> None:
-        op = req.opcode
-        if op in (F.READ, F.WRITE, F.FSYNC, F.FSYNCDIR) and self.fs.initialized:
-            if op == F.WRITE and len(req.body) - F.WRITE_IN.size <= BIG_IO:
-                pass
-            elif op == F.READ and len(req.body) >= F.READ_IN.size and \
-                    F.READ_IN.unpack_from(req.body, 0)[2] <= BIG_IO:
-                pass
-            else:
-                self._offload(req)
-                return
+        if self.fs.initialized and _blocking(req):
+            self._offload(req)
+            return
         t0 = time.perf_counter()
         out = self.fs.handle(req)
         self.server.host_seconds += time.perf_counter() - t0
@@ -256,6 +249,18 @@ class _Protocol(asyncio.Protocol):
         elif not want_pause and self._paused_reading:
             self._paused_reading = False
             self.transport.resume_reading()
+
+
+def _blocking(req: Request) -> bool:
+    """Requests that may wait on the host disk: big reads and writes, fsync."""
+    op = req.opcode
+    if op in (F.FSYNC, F.FSYNCDIR):
+        return True
+    if op == F.WRITE:
+        return len(req.body) - F.WRITE_IN.size > BIG_IO
+    if op == F.READ and len(req.body) >= F.READ_IN.size:
+        return F.READ_IN.unpack_from(req.body, 0)[2] > BIG_IO
+    return False
 
 
 def _errno(e: BaseException) -> int:

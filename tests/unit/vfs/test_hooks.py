@@ -7,10 +7,10 @@ import os
 import threading
 
 import pytest
+from tests.unit.vfs.conftest import fuse_mount
 
 from matchlock.vfs import FileEvent, HookEngine, HookRule, MemoryFS, Mount
 from matchlock.vfs._hooks import compile_glob
-from tests.unit.vfs.conftest import fuse_mount
 
 pytestmark = pytest.mark.timeout(60)
 

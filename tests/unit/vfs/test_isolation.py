@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from tests.unit.vfs.conftest import fuse_mount
 
 from matchlock.vfs import HostFS, MemoryFS, Mount, ReadOnly, SnapshotFS
-from tests.unit.vfs.conftest import fuse_mount
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,7 +136,7 @@ def test_readonly_refuses_every_write(tmp_path, guest_binary):
         # the guest remounting read-write changes nothing: the host refuses
         subprocess.run(["mount", "-o", "remount,rw", str(tmp_path / "m")], capture_output=True)
         with pytest.raises(OSError) as e:
-            open(m / "a.txt", "w")
+            os.open(m / "a.txt", os.O_WRONLY)
         assert e.value.errno == errno.EROFS
         # positive control: the same host directory through a read-write mount
         (tmp_path / "m/rw/ok").write_text("ok")

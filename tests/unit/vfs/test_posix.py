@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tests.unit.vfs.conftest import fuse_mount
 
 from matchlock.vfs import HostFS, MemoryFS, Mount, SnapshotFS
-from tests.unit.vfs.conftest import fuse_mount
 
 pytestmark = pytest.mark.timeout(120)
 
