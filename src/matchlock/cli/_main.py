@@ -38,10 +38,11 @@ def version() -> None:
 
 
 def _register() -> None:
-    from matchlock.cli import _diagnose, _image, _run
+    from matchlock.cli import _diagnose, _image, _run, _volume
 
     cli.add_command(_run.run)
     cli.add_command(_image.image)
+    cli.add_command(_volume.volume)
     cli.add_command(_diagnose.diagnose)
 
 

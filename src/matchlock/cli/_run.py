@@ -47,6 +47,17 @@ def _progress(msg: str) -> None:
 @click.option("--network-intercept", is_flag=True,
               help="Inspect HTTP/HTTPS even without --allow-host or --secret.")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Guest NIC MTU.")
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:GUEST[:MODE]",
+              help="Mount a host directory or file in the workspace. MODE: overlay (default: "
+              "a copy-on-write snapshot, the host is never written), host_fs (alias rw: "
+              "writes reach the host) or ro; options ,uid=N,gid=N set the owner the guest "
+              "sees. A relative GUEST is under the workspace (repeatable).")
+@click.option("--workspace", default=None, metavar="PATH",
+              help="Guest path of the VFS (default /workspace with -v); alone, an empty "
+              "in-memory workspace.")
+@click.option("--disk", "disks", multiple=True, metavar="IMAGE:GUEST[:ro]",
+              help="Attach a raw ext4 image (or @VOLUME, see `matchlock volume`) and mount "
+              "it at GUEST (repeatable).")
 @click.option("--kernel", default=None, envvar="MATCHLOCK_KERNEL",
               help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
@@ -56,7 +67,8 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         entrypoint: str | None, cpus: float, memory: int, disk_size: int, rm: bool,
         hostname: str, no_network: bool, allow_hosts: tuple[str, ...],
         add_hosts: tuple[str, ...], secrets: tuple[str, ...], dns_servers: tuple[str, ...],
-        network_intercept: bool, mtu: int, kernel: str | None, accel: str | None,
+        network_intercept: bool, mtu: int, volumes: tuple[str, ...], workspace: str | None,
+        disks: tuple[str, ...], kernel: str | None, accel: str | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new sandbox booted from --image.
 
@@ -66,6 +78,7 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
     """
     from matchlock.net.config import parse_network_flags
     from matchlock.sandbox import SandboxConfig
+    from matchlock.vfs import mount_config
 
     if tty and not interactive:
         interactive = True  # -t alone is useless; behave like docker's common -it
@@ -76,10 +89,11 @@ def run(image: str, interactive: bool, tty: bool, env: tuple[str, ...],
         dns_servers=dns_servers, network_intercept=network_intercept, mtu=mtu,
         host_env=os.environ,
     )
+    mounts = mount_config(volumes, workspace, disks)
     config = SandboxConfig(
         image=image, cpus=cpus, memory_mib=memory, disk_size_mib=disk_size,
         hostname=hostname, no_network=no_network, kernel=kernel, accel=accel,
-        network=network,
+        network=network, mounts=mounts,
     )
     config.validate()
     from matchlock.cli._session import RunSession

@@ -169,7 +169,7 @@ class RunSession:
         req = {
             "argv": argv,
             "env": [f"{k}={v}" for k, v in env.items()],
-            "cwd": self.workdir or defaults.working_dir or "/",
+            "cwd": self.workdir or defaults.working_dir or self.config.mounts.workspace or "/",
             "user": self.user if self.user is not None else defaults.user,
             "tty": self.tty,
             "stdin": self.interactive,

@@ -26,6 +26,7 @@ from matchlock.net.types import NetworkConfig
 from matchlock.paths import vms_dir
 from matchlock.sandbox._exec_limits import check_exec_size
 from matchlock.state import StateDB
+from matchlock.vfs import HookEngine, MountConfig, SandboxMounts
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
 from matchlock.vm.kernel import host_tsc_khz, resolve_kernel
@@ -57,6 +58,7 @@ class SandboxConfig:
     machine: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    mounts: MountConfig = field(default_factory=MountConfig)  # workspace, -v, --disk
 
     @property
     def net(self) -> NetworkConfig:
@@ -110,12 +112,14 @@ def pick_machine(explicit: str | None, accel: str, tsc_khz: int | None) -> str:
     return "microvm" if (accel != "tcg" or tsc_khz) else "q35"
 
 
-def modules_for(machine: str, networked: bool) -> tuple[str, ...]:
+def modules_for(machine: str, networked: bool, vfs: bool = False) -> tuple[str, ...]:
     """Only the modules this VM uses: each costs 5-35 ms of boot under TCG."""
     bus = "virtio_mmio" if machine == "microvm" else "virtio_pci"
     mods = [bus, "virtio_blk", "virtio_console", "overlay"]
     if networked:
         mods.append("virtio_net")
+    if vfs:
+        mods.append("fuse")
     return tuple(mods)
 
 
@@ -160,6 +164,9 @@ class Sandbox:
         self._closed = False
         self._prep: asyncio.Future | None = None
         self.net = None  # NetworkStack when the VM has a NIC
+        # The VFS's hook rules and file events (set rules before or after start).
+        self.vfs_hooks = HookEngine()
+        self.vfs: SandboxMounts | None = None  # workspace, volumes and disks
 
     # -- start ---------------------------------------------------------------------------
 
@@ -174,7 +181,8 @@ class Sandbox:
         tsc = host_tsc_khz()
         machine = pick_machine(cfg.machine, accel, tsc)
         initrd = build_initramfs(
-            kernel, guest_binary(), modules_for(machine, networked=cfg.net.mode != "none")
+            kernel, guest_binary(),
+            modules_for(machine, networked=cfg.net.mode != "none", vfs=cfg.mounts.vfs),
         )
         if warning:
             # Only once the input is known good, so a bad-input error stays one line.
@@ -190,6 +198,8 @@ class Sandbox:
                           {"image": self.image.name, "network": netcfg.public_view()})
         upper = self.dir / "upper.ext4"
         make_upper_disk(upper, cfg.disk_size_mib)
+        self.vfs = SandboxMounts(cfg.mounts, self.dir, self.vfs_hooks)
+        self.vfs.prepare()  # disk locks first: a disk in use fails before QEMU starts
 
         cmdline = [
             *base_cmdline(accel, tsc),
@@ -208,6 +218,7 @@ class Sandbox:
             self.timings.update(self.net.timings)
         else:
             cmdline += [f"matchlock.add_host={h}:{ip}" for h, ip in netcfg.add_hosts]
+        cmdline += self.vfs.cmdline()
         spec = VmSpec(
             kernel=kernel.image,
             initrd=initrd,
@@ -219,9 +230,11 @@ class Sandbox:
             disks=(
                 Disk(self.image.disk, ROOT_SERIAL, readonly=True),
                 Disk(upper, UPPER_SERIAL),
+                *(Disk(Path(d.path), d.serial, d.readonly) for d in self.vfs.disks),
             ),
             cmdline=tuple(cmdline),
             nic=nic,
+            vfs_fd=self.vfs.guest_fd,
         )
         host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -231,6 +244,7 @@ class Sandbox:
             raise
         finally:
             guest_sock.close()
+        self.vfs.start()
         self.timings["qemu_spawned"] = time.monotonic() - t0
         return spec, host_sock
 
@@ -368,6 +382,9 @@ class Sandbox:
         if self.qemu is not None:
             # A --rm VM's disks are discarded, so there is nothing to flush: kill at once.
             await asyncio.to_thread(self.qemu.kill, 0.0 if remove else 1.0)
+        if self.vfs is not None:
+            # After QEMU is gone: no guest request is in flight; snapshots are deleted.
+            await asyncio.to_thread(self.vfs.close)
         if self.net is not None:
             try:
                 await self.net.close()
