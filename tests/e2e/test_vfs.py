@@ -357,6 +357,7 @@ def test_named_volume_persists_and_locks(ml, ml_env, qemu_present, tmp_path):
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["name"] == "cache" and info["size"] == "64.0 MB"
+    holder = None
     try:
         p, out, err = run(ml, "--disk", "@cache:/cache", "--", "sh", "-c",
                           "echo persisted > /cache/f && sync")
@@ -371,7 +372,7 @@ def test_named_volume_persists_and_locks(ml, ml_env, qemu_present, tmp_path):
         # a third VM wants it read-write while the second holds it
         p2 = ml("run", "--image", BB, "--disk", "@cache:/cache", "--", "true")
         assert p2.returncode != 0
-        msg = p2.stderr.decode().strip().splitlines()
+        msg = [ln for ln in p2.stderr.decode().splitlines() if ln.startswith("error:")]
         assert len(msg) == 1 and "in use by another VM" in msg[0], p2.stderr
         p3 = ml("volume", "rm", "cache")
         assert p3.returncode != 0 and b"in use" in p3.stderr
@@ -385,6 +386,9 @@ def test_named_volume_persists_and_locks(ml, ml_env, qemu_present, tmp_path):
         p, out, err = run(ml, "--disk", "@cache2:/c:ro", "--", "cat", "/c/f")
         assert p.returncode == 0 and out == "persisted\n", err
     finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
         for name in ("cache", "cache2"):
             ml("volume", "rm", name)
     assert json.loads(ml("volume", "ls", "--json").stdout) == []
