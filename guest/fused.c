@@ -235,6 +235,32 @@ static void mkdirs(const char *path)
     mkdir(tmp, 0755);
 }
 
+/* The kernel caps FUSE readahead at its default (128 KiB) at INIT; 1 MiB windows make
+ * one READ request per MiB of a sequential read. The mount's bdi is named by its device
+ * number, taken from mountinfo: a stat() of the mount point would wait for our own INIT. */
+static void raise_readahead(const char *mountpoint)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    char line[1024], dev[32] = "";
+    while (f && fgets(line, sizeof line, f)) {
+        char mdev[32], mpath[512];
+        if (sscanf(line, "%*s %*s %31s %*s %511s", mdev, mpath) == 2 && !strcmp(mpath, mountpoint))
+            snprintf(dev, sizeof dev, "%s", mdev);
+    }
+    if (f)
+        fclose(f);
+    if (!dev[0])
+        return;
+    char path[96];
+    snprintf(path, sizeof path, "/sys/class/bdi/%s/read_ahead_kb", dev);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    if (write(fd, "1024", 4) != 4)
+        LOG_DEBUG("vfs: %s: %s", path, strerror(errno));
+    close(fd);
+}
+
 /* Mount `mountpoint` and serve it over `port`; reports readiness (mounted) by writing one
  * byte to ready_fd (-1: none). Returns the process exit code. */
 int fused_run(int port, const char *mountpoint, int ready_fd)
@@ -269,6 +295,7 @@ int fused_run(int port, const char *mountpoint, int ready_fd)
         return 1;
     }
     LOG_DEBUG("vfs: %s mounted", mountpoint);
+    raise_readahead(mountpoint);
     if (ready_fd >= 0) {
         ssize_t w = write(ready_fd, "1", 1);
         (void)w;

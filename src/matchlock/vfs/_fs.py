@@ -132,6 +132,7 @@ class FuseFilesystem:
         self._by_ino: dict[tuple[int, int], Node] = {}  # hard-linked files
         self.files: dict[int, OpenFile] = {}
         self.initialized = False
+        self.writeback = False
         self.minor = 0
         self.counts: dict[str, int] = {}  # requests per opcode (bench/vfs.py reports them)
         self._ops: dict[int, Callable[[Request], bytes | None]] = {
@@ -346,10 +347,13 @@ class FuseFilesystem:
             log.warning("guest FUSE %d.%d is too old (need 7.%d)", major, minor,
                         F.MIN_KERNEL_MINOR)
             raise fail(errno.EPROTO)
+        # WRITEBACK_CACHE: the guest's page cache takes writes and sends them in big
+        # batches (and close() flushes them), so a small write costs no round trip.
         want = (F.ASYNC_READ | F.ATOMIC_O_TRUNC | F.BIG_WRITES | F.AUTO_INVAL_DATA
                 | F.DO_READDIRPLUS | F.READDIRPLUS_AUTO | F.PARALLEL_DIROPS
-                | F.MAX_PAGES_FLAG | F.CACHE_SYMLINKS | F.ASYNC_DIO)
+                | F.MAX_PAGES_FLAG | F.CACHE_SYMLINKS | F.ASYNC_DIO | F.WRITEBACK_CACHE)
         self.minor = min(minor, F.KERNEL_MINOR)
+        self.writeback = bool(flags & F.WRITEBACK_CACHE)
         self.initialized = True
         return F.INIT_OUT.pack(F.KERNEL_MAJOR, self.minor, max(max_readahead, F.MAX_WRITE),
                                flags & want, 64, 48, F.MAX_WRITE, 1, F.MAX_PAGES, 0, 0)
@@ -404,9 +408,13 @@ class FuseFilesystem:
     def _getattr(self, req: Request) -> bytes:
         flags, _, fh = F.need(req.body, F.GETATTR_IN)
         node = self._node(req.nodeid)
-        if flags & F.GETATTR_FH and fh in self.files and self.files[fh].handle is not None:
-            attr = self.files[fh].handle.getattr()  # type: ignore[union-attr]
-            return F.attr_out(attr, node.mount.ttl)
+        handle = None
+        if flags & F.GETATTR_FH and fh in self.files:
+            handle = self.files[fh].handle
+        if handle is None and node.unlinked:
+            handle = self._any_handle(node)
+        if handle is not None:
+            return F.attr_out(handle.getattr(), node.mount.ttl)
         mount, rel = self._where(node)
         gpath = self._guest(self._full(node))
         self.hooks.before("stat", gpath, req)
@@ -418,11 +426,15 @@ class FuseFilesystem:
         (valid, _, fh, size, _lock, atime, mtime, _ctime, atimensec, mtimensec, _cns, mode, _u4,
          uid, gid, _u5) = F.need(req.body, F.SETATTR_IN)
         node = self._node(req.nodeid)
-        mount, rel = self._where(node)
         handle = None
         if valid & F.FATTR_FH:
             f = self.files.get(fh)
             handle = f.handle if f is not None else None
+        if node.unlinked:
+            # No name left, still open (the kernel's writeback updates its times).
+            handle = handle or self._any_handle(node)
+            if handle is None:
+                raise fail(errno.ENOENT)
         change = SetAttr(
             mode=mode & 0o7777 if valid & F.FATTR_MODE else None,
             uid=uid if valid & F.FATTR_UID else None,
@@ -437,13 +449,22 @@ class FuseFilesystem:
         ops = _setattr_ops(change)
         for op in ops:
             self.hooks.before(op, gpath, req, size=change.size or 0, mode=change.mode or 0)
-        if change == SetAttr():
-            attr = handle.getattr() if handle is not None else mount.provider.getattr(rel)
+        if node.unlinked:
+            attr = handle.getattr() if change == SetAttr() else handle.setattr(change)
+        elif change == SetAttr():
+            attr = handle.getattr() if handle is not None else \
+                node.mount.provider.getattr(self._rel(node))
         else:
-            attr = mount.provider.setattr(rel, change, handle)
+            attr = node.mount.provider.setattr(self._rel(node), change, handle)
         for op in ops:
             self.hooks.after(op, gpath, req, attr=attr, size=change.size or 0)
-        return F.attr_out(attr, mount.ttl)
+        return F.attr_out(attr, node.mount.ttl)
+
+    def _any_handle(self, node: Node) -> Handle | None:
+        for f in self.files.values():
+            if f.node is node and f.handle is not None and not f.closing:
+                return f.handle
+        return None
 
     def _statfs(self, req: Request) -> bytes:
         node = self.nodes.get(req.nodeid, self.root)
@@ -599,8 +620,24 @@ class FuseFilesystem:
 
     # -- files ---------------------------------------------------------------------------
 
-    def _open_out(self, mount: Mount, fh: int) -> bytes:
-        return F.OPEN_OUT.pack(fh, F.FOPEN_KEEP_CACHE if mount.provider.exclusive else 0, 0)
+    def _open_out(self, mount: Mount, fh: int, gpath: str) -> bytes:
+        if self.hooks.intercepts_writes(gpath):
+            # Write hooks see the program's own writes, one by one, and a blocked write
+            # fails in write(2): no page cache for this file.
+            flags = F.FOPEN_DIRECT_IO
+        else:
+            flags = F.FOPEN_KEEP_CACHE if mount.provider.exclusive else 0
+        return F.OPEN_OUT.pack(fh, flags, 0)
+
+    def _io_flags(self, flags: int) -> int:
+        """Flags for the provider's open: with the writeback cache the kernel positions
+        appends itself and may read pages of a file opened write-only."""
+        if not self.writeback:
+            return flags
+        flags &= ~os.O_APPEND
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
 
     def _open(self, req: Request) -> bytes:
         flags, _ = F.need(req.body, F.OPEN_IN)
@@ -608,11 +645,11 @@ class FuseFilesystem:
         mount, rel = self._where(node)
         gpath = self._guest(self._full(node))
         self.hooks.before("open", gpath, req, flags=flags)
-        handle = mount.provider.open(rel, flags)
+        handle = mount.provider.open(rel, self._io_flags(flags))
         handle.path = gpath
         fh = self._add_file(OpenFile(handle, node, gpath, flags))
         self.hooks.after("open", gpath, req)
-        return self._open_out(mount, fh)
+        return self._open_out(mount, fh, gpath)
 
     def _create(self, req: Request) -> bytes:
         flags, mode, _umask, _ = F.need(req.body, F.CREATE_IN)
@@ -623,7 +660,8 @@ class FuseFilesystem:
             raise fail(errno.EEXIST)
         gpath = self._child_path(parent, name)
         self.hooks.before("create", gpath, req, flags=flags, mode=mode)
-        handle, attr = mount.provider.create(rel, flags, mode & 0o7777, req.uid, req.gid)
+        handle, attr = mount.provider.create(rel, self._io_flags(flags), mode & 0o7777,
+                                             req.uid, req.gid)
         handle.path = gpath
         try:
             node = self._remember(parent, name, mount, False, attr)
@@ -632,7 +670,8 @@ class FuseFilesystem:
             handle.release()
             raise
         self.hooks.after("create", gpath, req, attr=attr)
-        return F.entry_out(node.id, attr, mount.ttl, mount.ttl) + self._open_out(mount, fh)
+        return F.entry_out(node.id, attr, mount.ttl, mount.ttl) + self._open_out(mount, fh,
+                                                                                  gpath)
 
     def read_args(self, req: Request) -> tuple[OpenFile, int, int]:
         fh, offset, size, _rf, _lo, _fl, _ = F.need(req.body, F.READ_IN)

@@ -219,6 +219,11 @@ class HookEngine:
 
     # -- the VFS thread's calls ----------------------------------------------------------
 
+    def intercepts_writes(self, path: str) -> bool:
+        """Whether a before-rule may act on writes to `path` (block, mutate, decide)."""
+        return self.active_before and any(
+            (not r.ops or "write" in r.ops) and r._match(path) for r in self._before)
+
     def before(self, op: str, path: str, req: Any, *, size: int = 0, offset: int = 0,
                flags: int = 0, mode: int = 0, new_path: str = "",
                data: memoryview | None = None) -> bytes | None:

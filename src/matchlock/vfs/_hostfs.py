@@ -102,6 +102,21 @@ class HostHandle(Handle):
     def getattr(self) -> Attr:
         return self._attr(os.fstat(self.fd))
 
+    def setattr(self, change: SetAttr) -> Attr:
+        if change.mode is not None:
+            os.fchmod(self.fd, change.mode & SAFE_MODE_BITS)
+        if change.size is not None:
+            os.ftruncate(self.fd, change.size)
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            st = os.fstat(self.fd)
+            now = now_ns()
+            a = st.st_atime_ns if change.atime_ns is None else \
+                now if change.atime_ns == "now" else int(change.atime_ns)
+            m = st.st_mtime_ns if change.mtime_ns is None else \
+                now if change.mtime_ns == "now" else int(change.mtime_ns)
+            os.utime(self.fd, ns=(a, m))
+        return self.getattr()
+
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -91,6 +91,9 @@ class _MemHandle(Handle):
     def getattr(self) -> Attr:
         return self.node.attr()
 
+    def setattr(self, change: SetAttr) -> Attr:
+        return self.fs._apply(self.node, change)
+
 
 class MemoryFS(Provider):
     kind = "memory"
@@ -318,6 +321,9 @@ class MemoryFS(Provider):
 
     def setattr(self, path: str, change: SetAttr, handle: Handle | None) -> Attr:
         node = handle.node if isinstance(handle, _MemHandle) else self._node(path)
+        return self._apply(node, change)
+
+    def _apply(self, node: _Inode, change: SetAttr) -> Attr:
         now = time.time_ns()
         if change.mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (change.mode & 0o7777)

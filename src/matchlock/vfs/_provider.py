@@ -84,6 +84,10 @@ class Handle:
     def allocate(self, offset: int, length: int, mode: int) -> None:
         raise fail(errno.EOPNOTSUPP)
 
+    def setattr(self, change: SetAttr) -> Attr:
+        """Change the open file itself (it may have no name left)."""
+        raise fail(errno.ENOENT)
+
     def release(self) -> None:
         return None
 

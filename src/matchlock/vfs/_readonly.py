@@ -75,6 +75,9 @@ class _ReadOnlyHandle(Handle):
     def allocate(self, offset: int, length: int, mode: int) -> None:
         raise fail(errno.EROFS)
 
+    def setattr(self, change: SetAttr) -> Attr:
+        raise fail(errno.EROFS)
+
     def fsync(self, datasync: bool) -> None:
         return None
 
