@@ -173,6 +173,7 @@ class HookEngine:
         self.dropped = 0
         self.active_before = False
         self.active_after = False
+        self.active = False  # any rule or subscriber: paths are worth computing
         self.set_rules(rules)
 
     # -- configuration (any thread) ------------------------------------------------------
@@ -201,6 +202,7 @@ class HookEngine:
     def _refresh(self) -> None:
         self.active_before = bool(self._before)
         self.active_after = bool(self._after or self._subs)
+        self.active = self.active_before or self.active_after
         if self.active_after and self._thread is None:
             self._queue = queue.Queue(EVENT_QUEUE)
             self._thread = threading.Thread(target=self._deliver, name="vfs-events",
