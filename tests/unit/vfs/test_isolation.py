@@ -279,3 +279,19 @@ def test_memory_workspace_is_bounded(tmp_path, guest_binary):
         with pytest.raises(OSError) as e:
             os.truncate(tmp_path / "m/big", 1 << 40)
         assert e.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("kind", ["host_fs", "overlay"])
+def test_single_file_mount(tmp_path, guest_binary, kind):
+    src = tmp_path / "cfg.txt"
+    src.write_text("host\n")
+    (tmp_path / "sibling").write_text("not mounted")
+    prov = HostFS(tmp_path, single="cfg.txt") if kind == "host_fs" else \
+        SnapshotFS(tmp_path, tmp_path / "snap", single="cfg.txt")
+    with fuse_mount(guest_binary, tmp_path / "m", [Mount("cfg.txt", prov)]):
+        f = tmp_path / "m/cfg.txt"
+        assert f.read_text() == "host\n"
+        assert sorted(os.listdir(tmp_path / "m")) == ["cfg.txt"]
+        f.write_text("guest\n")
+        assert f.read_text() == "guest\n"
+    assert src.read_text() == ("guest\n" if kind == "host_fs" else "host\n")
