@@ -739,7 +739,13 @@ class FuseFilesystem:
         return b""
 
     def _fsyncdir(self, req: Request) -> bytes:
-        return self._fsync(req)
+        fh, _flags, _ = F.need(req.body, F.FSYNC_IN)
+        f = self._file(fh)
+        mount, rel = self._where(f.node)
+        self.hooks.before("sync", f.path, req)
+        mount.provider.fsyncdir(rel)
+        self.hooks.after("sync", f.path, req)
+        return b""
 
     def _syncfs(self, req: Request) -> bytes:
         return b""

@@ -215,6 +215,9 @@ class HostFS(Provider):
     def statfs(self) -> StatFs:
         return statfs_of(self.tree)
 
+    def fsyncdir(self, path: str) -> None:
+        self.tree.fsyncdir(path)
+
     def getxattr(self, path: str, name: str) -> bytes:
         return xattr_get(self.tree, path, name)
 

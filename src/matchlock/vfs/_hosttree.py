@@ -240,6 +240,15 @@ class HostTree:
         finally:
             os.close(fd)
 
+    def fsyncdir(self, path: str) -> None:
+        with self.at(path) as (fd, name):
+            dfd = os.open(name or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(f"/proc/self/fd/{self.rootfd}")
 

@@ -143,6 +143,10 @@ class Provider:
     def statfs(self) -> StatFs:
         return StatFs(0, 0, 0, 0, 0)
 
+    def fsyncdir(self, path: str) -> None:
+        """Make the directory's entries durable (after a create or rename in it)."""
+        return None
+
     def getxattr(self, path: str, name: str) -> bytes:
         raise fail(errno.ENODATA)
 

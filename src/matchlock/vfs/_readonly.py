@@ -42,6 +42,9 @@ class ReadOnly(Provider):
     def statfs(self) -> StatFs:
         return self.inner.statfs()
 
+    def fsyncdir(self, path: str) -> None:
+        return None
+
     def getxattr(self, path: str, name: str) -> bytes:
         return self.inner.getxattr(path, name)
 

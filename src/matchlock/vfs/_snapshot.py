@@ -53,6 +53,9 @@ _COPY_CHUNK = 1 << 30
 class _SnapHandle(HostHandle):
     upper = False
 
+    def fsync(self, datasync: bool) -> None:
+        return None  # the upper layer is thrown away with the VM: nothing to make durable
+
 
 class SnapshotFS(Provider):
     kind = "overlay"
@@ -370,6 +373,9 @@ class SnapshotFS(Provider):
 
     def statfs(self) -> StatFs:
         return statfs_of(self.upper)
+
+    def fsyncdir(self, path: str) -> None:
+        return None  # the upper layer is thrown away with the VM: nothing to make durable
 
     def getxattr(self, path: str, name: str) -> bytes:
         up, _ = self._find(path)

@@ -210,11 +210,12 @@ class _Protocol(asyncio.Protocol):
             else:
                 fh, flags, _ = F.need(req.body, F.FSYNC_IN)
                 f = fs._file(fh)
-                if f.handle is None:
-                    self._send(F.reply(req.unique))
-                    return
                 fs.hooks.before("sync", f.path, req)
-                job = (f.handle.fsync, bool(flags & F.FSYNC_FDATASYNC))
+                if f.handle is None:  # FSYNCDIR
+                    mount, rel = fs._where(f.node)
+                    job = (mount.provider.fsyncdir, rel)
+                else:
+                    job = (f.handle.fsync, bool(flags & F.FSYNC_FDATASYNC))
         except OSError as e:
             self._send(F.reply_error(req.unique, _errno(e)))
             return
