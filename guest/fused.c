@@ -185,12 +185,16 @@ static int relay(void)
         if (p[1].revents & POLLOUT && port_flush() < 0)
             return -1;
         if (p[1].revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t n = read(V.port, V.in + V.in_len, PORT_BUF - V.in_len);
-            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-                LOG_DEBUG("vfs: host went away");
-                return 0;
-            }
-            if (n > 0) {
+            /* A virtio-serial read returns one 4 KiB buffer at most: read on until the
+             * port is empty instead of paying a poll(2) per 4 KiB of a READ reply. */
+            for (;;) {
+                ssize_t n = read(V.port, V.in + V.in_len, PORT_BUF - V.in_len);
+                if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+                    LOG_DEBUG("vfs: host went away");
+                    return 0;
+                }
+                if (n < 0)
+                    break;
                 V.in_len += (size_t)n;
                 if (deliver_replies() < 0)
                     return -1;
