@@ -77,6 +77,27 @@ async def measure(host_dir: Path, mib: int, files: int, mode: str) -> dict:
     return results
 
 
+def host_fs_floor(where: Path, files: int) -> float:
+    """Seconds per file for create+stat+unlink done by the host itself on the file system
+    that holds the snapshot's upper layer: the part of each small-file cycle that is the
+    host's disk, not the VFS."""
+    import os
+
+    d = Path(tempfile.mkdtemp(dir=where))
+    t0 = time.perf_counter()
+    for i in range(files):
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"\n")
+        os.close(fd)
+    for i in range(files):
+        os.stat(d / f"f{i}")
+    for i in range(files):
+        os.unlink(d / f"f{i}")
+    dt = time.perf_counter() - t0
+    d.rmdir()
+    return dt / files
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
@@ -113,6 +134,13 @@ def main() -> None:
           f"({vfs['host_s'] / max(total, 1) * 1e6:.0f} us/request), "
           f"{vfs['worker_s']:.2f} s in workers (big reads/writes, fsync)")
     print(f"  guest FUSE + channel: the rest, {wall - vfs['host_s'] - vfs['worker_s']:.1f} s")
+    from matchlock.paths import state_dir
+
+    state_dir().mkdir(parents=True, exist_ok=True)
+    floor = host_fs_floor(state_dir(), min(n, 2000))
+    print(f"  of the host server's time, the host disk alone (create+write+stat+unlink by the "
+          f"host on the upper layer's file system): {floor * 1e6:.0f} us per file, "
+          f"{floor * n:.1f} s for {n} files")
     print("  requests: " + ", ".join(f"{k} {v}" for k, v in
                                      sorted(vfs["requests"].items(), key=lambda kv: -kv[1])))
 
