@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The VMM package by architecture: amd64 qemu-system-x86 , arm64 qemu-system-arm
 case "$(dpkg --print-architecture)" in
   amd64) QEMU_PKG=qemu-system-x86 QEMU_BIN=qemu-system-x86_64 ;;
   arm64) QEMU_PKG=qemu-system-arm QEMU_BIN=qemu-system-aarch64 ;;
