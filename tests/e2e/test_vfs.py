@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import matchlock_cmd
-from tests.e2e.conftest import residue
+from tests.e2e.conftest import NO_RESIDUE, residue
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +92,7 @@ echo GUEST-OK
     assert p.returncode == 0, err
     assert "GUEST-OK" in out
     assert manifest(repo) == before, "the snapshot wrote to the host directory"
-    assert residue(state_home) == {"qemu": [], "vm_dirs": []}
+    assert residue(state_home) == NO_RESIDUE
 
 
 def test_snapshot_mount_time_does_not_grow_with_tree(ml, qemu_present, tmp_path):

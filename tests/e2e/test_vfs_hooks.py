@@ -13,13 +13,10 @@ from matchlock.vfs import FileEvent, HookRule, mount_config
 
 pytestmark = pytest.mark.e2e
 
-PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
 def test_hooks_block_and_observe(ml_env, qemu_present, tmp_path, monkeypatch):
     for k, v in ml_env.items():
         monkeypatch.setenv(k, v)
-    from matchlock.sandbox import Sandbox, SandboxConfig
+    from matchlock.sandbox import ExecRequest, Sandbox, SandboxConfig
 
     work = tmp_path / "work"
     work.mkdir()
@@ -44,15 +41,15 @@ def test_hooks_block_and_observe(ml_env, qemu_present, tmp_path, monkeypatch):
         out, err = bytearray(), bytearray()
         try:
             await sb.start()
-            h = await sb.exec(
-                {"argv": ["sh", "-c", "echo x > /workspace/w/a.env; echo rc=$?; "
-                          "echo fine > /workspace/w/ok.txt; cat /workspace/w/ok.txt"],
-                 "env": [PATH], "cwd": "/", "user": "", "tty": False, "stdin": False},
-                lambda fd, d: (err if fd == 2 else out).extend(d))
-            st = await h.wait()
+            proc = await sb.exec(ExecRequest(argv=(
+                "sh", "-c", "echo x > /workspace/w/a.env; echo rc=$?; "
+                "echo fine > /workspace/w/ok.txt; cat /workspace/w/ok.txt")))
+            async for fd, data in proc:
+                (err if fd == 2 else out).extend(data)
+            st = await proc.wait()
         finally:
             await sb.close()
-        return st.shell_code, out.decode(), err.decode()
+        return st.exit_code, out.decode(), err.decode()
 
     code, out, err = asyncio.run(main())
     assert code == 0, err

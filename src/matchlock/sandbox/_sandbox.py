@@ -183,6 +183,7 @@ class Sandbox:
         # The VFS's hook rules and file events (set rules before or after start).
         self.vfs_hooks = HookEngine()
         self.vfs: SandboxMounts | None = None  # workspace, volumes and disks
+        self.file_events = False  # publish every VFS operation as a `file` event
 
     @property
     def hub(self) -> EventHub:
@@ -269,7 +270,9 @@ class Sandbox:
         if self._assets is None:
             raise VmStartError("create() must come before boot()", vm_id=self.id)
         t0 = time.monotonic()
-        _ = self.hub  # made here, on the loop it delivers events on
+        hub = self.hub  # made here, on the loop it delivers events on
+        if self.file_events and self.config.mounts.vfs:
+            self.vfs_hooks.subscribe(lambda ev: hub.publish(ev.to_wire()))
         # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind stop().
         self._work = asyncio.ensure_future(asyncio.to_thread(self._spawn))
         host_sock = await asyncio.shield(self._work)
