@@ -341,7 +341,7 @@ func TestAllowListNormalizesHosts(t *testing.T) {
 	if m.Method != "allow_list_add" || len(hosts) != 3 || hosts[0] != "a.test" || hosts[1] != "b.test" || hosts[2] != "c.test" {
 		t.Fatal(m.raw)
 	}
-	f.result(m.id(), map[string]any{"added": []string{"b.test"}, "allowed_hosts": []string{"a.test", "b.test"}})
+	f.result(m.id(), map[string]any{"added": []string{"b.test"}, "allowed_hosts": []string{"a.test", "b.test"}, "allow_all": false})
 	o := <-done
 	if o.err != nil || len(o.u.Added) != 1 || len(o.u.AllowedHosts) != 2 || o.u.Removed != nil {
 		t.Fatalf("%+v %v", o.u, o.err)

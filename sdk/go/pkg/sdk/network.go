@@ -77,18 +77,25 @@ func (c *Client) allowList(ctx context.Context, method, key string, hosts []stri
 	if err != nil {
 		return nil, err
 	}
-	var r map[string][]string
+	var r struct {
+		Added        *[]string `json:"added"`
+		Removed      *[]string `json:"removed"`
+		AllowedHosts []string  `json:"allowed_hosts"`
+	}
 	if err := json.Unmarshal(raw, &r); err != nil {
 		return nil, wrapErr(ErrParseAllowList, err)
 	}
-	if _, ok := r[key]; !ok {
-		return nil, withDetail(ErrParseAllowList, ": missing %q in %s", key, raw)
-	}
-	u := &AllowListUpdate{AllowedHosts: nonNil(r["allowed_hosts"])}
+	u := &AllowListUpdate{AllowedHosts: nonNil(r.AllowedHosts)}
 	if key == "added" {
-		u.Added = nonNil(r[key])
+		if r.Added == nil {
+			return nil, withDetail(ErrParseAllowList, ": missing %q in %s", key, raw)
+		}
+		u.Added = nonNil(*r.Added)
 	} else {
-		u.Removed = nonNil(r[key])
+		if r.Removed == nil {
+			return nil, withDetail(ErrParseAllowList, ": missing %q in %s", key, raw)
+		}
+		u.Removed = nonNil(*r.Removed)
 	}
 	return u, nil
 }
