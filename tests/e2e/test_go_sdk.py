@@ -4,10 +4,13 @@ launches this checkout's `matchlock rpc` and boots real VMs (every exec mode, ca
 input), then the runnable Go examples run as a user runs them. Afterwards nothing may
 be left behind (VMs, namespaces, sockets, state rows).
 
-Not run here: examples/go/network_hooks and vfs_hooks (only compiled, by
-tests/unit/test_go_sdk.py). `create` refuses network interception rules and VFS
-mounts until those land in `matchlock rpc` (the hooks branch; issue #10); the Go
-client side of both is unit-tested against a fake server."""
+Network callbacks (test_go_network_hooks: one mutates a header, one times out and
+blocks, judged by what the upstream received) need interception rules in `matchlock
+rpc`, which the hooks branch adds: until it is merged the test skips with that reason,
+and then runs by itself (it probes the server's create planner). Not run at all:
+examples/go/network_hooks and vfs_hooks (only compiled, by tests/unit/test_go_sdk.py),
+and VFS hooks, which need VFS mounts in `matchlock rpc` (issue #10); the Go client side
+of both hook kinds is unit-tested against a fake server."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from matchlock.errors import NotAvailable
 from tests.e2e.conftest import residue
+from tests.e2e.test_intercept import upstreams  # noqa: F401 - the module's fixture
 from tests.gotool import EXAMPLES, SDK, check, run_go
 
 pytestmark = pytest.mark.e2e
@@ -53,3 +58,35 @@ def test_go_examples(go_env, state_home, tmp_path) -> None:
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
         assert "ok:" in proc.stdout and "FAILED" not in proc.stdout + proc.stderr, proc.stdout
         assert residue(state_home) == before, f"examples/go/{name} left something behind"
+
+
+def _network_rules_unavailable() -> str:
+    """Why this build's `matchlock rpc` refuses network hook rules ("" if it accepts)."""
+    from matchlock.rpc._create import plan_create
+
+    try:
+        plan_create({"image": "x", "network": {"allowed_hosts": ["api.test"],
+                     "block_private_ips": True, "interception": {
+                         "rules": [{"phase": "before", "action": "block"}]}}})
+    except NotAvailable as e:
+        return str(e)
+    return ""
+
+
+def test_go_network_hooks(go_env, upstreams, debian_image, state_home) -> None:  # noqa: F811
+    why = _network_rules_unavailable()
+    if why:
+        pytest.skip(f"needs network hook rules in matchlock rpc (hooks branch): {why}")
+    before = residue(state_home)
+    mark = upstreams.mark()
+    env = {**go_env, "MATCHLOCK_E2E_IMAGE": debian_image, "MATCHLOCK_E2E_API_IP": upstreams.api,
+           "MATCHLOCK_UPSTREAM_CA": str(upstreams.ca)}
+    proc = run_go(["test", "-count=1", "-tags", "e2e", "-run", "^TestHooksE2E", "-v",
+                   "./pkg/sdk/"], SDK, env=env, timeout=600)
+    out = check(proc, "go test -run TestHooksE2E")
+    assert "--- PASS: TestHooksE2ENetworkCallbacks" in out, out
+    reqs = [r for r in upstreams.records("req", since=mark)
+            if r["server"].startswith(upstreams.api)]
+    assert [r["target"] for r in reqs] == ["/mutate"], reqs  # /slow never arrived
+    assert reqs[0]["headers"]["x-go-hook"] == "GET /mutate"
+    assert residue(state_home) == before

@@ -80,6 +80,14 @@ func (b *SandboxBuilder) WithBlockPrivateIPs(enabled bool) *SandboxBuilder {
 
 func (b *SandboxBuilder) AllowPrivateIPs() *SandboxBuilder { return b.WithBlockPrivateIPs(false) }
 
+// AllowPrivate (extension, as the Python SDK's allow_private) lets the guest reach
+// these private addresses or CIDRs ("10.1.2.3", "10.1.0.0/16") while every other
+// private range stays blocked. Invalid entries fail Create.
+func (b *SandboxBuilder) AllowPrivate(addresses ...string) *SandboxBuilder {
+	b.opts.AllowPrivate = append(b.opts.AllowPrivate, addresses...)
+	return b
+}
+
 // UnsetBlockPrivateIPs returns to the default (blocked).
 func (b *SandboxBuilder) UnsetBlockPrivateIPs() *SandboxBuilder {
 	b.opts.BlockPrivateIPs, b.opts.BlockPrivateIPsSet = false, false

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"net"
 	"runtime"
 	"strings"
 
@@ -107,6 +108,14 @@ func validateCreate(opts *CreateOptions) error {
 	if opts.NetworkMTU < 0 {
 		return ErrInvalidNetworkMTU
 	}
+	for _, a := range opts.AllowPrivate {
+		if _, _, err := net.ParseCIDR(strings.TrimSpace(a)); err != nil && net.ParseIP(strings.TrimSpace(a)) == nil {
+			return withDetail(ErrInvalidAllowPrivate, ": %q is not an IP address or CIDR", a)
+		}
+	}
+	if opts.NoNetwork && len(opts.AllowPrivate) > 0 {
+		return withDetail(ErrNoNetworkConflict, " (nor with allow-private)")
+	}
 	if opts.NoNetwork && (len(opts.AllowedHosts) > 0 || len(opts.Secrets) > 0 || opts.ForceInterception || opts.NetworkInterception != nil) {
 		return ErrNoNetworkConflict
 	}
@@ -174,7 +183,7 @@ func buildNetworkParams(opts CreateOptions, wireNet *wireNetworkInterception) ma
 	}
 	include := len(opts.AllowedHosts) > 0 || len(opts.AddHosts) > 0 || len(opts.Secrets) > 0 ||
 		len(opts.DNSServers) > 0 || opts.Hostname != "" || opts.NetworkMTU > 0 || opts.NoNetwork ||
-		blockSet || opts.ForceInterception || wireNet != nil
+		blockSet || opts.ForceInterception || wireNet != nil || len(opts.AllowPrivate) > 0
 	if !include {
 		return nil
 	}
@@ -216,6 +225,9 @@ func buildNetworkParams(opts CreateOptions, wireNet *wireNetworkInterception) ma
 	}
 	if opts.NetworkMTU > 0 {
 		network["mtu"] = opts.NetworkMTU
+	}
+	if len(opts.AllowPrivate) > 0 {
+		network["allow_private"] = opts.AllowPrivate
 	}
 	return network
 }

@@ -115,6 +115,10 @@ func TestCreateNetworkVariants(t *testing.T) {
 	if n := p["network"].(map[string]any); n["block_private_ips"] != false || len(n["allowed_hosts"].([]any)) != 0 {
 		t.Fatal(n)
 	}
+	p, _, _ = createWith(t, c, f, New("img").AllowPrivate("198.18.0.2", "10.1.0.0/16").Options())
+	if n := p["network"].(map[string]any); n["block_private_ips"] != true || n["allow_private"].([]any)[1] != "10.1.0.0/16" {
+		t.Fatal(n)
+	}
 	p, _, _ = createWith(t, c, f, New("img").WithNetworkInterception().Options())
 	if n := p["network"].(map[string]any); n["intercept"] != true || n["block_private_ips"] != true {
 		t.Fatal(n)
@@ -143,6 +147,8 @@ func TestCreateValidationSendsNothing(t *testing.T) {
 		{New("i").AddHost("h", "not-an-ip").Options(), ErrInvalidAddHost},
 		{New("i").WithCPUs(float64(runtime.NumCPU()) + 0.5).Options(), ErrInvalidCPUs},
 		{New("i").WithCPUs(math.NaN()).Options(), ErrInvalidCPUs},
+		{New("i").AllowPrivate("10.0.0.300").Options(), ErrInvalidAllowPrivate},
+		{New("i").WithNoNetwork().AllowPrivate("10.0.0.1").Options(), ErrNoNetworkConflict},
 		{New("i").WithNetworkInterception(&NetworkInterceptionConfig{Rules: []NetworkHookRule{{Action: "block", Hook: func(context.Context, NetworkHookRequest) (*NetworkHookResult, error) { return nil, nil }}}}).Options(), ErrInvalidNetworkHook},
 		{New("i").WithVFSInterception(&VFSInterceptionConfig{Rules: []VFSHookRule{{Hook: func(context.Context, VFSHookEvent) error { return nil }}}}).Options(), ErrInvalidVFSHook},
 		{New("i").WithVFSInterception(&VFSInterceptionConfig{Rules: []VFSHookRule{{Phase: "after", ActionHook: func(context.Context, VFSActionRequest) VFSHookAction { return "" }}}}).Options(), ErrInvalidVFSHook},

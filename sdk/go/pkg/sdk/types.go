@@ -35,6 +35,9 @@ type CreateOptions struct {
 	// BlockPrivateIPs with BlockPrivateIPsSet: an explicit private-range setting.
 	BlockPrivateIPs    bool
 	BlockPrivateIPsSet bool
+	// AllowPrivate (extension) opens these private addresses or CIDRs while the
+	// other private ranges stay blocked.
+	AllowPrivate []string
 	// NoNetwork gives the guest no NIC at all.
 	NoNetwork bool
 	// ForceInterception starts the HTTP(S) proxy even without allow-list or secrets.
