@@ -14,20 +14,22 @@ of both hook kinds is unit-tested against a fake server."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from matchlock.errors import NotAvailable
 from tests.e2e.conftest import residue
 from tests.e2e.test_intercept import upstreams  # noqa: F401 - the module's fixture
 from tests.gotool import EXAMPLES, SDK, check, run_go
 
 pytestmark = pytest.mark.e2e
 
-OUR_CLI = str(Path(sys.executable).parent / "matchlock")
+# MATCHLOCK_GO_E2E_BIN: run against another build's CLI (e.g. a branch's venv).
+OUR_CLI = os.environ.get("MATCHLOCK_GO_E2E_BIN") or str(Path(sys.executable).parent / "matchlock")
 RUNNABLE = ["basic", "exec_modes", "secrets", "port_forward"]
 
 
@@ -49,8 +51,6 @@ def test_go_sdk_e2e(go_env, state_home) -> None:
 
 def test_go_examples(go_env, state_home, tmp_path) -> None:
     check(run_go(["build", "-o", str(tmp_path) + "/", "./..."], EXAMPLES), "go build examples")
-    import subprocess
-
     for name in RUNNABLE:
         before = residue(state_home)
         proc = subprocess.run([str(tmp_path / name)], env={**go_env, "PATH": "/usr/bin:/bin"},
@@ -60,17 +60,24 @@ def test_go_examples(go_env, state_home, tmp_path) -> None:
         assert residue(state_home) == before, f"examples/go/{name} left something behind"
 
 
-def _network_rules_unavailable() -> str:
-    """Why this build's `matchlock rpc` refuses network hook rules ("" if it accepts)."""
-    from matchlock.rpc._create import plan_create
+PROBE = r'''
+from matchlock.errors import NotAvailable
+from matchlock.rpc._create import plan_create
+try:
+    plan_create({"image": "x", "network": {"allowed_hosts": ["api.test"], "block_private_ips": True,
+                 "interception": {"rules": [{"phase": "before", "action": "block"}]}}})
+except NotAvailable as e:
+    print(e)
+'''
 
-    try:
-        plan_create({"image": "x", "network": {"allowed_hosts": ["api.test"],
-                     "block_private_ips": True, "interception": {
-                         "rules": [{"phase": "before", "action": "block"}]}}})
-    except NotAvailable as e:
-        return str(e)
-    return ""
+
+def _network_rules_unavailable() -> str:
+    """Why the CLI under test refuses network hook rules ("" if it accepts them): its
+    own interpreter (the console script's shebang) runs its create planner."""
+    python = Path(OUR_CLI).read_text().splitlines()[0].removeprefix("#!").strip()
+    proc = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"probing {OUR_CLI} failed: {proc.stderr[-2000:]}"
+    return proc.stdout.strip()
 
 
 def test_go_network_hooks(go_env, upstreams, debian_image, state_home) -> None:  # noqa: F811
