@@ -146,8 +146,9 @@ type NetworkHookResult struct {
 	Response *NetworkHookResponseMutation
 }
 
-// NetworkHookFunc runs in the SDK process for matching traffic. An error (or a
-// timeout) leaves the traffic unchanged: hooks fail open.
+// NetworkHookFunc runs in the SDK process for matching traffic. An error, a panic or
+// running past the rule's TimeoutMS is reported to the server as an error (matchlock's
+// server then blocks the request).
 type NetworkHookFunc func(ctx context.Context, req NetworkHookRequest) (*NetworkHookResult, error)
 
 // NetworkHookRequestMutation reshapes an outbound request.
