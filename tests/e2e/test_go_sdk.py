@@ -49,11 +49,11 @@ def test_go_sdk_e2e(go_env, state_home) -> None:
     assert residue(state_home) == before, "the Go e2e tests left something behind"
 
 
-def test_go_examples(go_env, state_home, tmp_path) -> None:
+def test_go_examples(go_env, ml_env, state_home, tmp_path) -> None:
     check(run_go(["build", "-o", str(tmp_path) + "/", "./..."], EXAMPLES), "go build examples")
     for name in RUNNABLE:
         before = residue(state_home)
-        proc = subprocess.run([str(tmp_path / name)], env={**go_env, "PATH": "/usr/bin:/bin"},
+        proc = subprocess.run([str(tmp_path / name)], env={**ml_env, **go_env},
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
         assert "ok:" in proc.stdout and "FAILED" not in proc.stdout + proc.stderr, proc.stdout
