@@ -7,10 +7,9 @@ be left behind (VMs, namespaces, sockets, state rows).
 Network callbacks (test_go_network_hooks: one mutates a header, one times out and
 blocks, judged by what the upstream received) need interception rules in `matchlock
 rpc`, which the hooks branch adds: until it is merged the test skips with that reason,
-and then runs by itself (it probes the server's create planner). Not run at all:
-examples/go/network_hooks and vfs_hooks (only compiled, by tests/unit/test_go_sdk.py),
-and VFS hooks, which need VFS mounts in `matchlock rpc` (issue #10); the Go client side
-of both hook kinds is unit-tested against a fake server."""
+and then runs by itself (it probes the server's create planner). Not run here:
+examples/go/network_hooks (only compiled, by tests/unit/test_go_sdk.py); the Go client
+side of both hook kinds is also unit-tested against a fake server."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 # MATCHLOCK_GO_E2E_BIN: run against another build's CLI (e.g. a branch's venv).
 OUR_CLI = os.environ.get("MATCHLOCK_GO_E2E_BIN") or str(Path(sys.executable).parent / "matchlock")
-RUNNABLE = ["basic", "exec_modes", "secrets", "port_forward"]
+RUNNABLE = ["basic", "exec_modes", "secrets", "port_forward", "vfs_hooks"]
 
 
 @pytest.fixture
