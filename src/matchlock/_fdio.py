@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 import select
-import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,7 +38,8 @@ class FdWriter:
     `write()`/`flush()` as the OSError they were."""
 
     def __init__(self, fd: int, limit: int = DEFAULT_LIMIT) -> None:
-        import asyncio  # here: write_all's users (the exec client) do without asyncio
+        import asyncio  # here: write_all's users (the exec client) do without these
+        import threading
 
         self.fd = fd
         self._limit = limit
