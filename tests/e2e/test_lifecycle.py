@@ -235,6 +235,35 @@ def _start_user_vm(ml, image: str) -> str:  # noqa: ANN001
     return p.stdout.decode().strip()
 
 
+def test_exec_spawn_errors_and_path_search(ml, vm):
+    """The guest agent resolves users before it spawns and skips missing PATH entries
+    without an execve each: what execvp would do, error for error."""
+    def err(p) -> str:  # noqa: ANN001
+        assert p.returncode == 127, p
+        return p.stderr.decode().strip()
+
+    assert err(ml("exec", vm, "-u", "nosuch", "true")) == \
+        "matchlock: user nosuch: unknown user nosuch"
+    assert err(ml("exec", vm, "-u", "root:nogrp", "true")) == \
+        "matchlock: user root:nogrp: unknown group nogrp"
+    assert err(ml("exec", vm, "nosuchcmd")) == \
+        "matchlock: exec nosuchcmd: No such file or directory"
+    ml("exec", vm, "--", "sh", "-c", "mkdir -p /tmp/pa && printf '#!/bin/sh\\necho no\\n' "
+       "> /tmp/pa/true && chmod 644 /tmp/pa/true", check=True)
+    # not executable, a file as a directory, then the real one: runs /bin/true
+    p = ml("exec", vm, "-e", "PATH=/tmp/pa:/etc/passwd:/nonexistent:/bin", "true")
+    assert p.returncode == 0 and p.stdout == b"", p
+    # only the non-executable one: EACCES is what is reported, as execvp does
+    assert err(ml("exec", vm, "-e", "PATH=/nonexistent:/tmp/pa", "true")) == \
+        "matchlock: exec true: Permission denied"
+    # identity and HOME from the resolved user; a HOME the request sets wins
+    p = ml("exec", vm, "-u", "nobody", "--", "sh", "-c", "id -u; id -g; echo $HOME", check=True)
+    assert p.stdout.decode().split() == ["65534", "65534", "/nonexistent"]
+    p = ml("exec", vm, "-u", "65534:0", "-e", "HOME=/x", "--", "sh", "-c",
+           "id -u; id -g; echo $HOME", check=True)
+    assert p.stdout.decode().split() == ["65534", "0", "/x"]
+
+
 def test_exec_ctrl_c_stops_only_that_process(ml, ml_env, vm):
     proc = subprocess.Popen([*matchlock_cmd(), "exec", vm, "--", "sh", "-c",
                              "echo $$; exec sleep 1000"], stdout=subprocess.PIPE,
