@@ -86,19 +86,34 @@ class InProcessVm:
         self.thread.join(60)
 
 
-def in_loop_rtts(vm: InProcessVm, n: int) -> tuple[list[float], list[float]]:
+def qemu_cpu_s() -> float:
+    """CPU seconds used so far by this process's QEMU child (the in-process VM)."""
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        for c in Path(f"/proc/{os.getpid()}/task/{task}/children").read_text().split():
+            if "qemu-system" in os.readlink(f"/proc/{c}/exe"):
+                f = Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    raise SystemExit("no QEMU child found")
+
+
+def in_loop_rtts(vm: InProcessVm, n: int) -> tuple[list[float], list[float], float, float]:
+    """Ping and `exec true` round trips, plus QEMU CPU per call of each (less moved by
+    the machine's load than wall time: what the guest itself spends)."""
     from matchlock.sandbox import ExecRequest
 
-    async def measure() -> tuple[list[float], list[float]]:
+    async def measure() -> tuple[list[float], list[float], float, float]:
         sb = vm.sup.sandbox
+        c0 = qemu_cpu_s()
         pings = [await sb.ping() for _ in range(n)]
+        c1 = qemu_cpu_s()
         execs = []
         for _ in range(n):
             t0 = time.perf_counter()
             proc = await sb.exec(ExecRequest(argv=("true",)))
             await proc.wait()
             execs.append(time.perf_counter() - t0)
-        return pings, execs
+        c2 = qemu_cpu_s()
+        return pings, execs, (c1 - c0) / n, (c2 - c1) / n
 
     return vm.call(measure())
 
@@ -165,7 +180,7 @@ def main() -> None:
     vm = InProcessVm()
     try:
         vm_id = vm.sup.id
-        pings, chan = in_loop_rtts(vm, args.calls)
+        pings, chan, ping_cpu, exec_cpu = in_loop_rtts(vm, args.calls)
         sock = socket_rtts(vm_id, args.calls)
         info = socket_rtts(vm_id, args.calls, "info")
         py = process_times([sys.executable, "-c", "pass"], 20, e)
@@ -178,6 +193,8 @@ def main() -> None:
           f"{os.environ.get('MATCHLOCK_ACCEL', 'auto')} accel")
     print(fmt("floor: channel ping", pings))
     print(fmt("channel: exec true", chan))
+    print(f"{'QEMU CPU per call':28s} ping {ping_cpu * 1000:6.2f} ms   exec true "
+          f"{exec_cpu * 1000:6.2f} ms  (the guest's own cost of a process)")
     print(fmt("control socket: info (no-op)", info))
     print(fmt("control socket: exec true", sock))
     print(fmt("python -c pass", py))
