@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import os
 import select
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
 
 if TYPE_CHECKING:
     import asyncio

@@ -6,7 +6,8 @@ and what it pulls in are ~2 ms of an exec's start-up)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
 
 from matchlock import errors
 from matchlock.errors import ErrorCode, MatchlockError, VmNotRunning
 from matchlock.paths import state_dir_str
 from matchlock.rpc._codec import LineDecoder, Response, decode_server_line, encode_request
 from matchlock.supervisor._socket import CONTROL_SOCKET, connect_unix
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
+if TYPE_CHECKING:
+    from typing import Any
 
 _BY_CODE: dict[int, type[MatchlockError]] = {
     ErrorCode.INVALID_PARAMS: errors.UsageError,
