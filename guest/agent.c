@@ -725,6 +725,45 @@ static int get_bool(const struct jnode *req, const char *key, int dflt, int *bad
     return n->boolean;
 }
 
+/* Is any FUSE filesystem mounted? Read per exec (a mount may come at any time). */
+static int fuse_mounted(void)
+{
+    static char buf[16384];
+    int fd = open("/proc/self/mounts", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1; /* cannot tell: the safe choice */
+    size_t len = 0;
+    ssize_t n;
+    while (len < sizeof buf - 1 && (n = read(fd, buf + len, sizeof buf - 1 - len)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            close(fd);
+            return 1;
+        }
+        len += (size_t)n;
+    }
+    close(fd);
+    if (len == sizeof buf - 1)
+        return 1; /* more mounts than we read: cannot tell */
+    buf[len] = 0;
+    /* "device mountpoint type options 0 0": spaces inside fields are escaped (\040). */
+    for (char *line = buf; *line;) {
+        char *end = strchr(line, '\n');
+        if (end)
+            *end = 0;
+        char *type = strchr(line, ' ');
+        type = type ? strchr(type + 1, ' ') : NULL;
+        if (type && !strncmp(type + 1, "fuse", 4) && (type[5] == ' ' || type[5] == '.' ||
+                                                    !strncmp(type + 5, "blk ", 4)))
+            return 1;
+        if (!end)
+            break;
+        line = end + 1;
+    }
+    return 0;
+}
+
 static void start_exec(uint32_t sid, const struct jnode *req)
 {
     struct exec_req r = {0};
@@ -780,10 +819,13 @@ static void start_exec(uint32_t sid, const struct jnode *req)
             goto fail_sys;
     }
 
-    /* vfork, not fork: under TCG, fork's page-table copy and the parent's copy-on-write
-     * faults afterwards were most of an `exec true`. The parent sleeps until the child has
-     * exec'd or failed, so the error pipe already holds the outcome when it wakes. */
-    pid_t pid = vfork();
+    /* vfork, not fork: cheaper under TCG (no page-table copy, no copy-on-write faults in
+     * the agent afterwards). The parent sleeps until the child has exec'd or failed, so
+     * the error pipe already holds the outcome when it wakes. While it sleeps this loop
+     * serves nothing: when a FUSE filesystem is mounted (the workspace, served by the
+     * host through fused, whose hooks may wait on an exec of their own), the child's chdir
+     * or execve may wait on it, so then fork keeps the loop running. */
+    pid_t pid = fuse_mounted() ? fork() : vfork();
     if (pid < 0)
         goto fail_sys;
     if (pid == 0)
