@@ -3,7 +3,12 @@
 The SDK (`from matchlock import Client, Config, Sandbox, ...`) is loaded on first use of
 one of its names, so `import matchlock` stays cheap for the CLI."""
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __version__ = "0.1.0"
 

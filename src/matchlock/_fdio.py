@@ -11,8 +11,8 @@ from __future__ import annotations
 import collections
 import os
 import select
-import threading
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
 
 if TYPE_CHECKING:
     import asyncio
@@ -39,7 +39,8 @@ class FdWriter:
     `write()`/`flush()` as the OSError they were."""
 
     def __init__(self, fd: int, limit: int = DEFAULT_LIMIT) -> None:
-        import asyncio  # here: write_all's users (the exec client) do without asyncio
+        import asyncio  # here: write_all's users (the exec client) do without these
+        import threading
 
         self.fd = fd
         self._limit = limit

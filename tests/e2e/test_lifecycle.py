@@ -235,6 +235,35 @@ def _start_user_vm(ml, image: str) -> str:  # noqa: ANN001
     return p.stdout.decode().strip()
 
 
+def test_exec_spawn_errors_and_path_search(ml, vm):
+    """The guest agent resolves users before it spawns and skips missing PATH entries
+    without an execve each: what execvp would do, error for error."""
+    def err(p) -> str:  # noqa: ANN001
+        assert p.returncode == 127, p
+        return p.stderr.decode().strip()
+
+    assert err(ml("exec", vm, "-u", "nosuch", "true")) == \
+        "matchlock: user nosuch: unknown user nosuch"
+    assert err(ml("exec", vm, "-u", "root:nogrp", "true")) == \
+        "matchlock: user root:nogrp: unknown group nogrp"
+    assert err(ml("exec", vm, "nosuchcmd")) == \
+        "matchlock: exec nosuchcmd: No such file or directory"
+    ml("exec", vm, "--", "sh", "-c", "mkdir -p /tmp/pa && printf '#!/bin/sh\\necho no\\n' "
+       "> /tmp/pa/true && chmod 644 /tmp/pa/true", check=True)
+    # not executable, a file as a directory, then the real one: runs /bin/true
+    p = ml("exec", vm, "-e", "PATH=/tmp/pa:/etc/passwd:/nonexistent:/bin", "true")
+    assert p.returncode == 0 and p.stdout == b"", p
+    # only the non-executable one: EACCES is what is reported, as execvp does
+    assert err(ml("exec", vm, "-e", "PATH=/nonexistent:/tmp/pa", "true")) == \
+        "matchlock: exec true: Permission denied"
+    # identity and HOME from the resolved user; a HOME the request sets wins
+    p = ml("exec", vm, "-u", "nobody", "--", "sh", "-c", "id -u; id -g; echo $HOME", check=True)
+    assert p.stdout.decode().split() == ["65534", "65534", "/nonexistent"]
+    p = ml("exec", vm, "-u", "65534:0", "-e", "HOME=/x", "--", "sh", "-c",
+           "id -u; id -g; echo $HOME", check=True)
+    assert p.stdout.decode().split() == ["65534", "0", "/x"]
+
+
 def test_exec_ctrl_c_stops_only_that_process(ml, ml_env, vm):
     proc = subprocess.Popen([*matchlock_cmd(), "exec", vm, "--", "sh", "-c",
                              "echo $$; exec sleep 1000"], stdout=subprocess.PIPE,
@@ -279,6 +308,64 @@ def test_slow_reader_does_not_delay_another_exec(ml, ml_env, vm):
     print(f"exec true: {before:.0f} ms before, {during:.0f} ms with a stalled reader, "
           f"{after:.0f} ms after")
     assert during - max(before, after) < 100, (before, during, after)
+
+
+def _stalled_guest_cat(ml, vm_id: str, size: int, deadline_s: float = 20) -> int:  # noqa: ANN001
+    """Wait until the guest `cat` of a `size`-byte file has stopped reading (its reader is
+    held back); returns its file position. Judged from the guest's own fdinfo."""
+    script = "p=$(pidof cat) && sed -n 's/^pos:[[:space:]]*//p' /proc/$p/fdinfo/3"
+    last, deadline = -1, time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        out = ml("exec", vm_id, "--", "sh", "-c", script).stdout.decode().strip()
+        pos = int(out) if out.isdigit() else -1
+        if 0 < pos < size and pos == last:
+            return pos
+        last = pos
+        time.sleep(0.3)
+    raise AssertionError(f"the guest cat never stalled (last position {last} of {size})")
+
+
+def test_slow_reader_does_not_delay_http_traffic(ml, ml_env, state_home):
+    """The VM's HTTP traffic (host -> `-p` forward -> guest httpd, served by the same
+    supervisor loop) while another client's exec output is held back by a slow reader."""
+    import urllib.request
+
+    pub, size = _free_port(), 64 << 20
+    vm_id = _start(ml, "--no-network", "-p", f"{pub}:8000")
+    try:
+        ml("exec", vm_id, "--", "sh", "-c",
+           f"mkdir -p /tmp/w && echo small > /tmp/w/f && head -c {size} /dev/zero > /root/big"
+           " && busybox httpd -p 127.0.0.1:8000 -h /tmp/w </dev/null >/dev/null 2>&1",
+           check=True)
+
+        def http_ms(n: int = 20) -> float:
+            times = []
+            for _ in range(n):
+                t0 = time.monotonic()
+                with urllib.request.urlopen(f"http://127.0.0.1:{pub}/f", timeout=30) as r:
+                    assert r.read() == b"small\n"
+                times.append((time.monotonic() - t0) * 1000)
+            return statistics.median(times)
+
+        before = http_ms()
+        cmd = " ".join(matchlock_cmd())
+        slow = subprocess.Popen(["bash", "-c", f"{cmd} exec {vm_id} -- cat /root/big | "
+                                "(sleep 15; cat) >/dev/null"], env=ml_env)
+        try:
+            pos = _stalled_guest_cat(ml, vm_id, size)
+            during = http_ms()
+            assert slow.poll() is None, "the slow reader finished too early to test anything"
+            # still held back while we measured: the guest cat has not moved on
+            assert _stalled_guest_cat(ml, vm_id, size) == pos
+        finally:
+            assert slow.wait(120) == 0
+        after = http_ms()
+        print(f"HTTP GET via -p: {before:.1f} ms before, {during:.1f} ms with a stalled "
+              f"reader (guest cat held at {pos} of {size} bytes), {after:.1f} ms after")
+        assert during - max(before, after) < 100, (before, during, after)
+    finally:
+        _remove(ml, vm_id)
+    assert_gone(state_home, vm_id)
 
 
 def test_exec_into_a_foreground_vm_and_kill_it(ml, ml_env, state_home):

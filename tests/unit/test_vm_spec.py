@@ -70,3 +70,19 @@ def test_qemu_runs_under_its_seccomp_sandbox(tmp_path):
     sandbox = argv[argv.index("-sandbox") + 1]
     assert sandbox.startswith("on,") and "spawn=deny" in sandbox
     assert "elevateprivileges=deny" in sandbox
+
+
+def test_tcg_translation_buffer_is_capped(tmp_path, monkeypatch):
+    from matchlock.errors import ConfigError
+    from matchlock.vm.qemu import TCG_TB_MIB
+
+    spec = _spec(tmp_path)
+    monkeypatch.delenv("MATCHLOCK_TCG_TB_MIB", raising=False)
+    argv = build_argv(spec, "qemu", 3)
+    assert argv[argv.index("-accel") + 1] == f"tcg,tb-size={TCG_TB_MIB}"
+    monkeypatch.setenv("MATCHLOCK_TCG_TB_MIB", "256")
+    argv = build_argv(spec, "qemu", 3)
+    assert argv[argv.index("-accel") + 1] == "tcg,tb-size=256"
+    monkeypatch.setenv("MATCHLOCK_TCG_TB_MIB", "0")
+    with pytest.raises(ConfigError, match="MATCHLOCK_TCG_TB_MIB"):
+        build_argv(spec, "qemu", 3)

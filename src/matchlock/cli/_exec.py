@@ -19,7 +19,6 @@ import selectors
 import signal
 import sys
 import time
-from typing import Any
 
 from matchlock._fdio import write_all
 from matchlock.errors import Cancelled, UsageError, VmNotFound, VmNotRunning
@@ -32,6 +31,10 @@ from matchlock.rpc._codec import (
     encode_raw,
     encode_request,
 )
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
+if TYPE_CHECKING:
+    from typing import Any
 
 STDIN_CHUNK = 1 << 16
 MAX_PENDING_OUT = 1 << 18  # stdin bytes queued for the socket before stdin is paused

@@ -19,7 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, NamedTuple
+from collections import namedtuple
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (see below)
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+
 
 # Longest line a peer may send (the reference server's limit): bounds the buffer.
 MAX_LINE = 10 << 20
@@ -39,46 +44,52 @@ class ProtocolError(Exception):
     """The peer broke the framing (a line longer than MAX_LINE): end the session."""
 
 
-# Messages are immutable NamedTuples rather than dataclasses: `matchlock exec` imports
-# this module on its start-up path, and dataclasses (with inspect) cost ~20 ms there.
+# Messages are immutable named tuples rather than dataclasses: `matchlock exec` imports
+# this module on its start-up path, and dataclasses (with inspect) cost ~20 ms there, and
+# typing (for typing.NamedTuple) another ~4 ms; so type checkers read the typed classes
+# below and the runtime builds the same tuples with collections.namedtuple.
 
+if TYPE_CHECKING:
 
-class Request(NamedTuple):
-    """Client -> server. `id` None: a notification (no response is expected)."""
+    class Request(NamedTuple):
+        """Client -> server. `id` None: a notification (no response is expected)."""
 
-    method: str
-    params: dict[str, Any]
-    id: int | None = None
+        method: str
+        params: dict[str, Any]
+        id: int | None = None
 
+    class Response(NamedTuple):
+        """Server -> client: `error` is (code, message) or None."""
 
-class Response(NamedTuple):
-    """Server -> client: `error` is (code, message) or None."""
+        id: int | None
+        result: dict[str, Any] | None = None
+        error: tuple[int, str] | None = None
 
-    id: int | None
-    result: dict[str, Any] | None = None
-    error: tuple[int, str] | None = None
+    class Notification(NamedTuple):
+        """Server -> client, no id. `data` holds the decoded bytes of a data notification."""
 
+        method: str
+        params: dict[str, Any]
+        data: bytes | None = None
 
-class Notification(NamedTuple):
-    """Server -> client, no id. `data` holds the decoded bytes of a data notification."""
+    class Raw(NamedTuple):
+        """A raw-payload message: `method` with params {"id": id} and `data` bytes."""
 
-    method: str
-    params: dict[str, Any]
-    data: bytes | None = None
+        method: str
+        id: int
+        data: bytes
 
+    class Invalid(NamedTuple):
+        """A line that is not a valid message; the server answers -32700 and goes on."""
 
-class Raw(NamedTuple):
-    """A raw-payload message: `method` with params {"id": id} and `data` bytes."""
+        reason: str
 
-    method: str
-    id: int
-    data: bytes
-
-
-class Invalid(NamedTuple):
-    """A line that is not a valid message; the server answers -32700 and goes on."""
-
-    reason: str
+else:
+    Request = namedtuple("Request", "method params id", defaults=(None,))
+    Response = namedtuple("Response", "id result error", defaults=(None, None))
+    Notification = namedtuple("Notification", "method params data", defaults=(None,))
+    Raw = namedtuple("Raw", "method id data")
+    Invalid = namedtuple("Invalid", "reason")
 
 
 class LineDecoder:

@@ -7,7 +7,10 @@ Imported lazily so that the client side does not pay for the server side.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # no typing import on the exec start-up path
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __all__ = ["Supervisor", "VmTarget", "daemon_main", "spawn_detached"]
 

@@ -6,27 +6,34 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from os import PathLike
+
+    StrPath = str | PathLike[str]  # a str on the exec client's path: no pathlib import
 
 MAX_SUN_PATH = 100  # of 108, leaving room for the terminator and the odd multi-byte name
 CONTROL_SOCKET = "control.sock"
 
 
 @contextlib.contextmanager
-def _short(path: Path) -> Iterator[str]:
-    p = str(path)
+def _short(path: StrPath) -> Iterator[str]:
+    p = os.fspath(path)
     if len(p.encode()) <= MAX_SUN_PATH:
         yield p
         return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    parent, name = os.path.split(p)
+    fd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
+        yield f"/proc/self/fd/{fd}/{name}"
     finally:
         os.close(fd)
 
 
-def bind_unix(path: Path, backlog: int = 64) -> socket.socket:
+def bind_unix(path: StrPath, backlog: int = 64) -> socket.socket:
     """A listening, non-blocking socket at `path`, mode 0600 (owner only)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -41,7 +48,7 @@ def bind_unix(path: Path, backlog: int = 64) -> socket.socket:
     return s
 
 
-def connect_unix(path: Path, timeout: float | None = None) -> socket.socket:
+def connect_unix(path: StrPath, timeout: float | None = None) -> socket.socket:
     """A blocking connection to `path`; OSError (ENOENT, ECONNREFUSED, ...) as it comes."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -6,16 +6,19 @@ asyncio. Server errors come back as the typed errors their codes name.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from pathlib import Path
-from typing import Any
 
 from matchlock import errors
 from matchlock.errors import ErrorCode, MatchlockError, VmNotRunning
-from matchlock.paths import vms_dir
+from matchlock.paths import state_dir_str
 from matchlock.rpc._codec import LineDecoder, Response, decode_server_line, encode_request
 from matchlock.supervisor._socket import CONTROL_SOCKET, connect_unix
+
+TYPE_CHECKING = False  # no typing import on the exec start-up path
+if TYPE_CHECKING:
+    from typing import Any
 
 _BY_CODE: dict[int, type[MatchlockError]] = {
     ErrorCode.INVALID_PARAMS: errors.UsageError,
@@ -25,8 +28,8 @@ _BY_CODE: dict[int, type[MatchlockError]] = {
 }
 
 
-def control_path(vm_id: str) -> Path:
-    return vms_dir() / vm_id / CONTROL_SOCKET
+def control_path(vm_id: str) -> str:
+    return os.path.join(state_dir_str(), "vms", vm_id, CONTROL_SOCKET)
 
 
 def error_from(code: int, message: str, vm_id: str | None = None) -> MatchlockError:
