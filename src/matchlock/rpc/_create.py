@@ -20,6 +20,7 @@ from matchlock.net.config import (
     parse_private_exceptions,
 )
 from matchlock.net.policy import normalise_glob
+from matchlock.net.proxy._rules import compile_rules
 from matchlock.net.types import Secret
 from matchlock.sandbox import SandboxConfig
 
@@ -203,9 +204,7 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
     if no_network and (allowed or secrets or intercept):
         raise UsageError("invalid configuration: no_network cannot be combined with "
                          "allowed_hosts, secrets, intercept or interception")
-    interception = net.get("interception")
-    if isinstance(interception, dict) and interception.get("rules"):
-        raise NotAvailable("network.interception rules are not available yet in this build")
+    hook_rules, callback_socket = compile_rules(net.get("interception"), normalise_glob)
     mtu = net.get("mtu") or DEFAULT_MTU
     if isinstance(mtu, int | float) and not isinstance(mtu, bool) and mtu <= 0:
         mtu = DEFAULT_MTU
@@ -233,6 +232,9 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
                                                             for g in s.hosts))))
         network = dataclasses.replace(network, mode="intercept", secrets=secrets,
                                       allow_hosts=globs)
+    if hook_rules:
+        network = dataclasses.replace(network, hook_rules=hook_rules,
+                                      callback_socket=callback_socket)
     if not block_private and not no_network:
         network = dataclasses.replace(network, allow_private_ranges=True)
 

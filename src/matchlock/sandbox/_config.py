@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matchlock.errors import ConfigError
-from matchlock.net.types import NetworkConfig, PrivateException, Secret
+from matchlock.net.types import HookRule, NetworkConfig, PrivateException, Secret
 from matchlock.sandbox._ports import PortSpec
 from matchlock.vm.spec import MIN_MEMORY_MIB, vcpus_for
 
@@ -90,6 +90,7 @@ class SandboxConfig:
                                for s in net.get("secrets", ()))
         net["dns_servers"] = tuple(net.get("dns_servers", ()))
         net["allow_private"] = tuple(PrivateException(**e) for e in net.get("allow_private", ()))
+        net["hook_rules"] = tuple(HookRule.from_wire(r) for r in net.get("hook_rules", ()))
         kw = dict(d)
         kw["network"] = NetworkConfig(**net)
         kw["env"] = tuple((str(k), str(v)) for k, v in d.get("env", ()))
