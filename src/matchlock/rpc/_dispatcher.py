@@ -36,6 +36,7 @@ from matchlock.rpc._codec import (
     unb64,
 )
 from matchlock.sandbox import ExecRequest, ExecResult, PortSpec, Process
+from matchlock.sandbox._events import is_wire_event
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class Session:
         self._by_id: dict[int, asyncio.Task] = {}
         self._inputs: dict[int, _Input] = {}
         self._closed = False
+        self._forwarder: asyncio.Task | None = None  # `event` notifications after create
         self._handlers: dict[str, Callable[[Request], Awaitable[dict[str, Any]]]] = {
             "create": self._create,
             "exec": self._exec,
@@ -316,6 +318,7 @@ class Session:
     async def shutdown(self) -> None:
         """The client went away: cancel everything it started."""
         self._closed = True
+        self._stop_forwarding()
         tasks = self._inflight()
         for t in tasks:
             t.cancel()
@@ -327,7 +330,24 @@ class Session:
     # -- handlers ------------------------------------------------------------------------
 
     async def _create(self, msg: Request) -> dict[str, Any]:
-        return {"id": await self.target.create(msg.params)}
+        vm_id = await self.target.create(msg.params)
+        # §2.1.4 step 6: the VM's network exchanges and blocks as `event` notifications
+        self._stop_forwarding()
+        self._forwarder = spawn(self._forward_events(), name="rpc-events")
+        return {"id": vm_id}
+
+    async def _forward_events(self) -> None:
+        try:
+            async for ev in self.target.events():
+                if is_wire_event(ev):
+                    await self._send(encode_notification("event", ev))
+        except (ConnectionError, RuntimeError, MatchlockError) as e:
+            log.debug("event forwarding stopped: %s", e)
+
+    def _stop_forwarding(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.cancel()
+            self._forwarder = None
 
     async def _info(self, msg: Request) -> dict[str, Any]:
         return self.target.info()
@@ -455,6 +475,7 @@ class Session:
             await self.target.close(timeout)
         finally:
             self._closed = True
+            self._stop_forwarding()
         return {}
 
 
