@@ -73,13 +73,13 @@ def _num(d: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
     return default if v <= 0 else kind(v)
 
 
-def _env(v: Any) -> tuple[tuple[str, str], ...]:
+def _env(v: Any, what: str = "env") -> tuple[tuple[str, str], ...]:
     if v is None:
         return ()
     if not isinstance(v, dict) or not all(
             isinstance(k, str) and _NAME_RE.match(k) and isinstance(s, str)
             for k, s in v.items()):
-        raise UsageError("env must be a map of variable names to strings")
+        raise UsageError(f"{what} must be a map of variable names to strings")
     return tuple(v.items())
 
 
@@ -158,21 +158,28 @@ def _check_vfs(vfs: dict[str, Any]) -> None:
                            "vfs.mounts (and the SDK's mounts/workspace)")
 
 
-def _image_config(v: Any) -> str | None:
-    """Only `user` is honoured; other overrides are refused rather than ignored."""
+def _image_config(v: Any) -> dict[str, Any]:
+    """image_config overrides (§2.1.1), as SandboxConfig keywords."""
     if v is None:
-        return None
+        return {}
     if not isinstance(v, dict):
         raise UsageError("image_config must be an object")
-    user = v.get("user") or None
-    if user is not None and not isinstance(user, str):
-        raise UsageError("image_config.user must be a string")
-    unsupported = [k for k in ("working_dir", "entrypoint", "cmd", "env")
-                   if v.get(k) not in (None, "")]
-    if unsupported:
-        raise NotAvailable(f"image_config.{unsupported[0]} is not available yet in this "
-                           "build: only image_config.user is")
-    return user
+    out: dict[str, Any] = {}
+    for key, kw in (("user", "user"), ("working_dir", "image_working_dir")):
+        s = v.get(key)
+        if s is not None and not isinstance(s, str):
+            raise UsageError(f"image_config.{key} must be a string")
+        if s:
+            out[kw] = s
+    wd = out.get("image_working_dir")
+    if wd is not None and not wd.startswith("/"):
+        raise UsageError(f"image_config.working_dir must be an absolute path (got {wd!r})")
+    for key in ("entrypoint", "cmd"):
+        if v.get(key) is not None:
+            out[f"image_{key}"] = tuple(_strs(v[key], f"image_config.{key}"))
+    if v.get("env") is not None:
+        out["image_env"] = _env(v["env"], "image_config.env")
+    return out
 
 
 def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> CreatePlan:
@@ -246,7 +253,7 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
         memory_mib=_num(res, "memory_mb", 512, int),
         disk_size_mib=_num(res, "disk_size_mb", 5120, int), hostname=hostname,
         no_network=no_network, kernel=kernel, network=network,
-        env=_env(params.get("env")), user=_image_config(params.get("image_config")))
+        env=_env(params.get("env")), **_image_config(params.get("image_config")))
     config.validate()
     return CreatePlan(config=config, launch_entrypoint=launch)
 

@@ -221,3 +221,37 @@ def test_events_are_forwarded_after_create():
         "response_bytes": 2, "blocked": False}
     assert b["network"]["blocked"] is True and b["network"]["block_reason"] == "not allowed"
     assert out[0] == {"jsonrpc": "2.0", "id": 1, "result": {"id": "vm-12345678"}}
+
+
+def test_image_config_overrides_every_field():
+    from matchlock.sandbox import SandboxConfig
+    from matchlock.sandbox._command import ImageDefaults, compose_argv, overlay_image
+
+    plan = plan_create({"image": "b", "image_config": {
+        "user": "nobody", "working_dir": "/srv", "entrypoint": ["sh", "-lc"],
+        "cmd": ["echo hello world"], "env": {"ONLY": "this"}}})
+    c = plan.config
+    assert SandboxConfig.from_wire(c.to_wire()) == c
+    img = ImageDefaults(env=("PATH=/bin", "OLD=1"), entrypoint=("/init",), cmd=("serve",),
+                        working_dir="/app", user="app")
+    o = overlay_image(img, c)
+    assert (o.env, o.entrypoint, o.cmd, o.working_dir) == (
+        ("ONLY=this",), ("sh", "-lc"), ("echo hello world",), "/srv")
+    assert compose_argv(o, (), None) == ["sh", "-lc", "echo hello world"]
+    assert c.user == "nobody"
+    # absent fields keep the image's; an empty list clears (present, non-null)
+    c2 = plan_create({"image": "b", "image_config": {"cmd": []}}).config
+    o2 = overlay_image(img, c2)
+    assert (o2.env, o2.entrypoint, o2.cmd, o2.working_dir) == (img.env, ("/init",), (), "/app")
+    assert overlay_image(img, plan_create({"image": "b"}).config) is img
+
+
+@pytest.mark.parametrize("ic,needle", [
+    ({"working_dir": "rel"}, "absolute path"),
+    ({"entrypoint": "sh"}, "entrypoint must be a list"),
+    ({"env": {"1X": "y"}}, "image_config.env must be"),
+    ({"user": 5}, "user must be a string"),
+])
+def test_bad_image_config(ic, needle):
+    with pytest.raises(UsageError, match=needle):
+        plan_create({"image": "b", "image_config": ic})
