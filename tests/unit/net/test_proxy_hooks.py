@@ -251,3 +251,18 @@ def test_allowed_event_has_wire_fields(env, hooks):
     f = ev.fields
     assert f["url"] == "https://api.test/x" and f["status_code"] == 200
     assert f["method"] == "GET" and f["response_bytes"] == 2 and f["duration_ms"] >= 0
+
+
+def test_callback_socket_of_another_user_is_refused(env, hooks, monkeypatch):
+    """The socket path comes from the RPC client: a peer that is not the SDK's user (e.g.
+    another service's socket) gets nothing and the request is blocked."""
+    import matchlock.net.proxy._callbacks as cb
+
+    hooks.fns[1] = lambda req: None
+    port = _proxy(env, hooks, {"name": "cb", "callback_id": "network_hook_1"})
+    assert _client(env, port).request("GET", "/x", "api.test")[0] == 200  # control
+    monkeypatch.setattr(cb, "allowed_peer_uids", lambda: frozenset({54321}))
+    n = len(env.upstream.seen)
+    status, _, body = _client(env, port).request("GET", "/x", "api.test")
+    assert status == 403 and b"uid" in body and len(env.upstream.seen) == n
+    assert hooks.calls == [hooks.calls[0]]  # the SDK was never asked the second time
