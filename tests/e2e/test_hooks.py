@@ -177,22 +177,3 @@ def test_rules_and_callbacks(which, upstreams, ml_env, debian_image, state_home,
         assert len(blocked) >= 6 and all("blocked by policy" in e[5] for e in blocked), blocked
     assert residue(state_home)["qemu"] == before
 
-
-def test_network_hooks_example(upstreams, ml_env, debian_image, state_home,  # noqa: F811
-                               qemu_present) -> None:
-    """examples/python/network_hooks.py against the real upstream."""
-    before = residue(state_home)
-    env = {**ml_env, "MATCHLOCK_EXAMPLE_IMAGE": debian_image,
-           "EXAMPLE_API_URL": "https://api.test/", "EXAMPLE_API_IP": upstreams.api,
-           "MATCHLOCK_UPSTREAM_CA": str(upstreams.ca)}
-    env.pop("MATCHLOCK_BIN", None)
-    mark = upstreams.mark()
-    proc = subprocess.run([sys.executable, str(ROOT / "examples/python/network_hooks.py")],
-                          env=env, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT / "examples/python")
-    assert proc.returncode == 0, f"network_hooks.py failed:\n{proc.stdout}\n{proc.stderr}"
-    reqs = [r for r in upstreams.records("req", since=mark)
-            if r["server"].startswith(upstreams.api)]
-    assert [r["target"] for r in reqs] == ["/"]  # /admin never arrived
-    assert reqs[0]["headers"]["x-agent"] == "matchlock-example"
-    assert residue(state_home)["qemu"] == before["qemu"]
