@@ -178,5 +178,10 @@ class NetworkStack:
             from matchlock.net.ca import CertificateAuthority  # intercept mode only
 
             self.ca = CertificateAuthority.generate()
-        return InterceptProxy(self.policy, self.ca, self.emit)
+        rules = None
+        if self.config.hook_rules:
+            from matchlock.net.proxy._rules import RuleSet
+
+            rules = RuleSet(self.config.hook_rules, self.config.callback_socket)
+        return InterceptProxy(self.policy, self.ca, self.emit, rules=rules)
 

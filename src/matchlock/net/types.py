@@ -50,6 +50,40 @@ class PrivateException:
 
 
 @dataclass(frozen=True, slots=True)
+class HookRule:
+    """One compiled network interception rule (spec/rpc-protocol.md §2.1.2): the wire's
+    NetworkHookRule with defaults applied, keys trimmed, header names canonical, and the
+    mutation fields of the other phase dropped. Matching and applying: net/proxy/_rules.py."""
+
+    name: str = ""
+    phase: str = "before"  # "before" | "after"
+    hosts: tuple[str, ...] = ()  # normalised globs; empty = every host
+    methods: tuple[str, ...] = ()  # upper-case; empty = every method
+    path: str = ""  # Go path.Match glob on the URL path; empty = every path
+    action: str = "allow"  # "allow" (only with a callback) | "block" | "mutate"
+    callback_id: str = ""
+    timeout_ms: int = 0
+    set_headers: tuple[tuple[str, str], ...] = ()
+    delete_headers: tuple[str, ...] = ()
+    set_query: tuple[tuple[str, str], ...] = ()
+    delete_query: tuple[str, ...] = ()
+    rewrite_path: str = ""
+    set_response_headers: tuple[tuple[str, str], ...] = ()
+    delete_response_headers: tuple[str, ...] = ()
+    body_replacements: tuple[tuple[str, str], ...] = ()  # (find, replace), literal
+
+    @classmethod
+    def from_wire(cls, d: dict) -> HookRule:
+        kw = dict(d)
+        for k in ("hosts", "methods", "delete_headers", "delete_query",
+                  "delete_response_headers"):
+            kw[k] = tuple(kw.get(k, ()))
+        for k in ("set_headers", "set_query", "set_response_headers", "body_replacements"):
+            kw[k] = tuple(tuple(p) for p in kw.get(k, ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkConfig:
     mode: NetworkMode = "open"
     allow_hosts: tuple[str, ...] = ()  # globs; secret hosts are added to it
@@ -62,6 +96,10 @@ class NetworkConfig:
     # the reference's block_private_ips=false (RPC/SDK only): lifts its private set (RFC 1918,
     # link-local, ULA), never the other special ranges and never the host's own addresses
     allow_private_ranges: bool = False
+    # interception rules from the RPC `create` (network.interception) and the SDK-owned Unix
+    # socket their callbacks are asked over
+    hook_rules: tuple[HookRule, ...] = ()
+    callback_socket: str = ""
 
     def public_view(self) -> dict:
         """What may be stored (state DB) or shown (inspect): secrets without values."""
@@ -75,6 +113,8 @@ class NetworkConfig:
             "mtu": self.mtu,
             "allow_private": [str(e) for e in self.allow_private],
             "allow_private_ranges": self.allow_private_ranges,
+            "hook_rules": [{"name": r.name, "phase": r.phase, "action": r.action,
+                            "callback": bool(r.callback_id)} for r in self.hook_rules],
         }
 
 

@@ -22,6 +22,7 @@ from matchlock.net.config import (
     parse_private_exceptions,
 )
 from matchlock.net.policy import normalise_glob
+from matchlock.net.proxy._rules import compile_rules
 from matchlock.net.types import Secret
 from matchlock.sandbox import SandboxConfig
 from matchlock.vfs._hooks import HookRule
@@ -85,13 +86,13 @@ def _num(d: Mapping[str, Any], key: str, default: Any, kind: type) -> Any:
     return default if v <= 0 else kind(v)
 
 
-def _env(v: Any) -> tuple[tuple[str, str], ...]:
+def _env(v: Any, what: str = "env") -> tuple[tuple[str, str], ...]:
     if v is None:
         return ()
     if not isinstance(v, dict) or not all(
             isinstance(k, str) and _NAME_RE.match(k) and isinstance(s, str)
             for k, s in v.items()):
-        raise UsageError("env must be a map of variable names to strings")
+        raise UsageError(f"{what} must be a map of variable names to strings")
     return tuple(v.items())
 
 
@@ -293,21 +294,28 @@ def _vfs(vfs: dict[str, Any]) -> VfsPlan:
     return VfsPlan(MountConfig(workspace=ws, mounts=specs), rules, emit)
 
 
-def _image_config(v: Any) -> str | None:
-    """Only `user` is honoured; other overrides are refused rather than ignored."""
+def _image_config(v: Any) -> dict[str, Any]:
+    """image_config overrides (§2.1.1), as SandboxConfig keywords."""
     if v is None:
-        return None
+        return {}
     if not isinstance(v, dict):
         raise UsageError("image_config must be an object")
-    user = v.get("user") or None
-    if user is not None and not isinstance(user, str):
-        raise UsageError("image_config.user must be a string")
-    unsupported = [k for k in ("working_dir", "entrypoint", "cmd", "env")
-                   if v.get(k) not in (None, "")]
-    if unsupported:
-        raise NotAvailable(f"image_config.{unsupported[0]} is not available yet in this "
-                           "build: only image_config.user is")
-    return user
+    out: dict[str, Any] = {}
+    for key, kw in (("user", "user"), ("working_dir", "image_working_dir")):
+        s = v.get(key)
+        if s is not None and not isinstance(s, str):
+            raise UsageError(f"image_config.{key} must be a string")
+        if s:
+            out[kw] = s
+    wd = out.get("image_working_dir")
+    if wd is not None and not wd.startswith("/"):
+        raise UsageError(f"image_config.working_dir must be an absolute path (got {wd!r})")
+    for key in ("entrypoint", "cmd"):
+        if v.get(key) is not None:
+            out[f"image_{key}"] = tuple(_strs(v[key], f"image_config.{key}"))
+    if v.get("env") is not None:
+        out["image_env"] = _env(v["env"], "image_config.env")
+    return out
 
 
 def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> CreatePlan:
@@ -338,9 +346,7 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
     if no_network and (allowed or secrets or intercept):
         raise UsageError("invalid configuration: no_network cannot be combined with "
                          "allowed_hosts, secrets, intercept or interception")
-    interception = net.get("interception")
-    if isinstance(interception, dict) and interception.get("rules"):
-        raise NotAvailable("network.interception rules are not available yet in this build")
+    hook_rules, callback_socket = compile_rules(net.get("interception"), normalise_glob)
     mtu = net.get("mtu") or DEFAULT_MTU
     if isinstance(mtu, int | float) and not isinstance(mtu, bool) and mtu <= 0:
         mtu = DEFAULT_MTU
@@ -368,6 +374,9 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
                                                             for g in s.hosts))))
         network = dataclasses.replace(network, mode="intercept", secrets=secrets,
                                       allow_hosts=globs)
+    if hook_rules:
+        network = dataclasses.replace(network, hook_rules=hook_rules,
+                                      callback_socket=callback_socket)
     if not block_private and not no_network:
         network = dataclasses.replace(network, allow_private_ranges=True)
 
@@ -379,7 +388,7 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
         memory_mib=_num(res, "memory_mb", 512, int),
         disk_size_mib=_num(res, "disk_size_mb", 5120, int), hostname=hostname,
         no_network=no_network, kernel=kernel, network=network,
-        env=_env(params.get("env")), user=_image_config(params.get("image_config")),
+        env=_env(params.get("env")), **_image_config(params.get("image_config")),
         mounts=dataclasses.replace(vfs.mounts, disks=disks))
     config.validate()
     return CreatePlan(config=config, launch_entrypoint=launch, vfs_rules=vfs.rules,

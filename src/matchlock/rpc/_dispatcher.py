@@ -36,6 +36,7 @@ from matchlock.rpc._codec import (
     unb64,
 )
 from matchlock.sandbox import ExecRequest, ExecResult, PortSpec, Process
+from matchlock.sandbox._events import is_wire_event
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Session:
         self._by_id: dict[int, asyncio.Task] = {}
         self._inputs: dict[int, _Input] = {}
         self._closed = False
-        self._event_task: asyncio.Task | None = None  # `event` notifications after create
+        self._forwarder: asyncio.Task | None = None  # `event` notifications after create
         self._handlers: dict[str, Callable[[Request], Awaitable[dict[str, Any]]]] = {
             "create": self._create,
             "exec": self._exec,
@@ -317,7 +318,7 @@ class Session:
     async def shutdown(self) -> None:
         """The client went away: cancel everything it started."""
         self._closed = True
-        self._stop_events()
+        self._stop_forwarding()
         tasks = self._inflight()
         for t in tasks:
             t.cancel()
@@ -330,26 +331,29 @@ class Session:
 
     async def _create(self, msg: Request) -> dict[str, Any]:
         vm_id = await self.target.create(msg.params)
-        # Subscribed before the answer goes out: no event of the new VM is missed.
+        # §2.1.4 step 6: the VM's network exchanges and blocks (and file operations) as
+        # `event` notifications. Subscribed before the answer goes out: none is missed.
+        self._stop_forwarding()
         events = self.target.events()
-        self._event_task = spawn(self._forward(events), name="rpc-events")
+        self._forwarder = spawn(self._forward_events(events), name="rpc-events")
         return {"id": vm_id}
 
-    async def _forward(self, events: AsyncIterator[dict[str, Any]]) -> None:
+    async def _forward_events(self, events: AsyncIterator[dict[str, Any]]) -> None:
         try:
             async for ev in events:
-                await self._send(encode_notification("event", ev))
-        except (ConnectionError, RuntimeError):
-            pass  # the client is gone
+                if is_wire_event(ev):
+                    await self._send(encode_notification("event", ev))
+        except (ConnectionError, RuntimeError, MatchlockError) as e:
+            log.debug("event forwarding stopped: %s", e)
         finally:
             close = getattr(events, "close", None)
             if close is not None:
                 close()  # unsubscribe (a hub subscription)
 
-    def _stop_events(self) -> None:
-        if self._event_task is not None:
-            self._event_task.cancel()
-            self._event_task = None
+    def _stop_forwarding(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.cancel()
+            self._forwarder = None
 
     async def _info(self, msg: Request) -> dict[str, Any]:
         return self.target.info()
@@ -477,7 +481,7 @@ class Session:
             await self.target.close(timeout)
         finally:
             self._closed = True
-            self._stop_events()
+            self._stop_forwarding()
         return {}
 
 

@@ -84,7 +84,9 @@ class StdioTarget:
     async def _launch(self, sup: Any) -> None:
         """The image's ENTRYPOINT/CMD, detached, until `close` (§2.1.4 step 5)."""
         proc = await sup.sandbox.exec(ExecRequest(argv=(), image_command=True))
-        self._entrypoint = spawn(_drain(proc), name=f"entrypoint-{sup.id}")
+        # its output goes to the VM's log (the supervisor's file: `matchlock log`, RPC `log`)
+        self._entrypoint = spawn(_drain(proc, sup.sandbox.log_paths[1]),
+                                 name=f"entrypoint-{sup.id}")
         done, _ = await asyncio.wait({self._entrypoint}, timeout=ENTRYPOINT_SETTLE_S)
         if done:
             code = self._entrypoint.result()
@@ -147,10 +149,20 @@ class StdioTarget:
         await sup.remove()
 
 
-async def _drain(proc: Process) -> int:
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+async def _drain(proc: Process, log_path: Path | None = None) -> int:
     try:
-        while await proc.read() is not None:
-            pass
+        while (chunk := await proc.read()) is not None:
+            if log_path is not None:
+                try:
+                    await asyncio.to_thread(_append, log_path, chunk[1])
+                except OSError as e:
+                    log.debug("entrypoint output not logged: %s", e)
+                    log_path = None
         return (await proc.wait()).exit_code
     except asyncio.CancelledError:
         with contextlib.suppress(MatchlockError):

@@ -20,6 +20,21 @@ class ImageDefaults:
     user: str = ""
 
 
+def overlay_image(image: ImageDefaults, config) -> ImageDefaults:
+    """`image_config` overrides (RPC create, spec §2.1.1) over the image's own config, per
+    field: a non-empty working_dir replaces; entrypoint/cmd/env replace when given (env as
+    a whole). `config`: a SandboxConfig."""
+    c = config
+    if not (c.image_working_dir or c.image_entrypoint is not None or c.image_cmd is not None
+            or c.image_env is not None):
+        return image
+    return ImageDefaults(
+        env=image.env if c.image_env is None else tuple(f"{k}={v}" for k, v in c.image_env),
+        entrypoint=image.entrypoint if c.image_entrypoint is None else c.image_entrypoint,
+        cmd=image.cmd if c.image_cmd is None else c.image_cmd,
+        working_dir=c.image_working_dir or image.working_dir, user=image.user)
+
+
 def compose_argv(
     image: ImageDefaults, args: Sequence[str], entrypoint: str | None
 ) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matchlock.errors import ConfigError
-from matchlock.net.types import NetworkConfig, PrivateException, Secret
+from matchlock.net.types import HookRule, NetworkConfig, PrivateException, Secret
 from matchlock.sandbox._ports import PortSpec
 from matchlock.vfs._spec import DiskSpec, MountConfig, MountSpec
 from matchlock.vm.spec import MIN_MEMORY_MIB, vcpus_for
@@ -36,6 +36,12 @@ class SandboxConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     env: tuple[tuple[str, str], ...] = ()  # the VM's own variables (every exec gets them)
     user: str | None = None  # every exec's default user (None: the image's USER)
+    # image_config overrides (RPC create): None = the image's own value. `image_env`
+    # replaces the image's whole env; entrypoint/cmd replace when not None.
+    image_working_dir: str = ""
+    image_entrypoint: tuple[str, ...] | None = None
+    image_cmd: tuple[str, ...] | None = None
+    image_env: tuple[tuple[str, str], ...] | None = None
     publish: tuple[PortSpec, ...] = ()
     addresses: tuple[str, ...] = ("127.0.0.1",)
     mounts: MountConfig = field(default_factory=MountConfig)  # workspace, -v, --disk
@@ -73,6 +79,9 @@ class SandboxConfig:
             "no_network": self.no_network, "kernel": self.kernel, "accel": self.accel,
             "machine": self.machine, "network": self.net.public_view(),
             "env": dict(self.env), "user": self.user,
+            "image_config": {"working_dir": self.image_working_dir,
+                             "entrypoint": self.image_entrypoint, "cmd": self.image_cmd,
+                             "env": None if self.image_env is None else dict(self.image_env)},
             "ports": [{"local_port": p.local, "remote_port": p.remote} for p in self.publish],
             "addresses": list(self.addresses),
             "mounts": mounts_view(self.mounts),
@@ -93,9 +102,15 @@ class SandboxConfig:
                                for s in net.get("secrets", ()))
         net["dns_servers"] = tuple(net.get("dns_servers", ()))
         net["allow_private"] = tuple(PrivateException(**e) for e in net.get("allow_private", ()))
+        net["hook_rules"] = tuple(HookRule.from_wire(r) for r in net.get("hook_rules", ()))
         kw = dict(d)
         kw["network"] = NetworkConfig(**net)
         kw["env"] = tuple((str(k), str(v)) for k, v in d.get("env", ()))
+        for k in ("image_entrypoint", "image_cmd"):
+            if d.get(k) is not None:
+                kw[k] = tuple(d[k])
+        if d.get("image_env") is not None:
+            kw["image_env"] = tuple((str(k), str(v)) for k, v in d["image_env"])
         kw["publish"] = tuple(PortSpec(p["local"], p["remote"]) for p in d.get("publish", ()))
         kw["addresses"] = tuple(d.get("addresses", ("127.0.0.1",)))
         m = d.get("mounts") or {}

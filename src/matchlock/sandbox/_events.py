@@ -28,6 +28,16 @@ def network_event(kind: str, host: str, detail: str, fields: dict[str, Any]) -> 
     return {"type": "network", "timestamp": int(time.time()), "network": net}
 
 
+def is_wire_event(event: dict[str, Any]) -> bool:
+    """Whether `matchlock rpc` forwards it after create (§2.16): one per intercepted HTTP(S)
+    exchange or block; the other kinds (secret use, DNS, errors) stay in the VM's log and
+    our own `events` method."""
+    if event.get("type") != "network":
+        return True
+    net = event.get("network") or {}
+    return net.get("kind") == "allowed" or bool(net.get("blocked"))
+
+
 class EventHub:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -50,8 +60,8 @@ class EventHub:
 
 
 class Subscription:
-    """An async iterator of one subscriber's events; `close()` (or the end of an `async
-    for` that breaks or is cancelled) unsubscribes."""
+    """An async iterator of one subscriber's events. `close()` unsubscribes; so does a
+    wait that is cancelled (an `async for` that breaks must call `close()`)."""
 
     def __init__(self, hub: EventHub) -> None:
         self._hub = hub

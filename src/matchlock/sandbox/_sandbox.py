@@ -44,7 +44,7 @@ from matchlock.guest import guest_binary
 from matchlock.image import Image, ImageStore
 from matchlock.paths import vms_dir
 from matchlock.sandbox import _cleanup as cleanup
-from matchlock.sandbox._command import ImageDefaults
+from matchlock.sandbox._command import ImageDefaults, overlay_image
 from matchlock.sandbox._config import SandboxConfig
 from matchlock.sandbox._events import EventHub, network_event
 from matchlock.sandbox._exec import ExecRequest, Process, VmDefaults, compose_request
@@ -437,6 +437,7 @@ class Sandbox:
         image = ImageDefaults(env=cfg.env, entrypoint=cfg.entrypoint, cmd=cfg.cmd,
                               working_dir=cfg.working_dir, user=cfg.user) if cfg \
             else ImageDefaults()
+        image = overlay_image(image, self.config)
         return VmDefaults(image=image, env=self.config.env, user=self.config.user,
                           extra_env=self._extra_env(), cwd=self.config.mounts.workspace)
 

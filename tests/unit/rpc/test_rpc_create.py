@@ -191,3 +191,121 @@ def test_requests_before_create_get_vm_not_created():
     assert by_id[3]["code"] == ErrorCode.METHOD_NOT_FOUND
     assert by_id[4]["code"] == ErrorCode.INVALID_PARAMS
     assert by_id[None]["code"] == ErrorCode.PARSE_ERROR
+
+
+def test_interception_rules_are_compiled_into_the_network_config():
+    plan = plan_create({"image": "b", "network": {
+        "block_private_ips": True, "intercept": True,
+        "interception": {"callback_socket": "/tmp/d/hook.sock", "rules": [
+            {"name": "b", "phase": "before", "action": "block", "hosts": ["API.test"]},
+            {"name": "noop"},
+            {"name": "cb", "phase": "after", "callback_id": "network_hook_3",
+             "timeout_ms": 250}]}}})
+    net = plan.config.network
+    assert net.mode == "intercept" and net.callback_socket == "/tmp/d/hook.sock"
+    assert [(r.name, r.phase, r.action, r.hosts) for r in net.hook_rules] == [
+        ("b", "before", "block", ("api.test",)), ("cb", "after", "allow", ())]
+    # the supervisor pipe (`run -d`) carries them
+    from matchlock.sandbox import SandboxConfig
+
+    assert SandboxConfig.from_wire(plan.config.to_wire()) == plan.config
+    assert plan.config.public_view()["network"]["hook_rules"][1] == {
+        "name": "cb", "phase": "after", "action": "allow", "callback": True}
+
+
+@pytest.mark.parametrize("net,needle", [
+    ({"interception": {"rules": [{"callback_id": "network_hook_1"}]}}, "callback_socket"),
+    ({"interception": {"rules": "x"}}, "rules must be a list"),
+    ({"interception": {"rules": [{"action": "block", "path": "["}]}}, "not a valid glob"),
+    ({"no_network": True, "interception": {}}, "cannot be combined"),
+])
+def test_bad_interception_is_a_usage_error(net, needle):
+    with pytest.raises(UsageError, match=needle):
+        plan_create({"image": "b", "network": net})
+
+
+def test_events_are_forwarded_after_create():
+    """§2.1.4 step 6: exchanges and blocks become `event` notifications; other kinds
+    (secret use, DNS) are not forwarded."""
+    from matchlock.sandbox._events import network_event
+
+    async def go() -> list[dict]:
+        sent: list[bytes] = []
+        queue: asyncio.Queue = asyncio.Queue()
+
+        class Target:
+            async def create(self, params):
+                return "vm-12345678"
+
+            async def events(self):
+                while True:
+                    yield await queue.get()
+
+            async def close(self, timeout):
+                pass
+
+        async def send(b: bytes) -> None:
+            sent.append(b)
+
+        s = Session(Target(), send)  # type: ignore[arg-type]
+        await s.handle_line(b'{"jsonrpc":"2.0","method":"create","id":1,"params":{}}')
+        for ev in (network_event("allowed", "api.test", "", {
+                       "method": "GET", "url": "https://api.test/x", "status_code": 200,
+                       "duration_ms": 3, "response_bytes": 2}),
+                   network_event("secret_injected", "api.test", "", {"secret": "K"}),
+                   network_event("blocked", "evil.test", "not allowed", {"method": "GET"})):
+            queue.put_nowait(ev)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await s.handle_line(b'{"jsonrpc":"2.0","method":"close","id":2,"params":{}}')
+        queue.put_nowait(network_event("blocked", "late.test", "x", {}))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await s.shutdown()
+        return [json.loads(b) for b in b"".join(sent).splitlines()]
+
+    out = asyncio.run(go())
+    events = [m["params"] for m in out if m.get("method") == "event"]
+    assert [e["network"]["host"] for e in events] == ["api.test", "evil.test"]
+    a, b = events
+    assert a["type"] == "network" and isinstance(a["timestamp"], int)
+    assert {k: a["network"][k] for k in ("method", "url", "status_code", "duration_ms",
+                                         "response_bytes", "blocked")} == {
+        "method": "GET", "url": "https://api.test/x", "status_code": 200, "duration_ms": 3,
+        "response_bytes": 2, "blocked": False}
+    assert b["network"]["blocked"] is True and b["network"]["block_reason"] == "not allowed"
+    assert out[0] == {"jsonrpc": "2.0", "id": 1, "result": {"id": "vm-12345678"}}
+
+
+def test_image_config_overrides_every_field():
+    from matchlock.sandbox import SandboxConfig
+    from matchlock.sandbox._command import ImageDefaults, compose_argv, overlay_image
+
+    plan = plan_create({"image": "b", "image_config": {
+        "user": "nobody", "working_dir": "/srv", "entrypoint": ["sh", "-lc"],
+        "cmd": ["echo hello world"], "env": {"ONLY": "this"}}})
+    c = plan.config
+    assert SandboxConfig.from_wire(c.to_wire()) == c
+    img = ImageDefaults(env=("PATH=/bin", "OLD=1"), entrypoint=("/init",), cmd=("serve",),
+                        working_dir="/app", user="app")
+    o = overlay_image(img, c)
+    assert (o.env, o.entrypoint, o.cmd, o.working_dir) == (
+        ("ONLY=this",), ("sh", "-lc"), ("echo hello world",), "/srv")
+    assert compose_argv(o, (), None) == ["sh", "-lc", "echo hello world"]
+    assert c.user == "nobody"
+    # absent fields keep the image's; an empty list clears (present, non-null)
+    c2 = plan_create({"image": "b", "image_config": {"cmd": []}}).config
+    o2 = overlay_image(img, c2)
+    assert (o2.env, o2.entrypoint, o2.cmd, o2.working_dir) == (img.env, ("/init",), (), "/app")
+    assert overlay_image(img, plan_create({"image": "b"}).config) is img
+
+
+@pytest.mark.parametrize("ic,needle", [
+    ({"working_dir": "rel"}, "absolute path"),
+    ({"entrypoint": "sh"}, "entrypoint must be a list"),
+    ({"env": {"1X": "y"}}, "image_config.env must be"),
+    ({"user": 5}, "user must be a string"),
+])
+def test_bad_image_config(ic, needle):
+    with pytest.raises(UsageError, match=needle):
+        plan_create({"image": "b", "image_config": ic})

@@ -10,6 +10,11 @@ Map of the package:
 - `_scrub.py` — sans-I/O response scrubbing: real values → placeholders (or same-length
   fillers where a length is fixed), streaming across chunks; gzip/deflate decoding.
 - `_budget.py` — the per-VM budget of bytes held whole (`BufferBudget`).
+- `_rules.py` — sans-I/O interception rules (RPC `network.interception`): compile, match
+  (host glob, method, Go path glob on decoded and dot-resolved paths), request/response
+  edits, the callback line codec, SSE-aware body replacement.
+- `_callbacks.py` — asking the SDK's callback socket (one connection per call, peer uid
+  checked, deadline); any failure blocks the request.
 - `server.py` — the asyncio shell, the only code that reads/writes sockets or dials upstream:
   - `TcpRelay` (open mode): `policy.ip_allowed(dst_ip)` then a raw relay, both ways,
     half-close aware, with an idle timeout. The one relay implementation: intercept mode

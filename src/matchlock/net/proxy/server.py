@@ -20,8 +20,9 @@ import h11
 
 if TYPE_CHECKING:  # cryptography costs ~40 ms to import; open mode never needs it
     from ..ca import CertificateAuthority
-from ..types import EventSink, NetEvent
+from ..types import EventSink, HookRule, NetEvent
 from ._budget import BufferBudget
+from ._callbacks import ask
 from ._framing import MAX_HEAD, FramingError, check_head, head_end, split_authority, split_target
 from ._http import (
     MAX_BUFFERED_BODY,
@@ -33,6 +34,20 @@ from ._http import (
     simple_response,
     sniff_protocol,
     valid_hostname,
+)
+from ._rules import (
+    CallbackFailed,
+    RequestView,
+    ResponsePlan,
+    RuleSet,
+    SseRewriter,
+    apply_static_after,
+    apply_static_before,
+    apply_verdict_after,
+    apply_verdict_before,
+    callback_request,
+    callback_timeout,
+    replace_all,
 )
 from ._scrub import DECODABLE, InflateError, Inflater, Scrubber, content_codings
 
@@ -375,8 +390,10 @@ class InterceptProxy:
     def __init__(self, policy, ca: CertificateAuthority, emit: EventSink,
                  upstream_ca_file: str | None = None,
                  mode: Literal["open", "intercept"] = "intercept",
-                 budget: BufferBudget | None = None) -> None:
+                 budget: BufferBudget | None = None, rules: RuleSet | None = None) -> None:
         self.policy = policy
+        # interception rules (RPC `create`): None or inactive = no per-request rule work
+        self.rules = rules if rules is not None and rules.active else None
         self.ca = ca
         self.emit = emit
         self.mode = mode
@@ -673,7 +690,7 @@ class _Plan:
     """What `_Session._check` decided about one request."""
 
     __slots__ = ("host", "rules", "target", "headers", "used", "length", "chunked", "ctype",
-                 "encoded")
+                 "encoded", "view")
 
     def __init__(self) -> None:
         self.host = ""
@@ -685,6 +702,25 @@ class _Plan:
         self.chunked = False
         self.ctype: bytes | None = None
         self.encoded = False
+        self.view: RequestView | None = None  # what interception rules saw (None: no rules)
+
+
+class _Chain:
+    """Body filters (feed/finish) applied one after another."""
+
+    def __init__(self, *filters) -> None:
+        self.fs = [f for f in filters if f is not None]
+
+    def feed(self, data: bytes) -> bytes:
+        for f in self.fs:
+            data = f.feed(data)
+        return data
+
+    def finish(self) -> bytes:
+        out = b""
+        for f in self.fs:
+            out = (f.feed(out) if out else b"") + f.finish()
+        return out
 
 
 class _Session:
@@ -706,6 +742,7 @@ class _Session:
         self.upstream: _Upstream | None = None
         self._rules: dict[str, SecretRules] = {}
         self._held = 0  # bytes of the VM's budget the current request holds
+        self._t0 = 0.0  # when the current request's head arrived (event duration_ms)
 
     async def _guest_event(self):
         conn = self.conn
@@ -871,8 +908,19 @@ class _Session:
 
     async def _request(self, req: h11.Request) -> bool:
         """Handle one request/response; False when the guest connection must close."""
+        self._t0 = asyncio.get_running_loop().time()
         try:
             plan = self._check(req)
+            if self.proxy.rules is not None:
+                view = self._view(req, plan.host)
+                if self.proxy.rules.before:
+                    await self._before_rules(view)
+                    if view.changed:
+                        # the edited request passes every check again: allow-list,
+                        # placeholders (replaced or a leak), framing
+                        req = self._edited(req, view)
+                        plan = self._check(req)
+                plan.view = view
         except FramingError as e:
             await self._bad_request(e.status, e.reason)
             return False
@@ -973,7 +1021,7 @@ class _Session:
                 pump = asyncio.get_running_loop().create_task(
                     self._pump_body(up, ev, rewriter, host), name="matchlock-proxy-body")
         try:
-            return await self._response(up, host, req, pump, rules)
+            return await self._response(up, host, req, pump, rules, plan.view)
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
@@ -1061,7 +1109,8 @@ class _Session:
         return up
 
     async def _response(self, up: _Upstream, host: str, req: h11.Request,
-                        pump: asyncio.Task | None, rules: SecretRules) -> bool:
+                        pump: asyncio.Task | None, rules: SecretRules,
+                        view: RequestView | None = None) -> bool:
         guest, gconn = self.guest, self.conn
         next_up: asyncio.Future | None = None
         try:
@@ -1083,10 +1132,21 @@ class _Session:
                     next_up = None
                 t = type(ev)
                 if t is h11.Response:
-                    self.proxy._event("allowed", host, method=req.method.decode(),
-                                      target=req.target[:200].decode("latin-1"),
-                                      status=ev.status_code)
-                    await self._forward_response(up, host, req, ev, rules)
+                    shaped = None
+                    if view is not None and self.proxy.rules is not None and \
+                            self.proxy.rules.after:
+                        # rules and callbacks see the head as the guest would: scrubbed
+                        shaped = await self._after_rules(view, self._scrubbed(ev))
+                        if shaped.headers_changed:
+                            ev = h11.Response(status_code=ev.status_code, reason=ev.reason,
+                                              headers=shaped.header_bytes(),
+                                              http_version=ev.http_version)
+                    self._allowed_event(host, req, ev)
+                    if shaped is not None and shaped.shapes_body and req.method != b"HEAD" \
+                            and ev.status_code not in (204, 304):
+                        await self._forward_shaped(up, host, ev, shaped)
+                    else:
+                        await self._forward_response(up, host, req, ev, rules)
                     break
                 if t is h11.InformationalResponse:
                     if ev.status_code == 101:
@@ -1121,6 +1181,157 @@ class _Session:
         else:
             self._close_upstream()
         return True
+
+    # -- interception rules --------------------------------------------------------------
+
+    def _view(self, req: h11.Request, host: str) -> RequestView:
+        _, target = split_target(req.method, req.target, self.tls)
+        return RequestView.parse(host, req.method, target, req.headers.raw_items())
+
+    def _edited(self, req: h11.Request, view: RequestView) -> h11.Request:
+        """The request as the rules left it (absolute-form stays absolute-form)."""
+        authority, _ = split_target(req.method, req.target, self.tls)
+        target = view.target()
+        if authority is not None:
+            h, port = authority
+            h = f"[{h}]" if ":" in h else h
+            target = f"{'https' if self.tls else 'http'}://{h}:{port}".encode() + target
+        try:
+            return h11.Request(method=req.method, target=target, headers=view.header_bytes(),
+                               http_version=req.http_version)
+        except h11.LocalProtocolError as e:
+            raise _Blocked(403, "blocked", view.host,
+                           f"interception rules produced an invalid request: {e}"[:300]) from None
+
+    def _rule_blocked(self, rule: HookRule, host: str, why: str = "") -> _Blocked:
+        reason = f"request blocked by policy (interception rule {rule.name or '?'!r}"
+        reason += f": {why})" if why else ")"
+        return _Blocked(403, "blocked", host, reason[:400], rule=rule.name)
+
+    async def _callback(self, rule: HookRule, view: RequestView,
+                        resp: ResponsePlan | None):
+        """The SDK's verdict; any failure blocks (fail closed, unlike the reference)."""
+        try:
+            verdict = await ask(self.proxy.rules.callback_socket,
+                                callback_request(rule, view, resp), callback_timeout(rule))
+        except CallbackFailed as e:
+            raise self._rule_blocked(rule, view.host, f"callback failed, fail closed: {e}"
+                                     ) from None
+        if verdict.action == "block":
+            raise self._rule_blocked(rule, view.host, "callback said block")
+        return verdict
+
+    async def _before_rules(self, view: RequestView) -> None:
+        for rule in self.proxy.rules.before:
+            # each rule sees the request as the rules before it left it
+            if not self.proxy.rules.matches(rule, view.host, view.method, view.paths()):
+                continue
+            if rule.action == "block":
+                raise self._rule_blocked(rule, view.host)
+            apply_static_before(rule, view)
+            if rule.callback_id:
+                apply_verdict_before(await self._callback(rule, view, None), view)
+
+    async def _after_rules(self, view: RequestView, resp: h11.Response) -> ResponsePlan:
+        plan = ResponsePlan.parse(resp.status_code, resp.headers.raw_items())
+        for rule in self.proxy.rules.matching("after", view.host, view.method, view.paths()):
+            if rule.action == "block":
+                raise self._rule_blocked(rule, view.host)
+            apply_static_after(rule, plan)
+            if rule.callback_id:
+                apply_verdict_after(await self._callback(rule, view, plan), plan)
+        return plan
+
+    def _allowed_event(self, host: str, req: h11.Request, resp: h11.Response) -> None:
+        loop = asyncio.get_running_loop()
+        path = req.target.split(b"?", 1)[0][:200].decode("latin-1")
+        if not path.startswith("/"):  # absolute-form: keep only its path
+            _, origin = split_target(req.method, req.target, self.tls)
+            path = origin.split(b"?", 1)[0][:200].decode("latin-1")
+        fields = {"method": req.method.decode(), "target": req.target[:200].decode("latin-1"),
+                  "status": resp.status_code, "status_code": resp.status_code,
+                  "url": f"{'https' if self.tls else 'http'}://{host}{path}",
+                  "duration_ms": int((loop.time() - self._t0) * 1000)}
+        for name, key in ((req.headers, "request_bytes"), (resp.headers, "response_bytes")):
+            for k, v in name.raw_items():
+                if k.lower() == b"content-length" and v.isdigit():
+                    fields[key] = int(v)
+        self.proxy._event("allowed", host, **fields)
+
+    async def _forward_shaped(self, up: _Upstream, host: str, resp: h11.Response,
+                              plan: ResponsePlan) -> None:
+        """A response whose body after-rules replace or rewrite; then scrubbed as usual."""
+        guest, gconn, sc = self.guest, self.conn, self.scrubber
+        resp = self._scrubbed(resp)
+        raw = resp.headers.raw_items()
+        headers = [(k, v) for k, v in raw
+                   if k.lower() not in (b"content-length", b"transfer-encoding")]
+        if plan.set_body is not None:
+            # the upstream's body is never read: that connection cannot be reused
+            self._close_upstream()
+            body = replace_all(plan.set_body, plan.replacements)
+            if sc.active and sc.found(body):
+                body = sc.scrub(body)
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-encoding"]
+            headers.append((b"Content-Length", str(len(body)).encode()))
+            guest.write(gconn.send(h11.Response(status_code=resp.status_code,
+                                                reason=resp.reason, headers=headers)))
+            if body:
+                guest.write(gconn.send(h11.Data(data=body)))
+            guest.write(gconn.send(h11.EndOfMessage()))
+            await guest.drain()
+            return
+        codings = content_codings(raw)
+        inflater = None
+        if codings:
+            if len(codings) != 1 or codings[0] not in DECODABLE:
+                raise _Blocked(502, "blocked", host,
+                               f"response from {host} has Content-Encoding "
+                               f"{b','.join(codings).decode('latin-1')[:60]}, which body "
+                               "replacements cannot be applied to")
+            inflater = Inflater(codings[0])
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-encoding"]
+        if plan.is_sse:
+            guest.write(gconn.send(h11.Response(status_code=resp.status_code,
+                                                reason=resp.reason, headers=headers)))
+            await self._relay_body(up, _Chain(SseRewriter(plan.replacements),
+                                              sc.stream() if sc.active else None), inflater)
+            return
+        # any other type: held whole (bounded by the VM's budget), replaced, re-framed
+        parts: list[bytes] = []
+        held = 0
+        try:
+            while True:
+                ev = await self._upstream_event(up)
+                if type(ev) is h11.Data:
+                    pieces = inflater.feed(ev.data) if inflater is not None else (ev.data,)
+                    for piece in pieces:
+                        if held + len(piece) > MAX_BUFFERED_BODY or \
+                                not self.budget.take(len(piece)):
+                            raise _Blocked(502, "blocked", host,
+                                           f"response from {host} is too large to apply body "
+                                           f"replacements to (limit "
+                                           f"{MAX_BUFFERED_BODY >> 20} MiB or the VM's budget)")
+                        held += len(piece)
+                        parts.append(piece)
+                elif type(ev) is h11.EndOfMessage:
+                    if inflater is not None:
+                        parts.append(inflater.finish())
+                    break
+                else:
+                    raise _UpstreamError(f"{host} closed the connection mid-response")
+            body = replace_all(b"".join(parts), plan.replacements)
+        finally:
+            self.budget.give(held)
+        if sc.active and sc.found(body):
+            body = sc.scrub(body)
+        headers.append((b"Content-Length", str(len(body)).encode()))
+        guest.write(gconn.send(h11.Response(status_code=resp.status_code, reason=resp.reason,
+                                            headers=headers)))
+        if body:
+            guest.write(gconn.send(h11.Data(data=body)))
+        guest.write(gconn.send(h11.EndOfMessage()))
+        await guest.drain()
 
     # -- responses: every real secret value is scrubbed before the guest sees it ------------
 
