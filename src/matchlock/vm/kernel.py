@@ -548,6 +548,14 @@ def best_built() -> Kernel | None:
     return max(found, key=key)[0]
 
 
+def built_is_current(k: Kernel) -> bool:
+    """Whether our build `k` is of the config in this installation."""
+    for built, meta in _built(cache_dir() / "kernels"):
+        if built.name == k.name:
+            return meta.get("config_digest") == _current_digest()
+    return False
+
+
 def all_cached() -> list[Kernel]:
     """Every bootable kernel in the cache: our builds, then the Debian ones."""
     kernels = cache_dir() / "kernels"
