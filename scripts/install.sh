@@ -23,6 +23,8 @@ PKGS=(
   # test suite: GNU cpio reads our initramfs, Debian test image, registry, terminal tests
   cpio mmdebstrap uidmap docker-registry tmux
   skopeo umoci                      # push test images to that registry; pull benchmark
+  # `matchlock kernel build`: Debian's kernel source and what compiling it needs
+  linux-source-6.1 make bc flex bison libelf-dev libc6-dev xz-utils
 )
 # Every external command that src/, tests/ or bench/ runs, and the package it comes from
 # (tests/unit/test_install_script.py keeps this list complete).
@@ -32,6 +34,7 @@ TOOLS=(
   nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
   docker-registry:docker-registry skopeo:skopeo umoci:umoci dpkg-deb:dpkg apt-get:apt apt-cache:apt
   unshare:util-linux setpriv:util-linux runuser:util-linux dmesg:util-linux
+  make:make bc:bc flex:flex bison:bison xz:xz-utils dpkg-query:dpkg
 )
 
 SUDO=""
@@ -63,3 +66,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >&2
 .venv/bin/python -m pip install -q '.[test]' >&2
 echo "matchlock installed: $(.venv/bin/matchlock --version)" >&2
+
+# matchlock's own guest kernel (boots about twice as fast as Debian's): a few minutes the
+# first time, then a cache hit. MATCHLOCK_SKIP_KERNEL_BUILD=1 skips it (VMs then boot the
+# Debian cloud kernel).
+if [ -z "${MATCHLOCK_SKIP_KERNEL_BUILD:-}" ]; then
+  .venv/bin/matchlock kernel build >&2
+fi
