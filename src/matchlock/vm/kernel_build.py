@@ -370,8 +370,12 @@ def _fail(what: str, logf: Path) -> MatchlockError:
         lines = logf.read_text(errors="replace").splitlines()
     except OSError:
         lines = []
-    errs = [ln.strip() for ln in lines if re.search(r"\berror\b|\*\*\*", ln, re.I)]
-    why = (errs or [ln.strip() for ln in lines if ln.strip()] or ["no output"])[-1]
+    # The first error is the cause; make's own "*** [target] Error 2" lines only echo it.
+    wrapper = re.compile(r"^make(\[\d+\])?: \*\*\* .*Error \d+")
+    errs = [ln.strip() for ln in lines
+            if re.search(r"\berror\b|\*\*\*", ln, re.I) and not wrapper.match(ln)]
+    rest = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("$ ")]
+    why = errs[0] if errs else (rest or ["no output"])[-1]
     return MatchlockError(f"kernel build failed in {what}: {why[:300]} "
                           f"(full log: {_keep_log(logf)})")
 
