@@ -20,6 +20,7 @@ then its file name, size and mtime).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -400,8 +402,10 @@ def _compile(argv: list[str], logf: Path, progress: BuildProgress, expected: int
     with open(logf, "ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
         out.flush()
+        # Its own process group: on Ctrl-C every sub-make and compiler goes, not just the
+        # top make (orphans would keep writing into the tree being deleted).
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -411,7 +415,8 @@ def _compile(argv: list[str], logf: Path, progress: BuildProgress, expected: int
                     progress.steps(done, max(expected, done))
             rc = proc.wait()
         except BaseException:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     if rc != 0:
