@@ -132,7 +132,8 @@ def parse_addresses(values: tuple[str, ...]) -> tuple[str, ...]:
                    "(so that `allow-list add` works later).")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Guest NIC MTU.")
 @click.option("--kernel", default=None, envvar="MATCHLOCK_KERNEL",
-              help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
+              help="Guest kernel: a path, a name from `matchlock kernel ls`, `matchlock` or "
+                   "`debian` (default: matchlock's own build, else Debian's cloud kernel).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env: tuple[str, ...],
