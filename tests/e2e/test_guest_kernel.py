@@ -33,7 +33,7 @@ def check(fn):
     except Exception as e:
         R[fn.__name__] = {"ok": False, "detail": f"{type(e).__name__}: {e}"}
 
-def sh(cmd):
+def shell(cmd):
     p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=120)
     if p.returncode:
         why = (p.stderr or p.stdout).strip()[-300:]
@@ -74,37 +74,37 @@ def nic_has_no_ipv6_address():
 
 @check
 def unshare_user_net_pid():
-    sh("unshare -Urnp true")
-    return sh("unshare -Urnpf --mount-proc sh -c 'echo $$ $(id -u)'")
+    shell("unshare -Urnp true")
+    return shell("unshare -Urnpf --mount-proc sh -c 'echo $$ $(id -u)'")
 
 @check
 def nftables():
-    sh("nft add table inet mltest")
-    sh("nft 'add chain inet mltest c { type filter hook input priority 0; policy accept; }'")
-    sh("nft add rule inet mltest c ct state established accept")
-    out = sh("nft list ruleset")
+    shell("nft add table inet mltest")
+    shell("nft 'add chain inet mltest c { type filter hook input priority 0; policy accept; }'")
+    shell("nft add rule inet mltest c ct state established accept")
+    out = shell("nft list ruleset")
     assert "chain c" in out and "ct state established" in out, out
     return out
 
 @check
 def iptables():
-    sh("iptables -L -n")  # Debian's default: the nf_tables backend
-    sh("iptables -t nat -A POSTROUTING -o eth0 -j MASQUERADE")
-    sh("ip6tables -L -n")
-    sh("iptables-legacy -t nat -A POSTROUTING -s 172.17.0.0/16 -j MASQUERADE")
-    sh("iptables-legacy -A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
-    return sh("iptables-legacy-save")
+    shell("iptables -L -n")  # Debian's default: the nf_tables backend
+    shell("iptables -t nat -A POSTROUTING -o eth0 -j MASQUERADE")
+    shell("ip6tables -L -n")
+    shell("iptables-legacy -t nat -A POSTROUTING -s 172.17.0.0/16 -j MASQUERADE")
+    shell("iptables-legacy -A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    return shell("iptables-legacy-save")
 
 @check
 def bridge_veth_tun_vxlan():
     assert stat.S_ISCHR(os.stat("/dev/net/tun").st_mode)
-    sh("ip link add v0 type veth peer name v1")
-    sh("ip link add br0 type bridge && ip link set v0 master br0 && ip link set br0 up")
-    sh("ip tuntap add tap0 mode tap")
-    sh("ip link add vx0 type vxlan id 42 dstport 4789 dev eth0")
+    shell("ip link add v0 type veth peer name v1")
+    shell("ip link add br0 type bridge && ip link set v0 master br0 && ip link set br0 up")
+    shell("ip tuntap add tap0 mode tap")
+    shell("ip link add vx0 type vxlan id 42 dstport 4789 dev eth0")
     with open("/proc/sys/net/bridge/bridge-nf-call-iptables", "w") as f:
         f.write("1")  # br_netfilter, as Docker sets it
-    return sh("ip -o link show")
+    return shell("ip -o link show")
 
 @check
 def cgroup_memory_limit_kills():
