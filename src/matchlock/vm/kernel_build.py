@@ -21,7 +21,6 @@ then its file name, size and mtime).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,15 +453,3 @@ def unmet_options(config: Path, fragments: list[Path]) -> list[str]:
     have = parse_config(config.read_text())
     return [f"{k}={v} (got {have.get(k, 'n')})" for k, v in want.items()
             if have.get(k, "n") != v]
-
-
-def fields(result: BuildResult) -> dict[str, object]:
-    return {k: (str(v) if isinstance(v, Path) else v)
-            for k, v in dataclasses.asdict(result).items()}
-
-
-__all__ = ["ARCHES", "Arch", "BuildProgress", "BuildResult", "Source", "build_kernel",
-           "build_name", "config_digest", "find_source", "host_arch", "kernels_dir",
-           "missing_build_deps", "parse_config", "unmet_options"]
-
-_ = Callable  # re-exported for type hints of callers
