@@ -1,7 +1,9 @@
-"""Build hook: compile the static guest runtime into the package (pip install . produces it)
+"""Build hook: compile the static guest runtime into the package (pip install . produces it),
+copy the guest kernel config fragments beside it,
 and record the commit the package was built from (matchlock/_build_info.py)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +30,13 @@ class BuildPyWithGuest(build_py):
 
         out = os.path.join(self.build_lib, "matchlock", "_guest", "matchlock-guest")
         build_guest(os.path.join(HERE, "guest"), out)
+        # The guest kernel's config fragments, for `matchlock kernel build`.
+        kdir = os.path.join(self.build_lib, "matchlock", "_guest", "kernel")
+        os.makedirs(kdir, exist_ok=True)
+        src = os.path.join(HERE, "guest", "kernel")
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".config"):
+                shutil.copyfile(os.path.join(src, name), os.path.join(kdir, name))
         info = os.path.join(self.build_lib, "matchlock", "_build_info.py")
         with open(info, "w") as f:
             f.write(f'"""Written by setup.py at build time."""\n\nCOMMIT = "{_commit()}"\n')

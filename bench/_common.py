@@ -21,10 +21,12 @@ from matchlock.vm.qemu import build_argv, qemu_binary  # noqa: E402
 from matchlock.vm.spec import VmSpec  # noqa: E402
 
 
-def bare_vm(tmp: Path, extra_cmdline: tuple[str, ...], memory_mib: int = 512):
-    """Start QEMU exactly as a sandbox would, minus disks; returns (Popen, host socket)."""
+def bare_vm(tmp: Path, extra_cmdline: tuple[str, ...], memory_mib: int = 512,
+            kernel_name: str | None = None):
+    """Start QEMU exactly as a sandbox would, minus disks; returns (Popen, host socket).
+    `kernel_name` is what `--kernel` takes (default: what a VM boots by default)."""
     accel, _ = detect_accel()
-    kernel = resolve_kernel()
+    kernel = resolve_kernel(kernel_name)
     tsc = host_tsc_khz()
     machine = pick_machine(None, accel, tsc)
     # The same initramfs `matchlock run --no-network` boots.

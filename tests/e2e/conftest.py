@@ -27,6 +27,44 @@ from matchlock.paths import cache_dir
 
 pytestmark = pytest.mark.e2e
 
+E2E_KERNEL_ENV = "MATCHLOCK_E2E_KERNEL"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_kernel() -> str:
+    """The kernel every e2e VM boots, set before any other fixture reads the environment.
+
+    Default: matchlock's own build (`matchlock kernel build`: a cache hit once built, so
+    the suite never rebuilds it; built here, once, on a machine that lacks it).
+    MATCHLOCK_E2E_KERNEL=debian runs the suite on the Debian cloud kernel fallback instead.
+    An explicit MATCHLOCK_KERNEL is left alone."""
+    if os.environ.get("MATCHLOCK_KERNEL"):
+        return os.environ["MATCHLOCK_KERNEL"]
+    choice = os.environ.get(E2E_KERNEL_ENV, "matchlock")
+    if choice == "debian":
+        os.environ["MATCHLOCK_KERNEL"] = "debian"
+        return "debian"
+    if choice != "matchlock":
+        pytest.fail(f"{E2E_KERNEL_ENV}={choice}: use matchlock or debian", False)
+    from matchlock.errors import DependencyError, MatchlockError
+    from matchlock.vm.kernel import best_built, built_is_current
+    from matchlock.vm.kernel_build import build_kernel, find_source
+
+    try:
+        find_source()
+    except DependencyError:
+        # No source package (removed after building?): a build of this config will do.
+        k = best_built()
+        if k is not None and built_is_current(k):
+            return k.name
+    try:
+        res = build_kernel()
+    except MatchlockError as e:
+        pytest.fail(f"cannot build the guest kernel for the e2e suite: {e}", False)
+    # Not pinned: VMs find it by the default resolution, which the suite thereby tests
+    # (test_guest_kernel.py checks that they really boot it).
+    return res.name
+
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644,
               uid: int = 0, gid: int = 0) -> None:
@@ -114,6 +152,36 @@ def debian_tarball() -> Path:
             check=True, timeout=900,
         )
     return out
+
+
+def debian_tools_tarball() -> Path:
+    """The Debian test image plus nftables, iptables and iproute2 (kernel compatibility)."""
+    out = cache_dir() / "test-images" / "debian-bookworm-kernel-tools.tar"
+    if not out.exists():
+        from matchlock.image.testimages import (
+            DEBIAN_CONFIG,
+            DEBIAN_PACKAGES,
+            build_debian_rootfs,
+            make_docker_save,
+        )
+
+        if shutil.which("mmdebstrap") is None:
+            pytest.fail("mmdebstrap is not installed: run ./scripts/install.sh", False)
+        rootfs = out.with_name(out.name + ".rootfs.tar")
+        try:
+            build_debian_rootfs(rootfs, packages=(*DEBIAN_PACKAGES, "nftables", "iptables",
+                                                  "iproute2"))
+            make_docker_save(rootfs, out, DEBIAN_CONFIG, tag="debian-tools:test")
+        finally:
+            rootfs.unlink(missing_ok=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def debian_tools_image(ml, qemu_present) -> str:
+    tag = "debian-tools:test"
+    ml("image", "import", tag, str(debian_tools_tarball()), check=True, timeout=600)
+    return tag
 
 
 @pytest.fixture(scope="session")

@@ -121,12 +121,34 @@ def test_kernel_outcomes(fake, monkeypatch, tmp_path):
     from matchlock.vm import kernel
 
     monkeypatch.setattr(kernel, "cached_kernel", lambda: None)
+    monkeypatch.setattr(kernel, "best_built", lambda: None)
     c = d.check_kernel(fake.host())
     assert (c.status, c.reason) == ("warn", "not-cached")
     assert "apt-get download" in words(c)[0]
+    assert "matchlock kernel build" in words(c)[1]
     c = d.check_kernel(fake.host(which=lambda t: None))
     assert (c.status, c.reason) == ("fail", "no-apt")
-    assert words(c)[0].startswith("not cached, and apt-get, apt-cache missing")
+    assert words(c)[0].startswith("none built, and apt-get, apt-cache missing")
+    # The Debian kernel cached, none built: VMs work, slower; the fix names the build.
+    deb = kernel.Kernel("6.1.0-1-cloud-amd64", tmp_path / "deb" / "vmlinux", None,
+                        name="6.1.0-1-cloud-amd64", kind="debian")
+    monkeypatch.setattr(kernel, "cached_kernel", lambda: deb)
+    c = d.check_kernel(fake.host())
+    assert (c.status, c.reason) == ("warn", "debian")
+    assert "6.1.0-1-cloud-amd64" in words(c)[0] and "matchlock kernel build" in words(c)[1]
+    # Our build: passes, or warns when it is of an older config.
+    ours = kernel.Kernel("6.1.192-matchlock", tmp_path / "m" / "vmlinux", None,
+                         name="matchlock-6.1.192-3-abc", kind="matchlock")
+    monkeypatch.setattr(kernel, "best_built", lambda: ours)
+    monkeypatch.setattr(kernel, "built_is_current", lambda k: True)
+    c = d.check_kernel(fake.host())
+    assert (c.status, c.reason) == ("pass", "built")
+    assert "matchlock-6.1.192-3-abc" in words(c)[0]
+    monkeypatch.setattr(kernel, "built_is_current", lambda k: False)
+    c = d.check_kernel(fake.host())
+    assert (c.status, c.reason) == ("warn", "built-old") and words(c)[1] == "matchlock kernel build"
+    monkeypatch.setattr(kernel, "best_built", lambda: None)
+    monkeypatch.setattr(kernel, "cached_kernel", lambda: None)
     c = d.check_kernel(fake.host(env={"MATCHLOCK_KERNEL": str(tmp_path / "none")}))
     assert (c.status, c.reason) == ("fail", "env-missing")
     img = tmp_path / "bzImage"
@@ -207,6 +229,7 @@ def test_every_outcome_has_words(fake, monkeypatch, tmp_path):
                  ({}, {"which": lambda t: None}, {"env": {"MATCHLOCK_QEMU": "/nope"}})]
     produced.append(d.check_machine(fake.host(), "/q"))
     monkeypatch.setattr(kernel, "cached_kernel", lambda: None)
+    monkeypatch.setattr(kernel, "best_built", lambda: None)
     produced += [d.check_kernel(fake.host(**kw)) for kw in
                  ({}, {"which": lambda t: None}, {"env": {"MATCHLOCK_KERNEL": "/none"}})]
     for where in ("source", "packaged", "env", "missing"):

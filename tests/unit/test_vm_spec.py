@@ -41,12 +41,14 @@ def test_argv_microvm(tmp_path):
     assert "readonly=on" in joined
     assert "socket,id=ctl,fd=7" in joined
     assert "name=matchlock.ctl" in joined
+    assert "virtio-rng-device,rng=rng0" in joined  # entropy at boot, no RDRAND under TCG
     assert argv[argv.index("-append") + 1] == "quiet"
 
 
 def test_argv_q35_uses_pci(tmp_path):
     joined = " ".join(build_argv(_spec(tmp_path, machine="q35"), "qemu", 7))
     assert "virtio-blk-pci" in joined and "virtio-serial-pci" in joined
+    assert "virtio-rng-pci" in joined
 
 
 def test_accel_override(monkeypatch):

@@ -50,7 +50,7 @@ def version() -> None:
 
 
 def _register() -> None:
-    from matchlock.cli import _diagnose, _image, _pull, _run, _vms, _volume
+    from matchlock.cli import _diagnose, _image, _kernel, _pull, _run, _vms, _volume
 
     cli.add_command(_run.run)
     cli.add_command(_vms.exec_, "exec")
@@ -68,6 +68,7 @@ def _register() -> None:
     cli.add_command(_vms.allow_list)
     cli.add_command(_vms.port_forward)
     cli.add_command(_image.image)
+    cli.add_command(_kernel.kernel)
     cli.add_command(_pull.pull)
     cli.add_command(_pull.build)
     cli.add_command(_volume.volume)

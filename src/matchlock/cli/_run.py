@@ -143,7 +143,8 @@ def parse_addresses(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Attach a raw ext4 image (or @VOLUME, see `matchlock volume`) and mount "
               "it at GUEST (repeatable).")
 @click.option("--kernel", default=None, envvar="MATCHLOCK_KERNEL",
-              help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
+              help="Guest kernel: a path, a name from `matchlock kernel ls`, `matchlock` or "
+                   "`debian` (default: matchlock's own build, else Debian's cloud kernel).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env: tuple[str, ...],

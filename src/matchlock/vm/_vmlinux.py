@@ -83,6 +83,19 @@ def has_pvh_note(elf: bytes) -> bool:
     return False
 
 
+def find_payload(data: bytes) -> bytes | None:
+    """The decompressed ELF kernel inside a bzImage's bytes, or None."""
+    for decompress in _decompressors(data):
+        try:
+            elf = decompress()
+        except Exception as e:  # noqa: BLE001 - try the next format
+            log.debug("bzImage payload attempt failed: %s", e)
+            continue
+        if elf[:4] == b"\x7fELF":
+            return elf
+    return None
+
+
 def extract_vmlinux(bzimage: Path, out: Path) -> bool:
     """Write `out` (atomically) and return True when a PVH-bootable ELF was found."""
     data = bzimage.read_bytes()

@@ -84,6 +84,10 @@ def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
             "-drive", f"id=d{i},file={disk.path},format=raw,if=none,cache=unsafe{ro}",
             "-device", f"virtio-blk-{bus},drive=d{i},serial={disk.serial}",
         ]
+    # Entropy from the host at boot: a guest without RDRAND (TCG's default CPU) would
+    # otherwise wait on jitter entropy before getrandom() returns.
+    argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom",
+             "-device", f"virtio-rng-{bus},rng=rng0"]
     argv += [
         "-device", f"virtio-serial-{bus},max_ports=4",  # id 0 is the console's
         "-chardev", f"socket,id=ctl,fd={channel_fd}",

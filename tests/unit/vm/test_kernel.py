@@ -245,6 +245,7 @@ def test_fetch_unpacks_and_caches(fake_apt, tmp_path, monkeypatch):
     assert k.module_path("virtio-blk") == d / "modules/kernel/drivers/block/virtio_blk.ko"
     assert k.module_path("ext4") is None
     assert progress == [
+        kernel.BUILD_HINT,
         f"Fetching guest kernel linux-image-{FAKE_VERSION} (26.7 MB)…",
         "Unpacking kernel…",
         f"Kernel ready: {FAKE_VERSION}",
@@ -255,7 +256,7 @@ def test_fetch_unpacks_and_caches(fake_apt, tmp_path, monkeypatch):
     monkeypatch.setenv(kernel.ENV_APT_CACHE, "false")
     progress.clear()
     assert resolve_kernel(progress=progress.append) == k
-    assert progress == [] and fake_apt.read_text() == calls
+    assert progress == [kernel.BUILD_HINT] and fake_apt.read_text() == calls
     assert not list((tmp_path / "cache" / "kernels").glob(".fetch-*"))
 
 
@@ -336,7 +337,8 @@ def test_real_fetch(real_kernel, monkeypatch):
     assert k.modules_dir is not None and k.modules_dir.name == "modules"
     assert (k.modules_dir / "modules.builtin").is_file()
     assert (k.image.parent / "config").read_text().count("CONFIG_VIRTIO") > 0
-    assert progress[0].startswith(f"Fetching guest kernel linux-image-{k.version} (")
+    assert progress[0] == kernel.BUILD_HINT
+    assert progress[1].startswith(f"Fetching guest kernel linux-image-{k.version} (")
     assert progress[-1] == f"Kernel ready: {k.version}"
     for mod in ("virtio_blk", "virtio_pci", "virtio_net", "overlay", "fuse", "virtio_ring"):
         p = k.module_path(mod)
@@ -351,3 +353,27 @@ def test_real_fetch(real_kernel, monkeypatch):
     ms = (time.perf_counter() - t0) * 1000
     print(f"cached resolve: {ms:.2f} ms")
     assert ms < 200
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="uses the amd64 kernel")
+def test_modular_kernel_by_path_needs_its_modules(real_kernel, tmp_path, monkeypatch):
+    """--kernel <Debian vmlinux> once booted without modules and failed late ("root disk
+    not found"): now its modules come from a `modules` dir beside it, or it fails at once."""
+    k, _seconds, _progress = real_kernel
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "empty-cache"))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("vmlinux", "vmlinuz"):
+        (alone / name).symlink_to(k.image.parent / name)
+    for name in ("vmlinux", "vmlinuz"):
+        with pytest.raises(NotFoundError) as ei:
+            resolve_kernel(str(alone / name))
+        msg = str(ei.value)
+        assert "modules" in msg and str(alone / "modules") in msg and "\n" not in msg
+    # In its cache dir the modules sit beside it: found.
+    beside = resolve_kernel(str(k.image))
+    assert beside.modules_dir == k.image.parent / "modules" and beside.version == k.version
+    assert beside.module_path("virtio_blk") is not None
+    # MATCHLOCK_KERNEL_MODULES still wins.
+    monkeypatch.setenv(kernel.ENV_KERNEL_MODULES, str(k.modules_dir))
+    assert resolve_kernel(str(alone / "vmlinux")).modules_dir == k.modules_dir

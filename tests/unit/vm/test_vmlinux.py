@@ -4,7 +4,7 @@ import gzip
 import struct
 
 from matchlock.vm._vmlinux import extract_vmlinux, has_pvh_note
-from matchlock.vm.kernel import resolve_kernel
+from matchlock.vm.kernel import debian_kernel
 
 
 def _elf_with_note(name: bytes, ntype: int) -> bytes:
@@ -43,6 +43,6 @@ def test_extract_refuses_non_pvh(tmp_path):
 
 
 def test_debian_kernel_boots_as_vmlinux():
-    k = resolve_kernel()
+    k = debian_kernel()
     assert k.image.name == "vmlinux"
     assert has_pvh_note(k.image.read_bytes())
