@@ -673,10 +673,21 @@ class ImageStore:
         return PullResult(img, cached=False, built=True,
                           timings={**build, "total_s": time.perf_counter() - t0})
 
+    def layer_count(self, name: str) -> int:
+        """How many layers the stored image `name` has (0 when it is not stored)."""
+        row = self._row(normalize_name(name))
+        if row is None:
+            return 0
+        with self._db() as conn:
+            (n,) = conn.execute("SELECT COUNT(*) FROM layers WHERE image_id=?",
+                                (row["id"],)).fetchone()
+        return int(n)
+
     def export_oci(self, name: str, out: BinaryIO, ref_name: str) -> str:
         """Stream the stored image `name` to `out` as an OCI layout tarball (its
         manifest annotated `ref_name`); returns the config digest written. The layer
-        blobs are opened before writing, so a concurrent `rm`/`gc` cannot take them."""
+        blobs are hard-linked into staging first, so a concurrent `rm`/`gc` cannot take
+        them mid-stream."""
         from matchlock.image import _export
 
         norm = normalize_name(name)
