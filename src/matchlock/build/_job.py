@@ -261,8 +261,8 @@ class BuildJob:
                 await asyncio.to_thread(cache.__enter__)
                 stack.push(cache.__exit__)
             self.timings["lock_s"] = time.monotonic() - t0
+            bases = await asyncio.to_thread(self._bases)  # an unknown base fails fast
             builder = await asyncio.to_thread(ensure_builder, self.store, self.progress)
-            bases = await asyncio.to_thread(self._bases)
             disk = None
             if cache is not None:
                 disk = await asyncio.to_thread(_cache.ensure_disk, self.req.cache_size_mib)
