@@ -305,7 +305,8 @@ class BuildJob:
                 have[parts[1]] = "sha256:" + parts[0].removeprefix("sha256:")
         for img in bases:
             name = engine_name(img.name)
-            if have.get(name) == img.id:
+            want = await asyncio.to_thread(self.store.export_oci, img.name, None)
+            if have.get(name) == want:
                 self.progress(f"Base image {img.name} is in the build cache")
                 continue
             self.progress(f"Loading base image {img.name} into the engine")

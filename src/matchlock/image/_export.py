@@ -43,15 +43,26 @@ def _diff_id(path: Path, media_type: str) -> str:
 
 
 def fix_config(config: bytes, layers: list[tuple[Path, str]]) -> bytes:
-    """`config` with rootfs.diff_ids that match `layers` (an image made without them, such
-    as the built-in one, gets them computed; its id then differs from the store's)."""
+    """`config` as engines require it: rootfs.diff_ids that match `layers` (computed for
+    an image made without them, such as the built-in one) and one non-empty history
+    entry per layer (tarball imports often have none; Buildah refuses a base whose
+    history and layers disagree). Unchanged, and so the same id, when both are right."""
     cfg = json.loads(config)
+    changed = False
     rootfs = cfg.get("rootfs") if isinstance(cfg.get("rootfs"), dict) else {}
     ids = rootfs.get("diff_ids")
-    if isinstance(ids, list) and len(ids) == len(layers):
+    if not (isinstance(ids, list) and len(ids) == len(layers)):
+        cfg["rootfs"] = {"type": "layers",
+                         "diff_ids": [_diff_id(p, mt) for p, mt in layers]}
+        changed = True
+    history = cfg.get("history") if isinstance(cfg.get("history"), list) else None
+    non_empty = [h for h in history or [] if isinstance(h, dict) and not h.get("empty_layer")]
+    if len(non_empty) != len(layers):
+        cfg["history"] = [{"created": cfg.get("created", "1970-01-01T00:00:00Z"),
+                           "created_by": "matchlock: imported layer"} for _ in layers]
+        changed = True
+    if not changed:
         return config
-    cfg["rootfs"] = {"type": "layers",
-                     "diff_ids": [_diff_id(p, mt) for p, mt in layers]}
     return json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
 
 

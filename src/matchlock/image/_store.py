@@ -683,11 +683,12 @@ class ImageStore:
                                 (row["id"],)).fetchone()
         return int(n)
 
-    def export_oci(self, name: str, out: BinaryIO, ref_name: str) -> str:
+    def export_oci(self, name: str, out: BinaryIO | None, ref_name: str = "") -> str:
         """Stream the stored image `name` to `out` as an OCI layout tarball (its
-        manifest annotated `ref_name`); returns the config digest written. The layer
-        blobs are hard-linked into staging first, so a concurrent `rm`/`gc` cannot take
-        them mid-stream."""
+        manifest annotated `ref_name`); returns the config digest, i.e. the id an engine
+        gives the image (with `out` None only that is computed). The config is adjusted
+        where engines need it (see _export.fix_config). Layer blobs are hard-linked into
+        staging first, so a concurrent `rm`/`gc` cannot take them mid-stream."""
         from matchlock.image import _export
 
         norm = normalize_name(name)
@@ -716,6 +717,8 @@ class ImageStore:
             layers = [(p, p.name, _export.layer_media_type(p)) for p in pinned]
             config = _export.fix_config(row["config_json"].encode(),
                                         [(p, mt) for p, _, mt in layers])
+            if out is None:
+                return "sha256:" + hashlib.sha256(config).hexdigest()
             return _export.write_oci_archive(out, config, layers, ref_name)
         finally:
             _disk.rmtree_any(work)
