@@ -1,7 +1,8 @@
 /* matchlock-guest: shared declarations. See docs/channel-protocol.md for the wire format.
  *
  * Files: main.c (role dispatch), init.c (PID 1 boot), agent.c (channel agent loop),
- * util.c (logging, clocks, a bounded JSON reader and writer).
+ * fused.c (FUSE relay for the workspace), util.c (logging, clocks, a bounded JSON reader
+ * and writer).
  */
 #ifndef MATCHLOCK_GUEST_H
 #define MATCHLOCK_GUEST_H
@@ -62,10 +63,15 @@ struct jbuf {
 void jb_raw(struct jbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void jb_str(struct jbuf *b, const char *s); /* quoted, escaped JSON string */
 
+/* ---- VFS port (fused.c; mirror src/matchlock/vfs/_wire.py) ---- */
+#define VFS_PROTOCOL_VERSION 1
+#define VFS_PORT_NAME "matchlock.vfs"
+
 /* ---- roles ---- */
 int init_main(void);                 /* init.c: PID 1; never returns */
 int agent_run(int port_fd, int pid1); /* agent.c: returns the exit code in --fd mode */
 void guest_poweroff(void) __attribute__((noreturn)); /* init.c: kill all, sync, power off */
 int install_ca(const char *pem, char *err, size_t errsz); /* trust.c */
+int fused_run(int port_fd, const char *mountpoint, int ready_fd); /* fused.c */
 
 #endif

@@ -12,6 +12,7 @@
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,8 @@
 #include <unistd.h>
 
 #define MAX_ADD_HOSTS 64
+#define MAX_DISKS 16
+#define FUSED_READY_MS 10000 /* fused mounts without the host; this is a local wait */
 #define WAIT_TRIES 1000 /* x 10 ms = 10 s for disks and the control port */
 #define CTL_PORT_NAME "matchlock.ctl"
 #define NEWROOT "/run/ml/root"
@@ -41,6 +44,9 @@ static struct {
     int net;
     char ip[32], gw[32], dns[32]; /* matchlock.ip=A.B.C.D/N, .gw=, .dns= (set by the host) */
     int mtu;
+    char workspace[256]; /* matchlock.workspace=: the FUSE mount point (empty: no VFS) */
+    struct { char serial[32], path[256]; int ro; } disks[MAX_DISKS]; /* matchlock.disk= */
+    int n_disks;
 } cfg = {.hostname = "matchlock", .net = 1};
 
 /* ------------------------------------------------------------------ helpers */
@@ -191,6 +197,26 @@ static void parse_cmdline(void)
             cfg.mtu = atoi(tok + 14);
         } else if (!strncmp(tok, "matchlock.bench=", 16)) {
             copy_value(cfg.bench, sizeof cfg.bench, tok + 16);
+        } else if (!strncmp(tok, "matchlock.workspace=", 20)) {
+            copy_value(cfg.workspace, sizeof cfg.workspace, tok + 20);
+        } else if (!strncmp(tok, "matchlock.disk=", 15)) {
+            /* SERIAL:PATH[:ro]; the host validated PATH (no ':' in it) */
+            char *v = tok + 15, *c1 = strchr(v, ':'), *c2;
+            if (!c1 || c1 == v || c1[1] != '/' || cfg.n_disks >= MAX_DISKS) {
+                errno = EINVAL;
+                die(tok);
+            }
+            *c1 = 0;
+            c2 = strchr(c1 + 1, ':');
+            int ro = 0;
+            if (c2) {
+                *c2 = 0;
+                ro = !strcmp(c2 + 1, "ro");
+            }
+            copy_value(cfg.disks[cfg.n_disks].serial, sizeof cfg.disks[0].serial, v);
+            copy_value(cfg.disks[cfg.n_disks].path, sizeof cfg.disks[0].path, c1 + 1);
+            cfg.disks[cfg.n_disks].ro = ro;
+            cfg.n_disks++;
         } else if (!strncmp(tok, "matchlock.debug=", 16)) {
             g_debug = tok[16] == '1';
         } else if (!strncmp(tok, "matchlock.add_host=", 19)) {
@@ -477,7 +503,7 @@ static void setup_network(void)
     close(s);
 }
 
-static int open_channel(void)
+static int open_port(const char *port_name)
 {
     for (int tries = 0; tries < WAIT_TRIES; tries++) {
         DIR *d = opendir("/sys/class/virtio-ports");
@@ -487,13 +513,13 @@ static int open_channel(void)
             if (strncmp(e->d_name, "vport", 5))
                 continue;
             snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-            if (read_small(path, name, sizeof name) <= 0 || strcmp(name, CTL_PORT_NAME))
+            if (read_small(path, name, sizeof name) <= 0 || strcmp(name, port_name))
                 continue;
             snprintf(path, sizeof path, "/dev/%s", e->d_name);
             int fd = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
             if (fd >= 0) {
                 closedir(d);
-                LOG_DEBUG("control port %s", path);
+                LOG_DEBUG("port %s: %s", port_name, path);
                 return fd;
             }
         }
@@ -502,7 +528,71 @@ static int open_channel(void)
         sleep_ms(10);
     }
     errno = ENODEV;
-    die("virtio-serial port " CTL_PORT_NAME " not found");
+    char what[128];
+    snprintf(what, sizeof what, "virtio-serial port %s not found", port_name);
+    die(what);
+}
+
+static int open_channel(void) { return open_port(CTL_PORT_NAME); }
+
+/* --disk images: ext4 on virtio-blk, found by serial, mounted where the host said. */
+static void mount_disks(void)
+{
+    for (int i = 0; i < cfg.n_disks; i++) {
+        char dev[300] = "";
+        for (int tries = 0; tries < WAIT_TRIES && !dev[0]; tries++) {
+            DIR *d = opendir("/sys/block");
+            struct dirent *e;
+            while (d && (e = readdir(d))) {
+                char path[300], serial[128];
+                if (strncmp(e->d_name, "vd", 2))
+                    continue;
+                snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+                if (read_small(path, serial, sizeof serial) > 0 &&
+                    !strcmp(serial, cfg.disks[i].serial))
+                    snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
+            }
+            if (d)
+                closedir(d);
+            if (!dev[0])
+                sleep_ms(10);
+        }
+        if (!dev[0]) {
+            errno = ENODEV;
+            die("--disk device not found");
+        }
+        /* noload: a read-only disk's journal cannot be replayed (and must not be). */
+        do_mount(dev, cfg.disks[i].path, "ext4",
+                 MS_NOATIME | (cfg.disks[i].ro ? MS_RDONLY : 0),
+                 cfg.disks[i].ro ? "noload" : NULL, 1);
+    }
+}
+
+/* The workspace: fork fused, which mounts it and relays it; wait until it is mounted. */
+static void start_fused(void)
+{
+    int port = open_port(VFS_PORT_NAME);
+    int ready[2];
+    if (pipe2(ready, O_CLOEXEC) < 0)
+        die("pipe");
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork fused");
+    if (pid == 0) {
+        close(ready[0]);
+        _exit(fused_run(port, cfg.workspace, ready[1]));
+    }
+    close(port);
+    close(ready[1]);
+    struct pollfd p = {ready[0], POLLIN, 0};
+    char c = 0;
+    int r = poll(&p, 1, FUSED_READY_MS);
+    if (r <= 0 || read(ready[0], &c, 1) != 1 || c != '1') {
+        errno = r == 0 ? ETIMEDOUT : EIO;
+        die("mounting the workspace (fused)");
+    }
+    close(ready[0]);
+    LOG_DEBUG("workspace %s mounted by fused (pid %d)", cfg.workspace, (int)pid);
 }
 
 /* bench/throughput.py's floor: raw bytes over the same port, no protocol, then power off. */
@@ -539,6 +629,9 @@ int init_main(void)
     mount_runtime();
     setup_identity();
     setup_network();
+    mount_disks();
+    if (cfg.workspace[0])
+        start_fused();
     int port = open_channel();
     LOG_DEBUG("agent starting");
     g_role = "agent";

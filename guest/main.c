@@ -3,6 +3,9 @@
  *   as PID 1 (the initramfs /init):   boot the guest, then serve the channel (init.c)
  *   matchlock-guest agent --fd N:     serve the channel on an inherited stream fd, as an
  *                                     ordinary process (host-side tests)
+ *   matchlock-guest fused --fd N --mount DIR:
+ *                                     mount DIR as FUSE and relay it over fd N (host-side
+ *                                     tests; in the VM init starts it on the VFS port)
  */
 #include "guest.h"
 
@@ -13,7 +16,8 @@
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: matchlock-guest agent --fd N   (as PID 1 it boots the guest)\n");
+    fprintf(stderr, "usage: matchlock-guest agent --fd N | fused --fd N --mount DIR"
+                    "   (as PID 1 it boots the guest)\n");
     return 2;
 }
 
@@ -29,6 +33,16 @@ int main(int argc, char **argv)
         if (getenv("MATCHLOCK_GUEST_DEBUG"))
             g_debug = 1;
         return agent_run((int)fd, 0);
+    }
+    if (argc == 6 && !strcmp(argv[1], "fused") && !strcmp(argv[2], "--fd") &&
+        !strcmp(argv[4], "--mount")) {
+        char *end;
+        long fd = strtol(argv[3], &end, 10);
+        if (*end || fd < 0 || fd > 65535)
+            return usage();
+        if (getenv("MATCHLOCK_GUEST_DEBUG"))
+            g_debug = 1;
+        return fused_run((int)fd, argv[5], -1);
     }
     return usage();
 }

@@ -15,6 +15,7 @@ PKGS=(
   "$QEMU_PKG"                       # the VMM
   musl-tools gcc binutils linux-libc-dev  # the static guest runtime (musl-gcc runs gcc; strip)
   e2fsprogs fakeroot                # root disks without root (mke2fs -d, debugfs in tests)
+  mount                             # tests: mount/umount of the host-side FUSE test mounts
   busybox-static                    # the built-in default image
   zstd                              # zstd-compressed kernel packages
   nftables iproute2                 # per-VM network namespaces
@@ -28,7 +29,8 @@ PKGS=(
 # (tests/unit/test_install_script.py keeps this list complete).
 TOOLS=(
   "$QEMU_BIN:$QEMU_PKG" musl-gcc:musl-tools gcc:gcc strip:binutils
-  mke2fs:e2fsprogs debugfs:e2fsprogs fakeroot:fakeroot busybox:busybox-static zstd:zstd
+  mke2fs:e2fsprogs mkfs.ext4:e2fsprogs debugfs:e2fsprogs mount:mount umount:mount
+  fakeroot:fakeroot busybox:busybox-static zstd:zstd
   nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
   docker-registry:docker-registry skopeo:skopeo umoci:umoci dpkg-deb:dpkg apt-get:apt apt-cache:apt
   unshare:util-linux setpriv:util-linux runuser:util-linux dmesg:util-linux

@@ -26,9 +26,10 @@ def rpc_server(ml_env) -> None:
                     f"{(proc.stderr or proc.stdout).strip()[-300:]}")
 
 
-# network_hooks.py and vfs_hooks.py join once interception rules and the VFS are wired into
-# `matchlock rpc` (issues #8 and #10); until then `create` refuses them with one line.
-@pytest.mark.parametrize("name", ["basic", "exec_modes", "secrets", "port_forward"])
+# network_hooks.py joins once interception rules are wired into `matchlock rpc` (issue #8);
+# until then `create` refuses them with one line.
+@pytest.mark.parametrize("name", ["basic", "exec_modes", "secrets", "port_forward",
+                                  "vfs_hooks"])
 def test_example(name: str, rpc_server, ml_env, state_home, qemu_present) -> None:
     before = residue(state_home)
     env = {**ml_env, "MATCHLOCK_EXAMPLE_IMAGE": "matchlock/busybox"}

@@ -131,6 +131,17 @@ def parse_addresses(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Inspect HTTP/HTTPS even without --allow-host or --secret "
                    "(so that `allow-list add` works later).")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Guest NIC MTU.")
+@click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:GUEST[:MODE]",
+              help="Mount a host directory or file in the workspace. MODE: overlay (default: "
+              "a copy-on-write snapshot, the host is never written), host_fs (alias rw: "
+              "writes reach the host) or ro; options ,uid=N,gid=N set the owner the guest "
+              "sees. A relative GUEST is under the workspace (repeatable).")
+@click.option("--workspace", default=None, metavar="PATH",
+              help="Guest path of the VFS (default /workspace with -v); alone, an empty "
+              "in-memory workspace.")
+@click.option("--disk", "disks", multiple=True, metavar="IMAGE:GUEST[:ro]",
+              help="Attach a raw ext4 image (or @VOLUME, see `matchlock volume`) and mount "
+              "it at GUEST (repeatable).")
 @click.option("--kernel", default=None, envvar="MATCHLOCK_KERNEL",
               help="Guest kernel image (default: Debian's cloud kernel, fetched once).")
 @click.option("--accel", default=None, help="auto, kvm, hvf or tcg (env MATCHLOCK_ACCEL).")
@@ -142,7 +153,8 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
         hostname: str, no_network: bool, allow_hosts: tuple[str, ...],
         add_hosts: tuple[str, ...], allow_private: tuple[str, ...], secrets: tuple[str, ...],
         dns_servers: tuple[str, ...],
-        network_intercept: bool, mtu: int, kernel: str | None, accel: str | None,
+        network_intercept: bool, mtu: int, volumes: tuple[str, ...],
+        workspace: str | None, disks: tuple[str, ...], kernel: str | None, accel: str | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new sandbox booted from --image.
 
@@ -154,6 +166,7 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
     from matchlock.sandbox import SandboxConfig
     from matchlock.sandbox._command import parse_env_item, read_env_file
     from matchlock.sandbox._exec_limits import check_exec_size
+    from matchlock.vfs import mount_config
 
     if detach and (interactive or tty):
         raise UsageError("--detach cannot be combined with --interactive/--tty")
@@ -169,6 +182,7 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
         host_env=os.environ, allow_private=allow_private,
         env_allow_private=os.environ.get(ALLOW_PRIVATE_ENV, ""),
     )
+    mounts = mount_config(volumes, workspace, disks)
     vm_env: dict[str, str] = {}
     for path in env_file:
         vm_env.update(read_env_file(path, os.environ))
@@ -182,6 +196,7 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
         hostname=hostname, no_network=no_network, kernel=kernel, accel=accel,
         network=network, pull=pull, env=tuple(vm_env.items()), user=user,
         publish=parse_publish(publish), addresses=parse_addresses(addresses),
+        mounts=mounts,
     )
     config.validate()
     if detach:

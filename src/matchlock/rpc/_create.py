@@ -6,6 +6,8 @@ secret values never appear in them."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +24,15 @@ from matchlock.net.config import (
 from matchlock.net.policy import normalise_glob
 from matchlock.net.types import Secret
 from matchlock.sandbox import SandboxConfig
+from matchlock.vfs._hooks import HookRule
+from matchlock.vfs._spec import (
+    DiskSpec,
+    MountConfig,
+    MountSpec,
+    check_mounts,
+    check_workspace,
+    parse_disk,
+)
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLACEHOLDER_RE = re.compile(re.escape(PLACEHOLDER_PREFIX) + r"[A-Za-z0-9_]{1,64}\Z")
@@ -33,6 +44,8 @@ DEFAULT_MTU = 1500
 class CreatePlan:
     config: SandboxConfig
     launch_entrypoint: bool = False
+    vfs_rules: tuple[HookRule, ...] = ()  # vfs.interception's wire rules
+    file_events: bool = False  # `event` notifications of type file
 
 
 def _obj(params: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -127,8 +140,118 @@ def _add_hosts(v: Any) -> list[str]:
     return out
 
 
-def _check_vfs(vfs: dict[str, Any]) -> None:
-    """Validated as the reference does; any mount is refused (no VFS in this build)."""
+_VFS_OPS = frozenset({"stat", "readdir", "read_dir", "open", "create", "mkdir", "chmod",
+                      "remove", "remove_all", "removeall", "rename", "symlink", "readlink",
+                      "read", "write", "close", "sync", "truncate"})
+MAX_OWNER_ID = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class VfsPlan:
+    mounts: MountConfig = MountConfig()
+    rules: tuple[HookRule, ...] = ()
+    emit_events: bool = False
+
+
+def _mount(guest: str, m: Any) -> MountSpec:
+    if not isinstance(m, dict):
+        raise UsageError(f"invalid configuration: vfs.mounts[{guest!r}] must be an object")
+    kind = m.get("type") or "memory"
+    if kind not in ("memory", "host_fs", "overlay"):
+        kind = "memory"  # as the reference: an unknown type is an empty in-memory fs
+    if m.get("upper") or m.get("lower"):
+        raise UsageError(f"invalid configuration: vfs.mounts[{guest!r}]: upper/lower are "
+                         "not supported; give an overlay its host_path")
+    readonly = m.get("readonly", False)
+    if not isinstance(readonly, bool):
+        raise UsageError(f"invalid configuration: vfs.mounts[{guest!r}].readonly must be "
+                         "true or false")
+    ids = []
+    for key in ("owner_uid", "owner_gid"):
+        v = m.get(key)
+        if v is not None and (type(v) is not int or not 0 <= v <= MAX_OWNER_ID):
+            raise UsageError(f"invalid configuration: vfs.mounts[{guest!r}].{key} must be "
+                             f"an integer in [0, {MAX_OWNER_ID}]")
+        ids.append(v or 0)
+    host = m.get("host_path") or ""
+    if kind == "memory":
+        return MountSpec(guest_path=guest, type="memory", readonly=readonly,
+                         uid=ids[0], gid=ids[1])
+    if not isinstance(host, str) or not host.startswith("/"):
+        raise UsageError(f"invalid configuration: vfs.mounts[{guest!r}]: {kind} needs an "
+                         "absolute host_path")
+    real = os.path.realpath(host)
+    if not (os.path.isdir(real) or os.path.isfile(real)):
+        raise UsageError(f"invalid configuration: vfs.mounts[{guest!r}]: host path {host} "
+                         "does not exist or is not a directory or regular file")
+    return MountSpec(guest_path=guest, type=kind, host_path=real, readonly=readonly,
+                     uid=ids[0], gid=ids[1])
+
+
+def _vfs_rules(interception: Any) -> tuple[tuple[HookRule, ...], bool]:
+    if interception is None:
+        return (), False
+    if not isinstance(interception, dict):
+        raise UsageError("invalid configuration: vfs.interception must be an object")
+    emit = interception.get("emit_events", False)
+    if not isinstance(emit, bool):
+        raise UsageError("invalid configuration: vfs.interception.emit_events must be "
+                         "true or false")
+    raw = interception.get("rules") or []
+    if not isinstance(raw, list):
+        raise UsageError("invalid configuration: vfs.interception.rules must be a list")
+    rules = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict):
+            raise UsageError(f"invalid configuration: vfs.interception.rules[{i}] must be "
+                             "an object")
+        action = r.get("action") or "allow"
+        if action not in ("allow", "block"):
+            continue  # as the reference: only allow and block are wire actions
+        if action == "allow":
+            continue  # an allow rule without a callback does nothing
+        phase = r.get("phase") if r.get("phase") in ("before", "after") else "before"
+        if phase == "after":
+            continue  # an after-rule cannot block what already happened
+        ops = [o for o in _strs(r.get("ops"), f"vfs.interception.rules[{i}].ops")
+               if o.strip().lower() in _VFS_OPS]
+        if r.get("ops") and not ops:
+            continue  # every op unknown: the reference drops the rule, not widens it
+        path = r.get("path") or ""
+        if not isinstance(path, str):
+            raise UsageError(f"invalid configuration: vfs.interception.rules[{i}].path "
+                             "must be a string")
+        rules.append(HookRule(name=str(r.get("name") or f"rule-{i}"), phase="before",
+                              ops=frozenset(ops), path=path, action="block"))
+    return tuple(rules), emit or bool(raw)
+
+
+def _extra_disks(v: Any) -> tuple[DiskSpec, ...]:
+    if not v:
+        return ()
+    if not isinstance(v, list):
+        raise UsageError("extra_disks must be a list of {host_path, guest_mount, readonly}")
+    out: list[DiskSpec] = []
+    for i, d in enumerate(v):
+        what = f"invalid configuration: extra_disks[{i}]"
+        if not isinstance(d, dict) or not isinstance(d.get("host_path"), str) or \
+                not isinstance(d.get("guest_mount"), str):
+            raise UsageError(f"{what} must be {{host_path, guest_mount, readonly}}")
+        ro = d.get("readonly", False)
+        if not isinstance(ro, bool):
+            raise UsageError(f"{what}.readonly must be true or false")
+        try:
+            out.append(parse_disk(f"{d['host_path']}:{d['guest_mount']}{':ro' if ro else ''}",
+                                  what=what))
+        except UsageError as e:
+            raise UsageError(str(e)) from None
+    if len({d.guest_path for d in out}) != len(out):
+        raise UsageError("invalid configuration: extra_disks: two disks at one guest_mount")
+    return tuple(out)
+
+
+def _vfs(vfs: dict[str, Any]) -> VfsPlan:
+    """Validated as the reference does (its messages), then mapped onto our VFS."""
     mounts = vfs.get("mounts") or {}
     workspace = vfs.get("workspace") or ""
     if not isinstance(mounts, dict):
@@ -152,9 +275,22 @@ def _check_vfs(vfs: dict[str, Any]) -> None:
         if p != workspace and not p.startswith(workspace.rstrip("/") + "/"):
             raise UsageError(f"invalid configuration: guest path must be within workspace: "
                              f"{p!r} not in {workspace!r}")
-    if mounts:
-        raise NotAvailable("vfs mounts are not available yet in this build: drop "
-                           "vfs.mounts (and the SDK's mounts/workspace)")
+    if not mounts:
+        return VfsPlan()
+    try:
+        ws = check_workspace(workspace, "invalid configuration: vfs.workspace")
+        specs = tuple(_mount(posixpath.normpath(g), m) for g, m in mounts.items())
+        if len(specs) > 1:
+            # The VFS's base under the mounts is an empty memory fs already: a memory
+            # mount at the workspace itself (the SDKs' common pattern) is that base.
+            specs = tuple(x for x in specs if not (
+                x.guest_path == ws and x.type == "memory" and not x.readonly))
+        check_mounts(specs)
+    except UsageError as e:
+        raise UsageError(str(e) if str(e).startswith("invalid configuration")
+                         else f"invalid configuration: {e}") from None
+    rules, emit = _vfs_rules(vfs.get("interception"))
+    return VfsPlan(MountConfig(workspace=ws, mounts=specs), rules, emit)
 
 
 def _image_config(v: Any) -> str | None:
@@ -184,11 +320,10 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
         raise UsageError("id is internal-only and cannot be set")
     if params.get("privileged"):
         raise NotAvailable("privileged is not available in this build")
-    if params.get("extra_disks"):
-        raise NotAvailable("extra_disks are not available yet in this build")
+    disks = _extra_disks(params.get("extra_disks"))
     res = _obj(params, "resources")
     net = _obj(params, "network")
-    _check_vfs(_obj(params, "vfs"))
+    vfs = _vfs(_obj(params, "vfs"))
     kernel = _obj(params, "kernel").get("ref") or None
     if kernel is not None and not isinstance(kernel, str):
         raise UsageError("kernel.ref must be a string")
@@ -244,9 +379,11 @@ def plan_create(params: Mapping[str, Any], *, env_allow_private: str = "") -> Cr
         memory_mib=_num(res, "memory_mb", 512, int),
         disk_size_mib=_num(res, "disk_size_mb", 5120, int), hostname=hostname,
         no_network=no_network, kernel=kernel, network=network,
-        env=_env(params.get("env")), user=_image_config(params.get("image_config")))
+        env=_env(params.get("env")), user=_image_config(params.get("image_config")),
+        mounts=dataclasses.replace(vfs.mounts, disks=disks))
     config.validate()
-    return CreatePlan(config=config, launch_entrypoint=launch)
+    return CreatePlan(config=config, launch_entrypoint=launch, vfs_rules=vfs.rules,
+                      file_events=vfs.emit_events)
 
 
 __all__ = ["ALLOW_PRIVATE_ENV", "CreatePlan", "plan_create"]

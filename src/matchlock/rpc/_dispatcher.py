@@ -169,6 +169,7 @@ class Session:
         self._by_id: dict[int, asyncio.Task] = {}
         self._inputs: dict[int, _Input] = {}
         self._closed = False
+        self._event_task: asyncio.Task | None = None  # `event` notifications after create
         self._handlers: dict[str, Callable[[Request], Awaitable[dict[str, Any]]]] = {
             "create": self._create,
             "exec": self._exec,
@@ -316,6 +317,7 @@ class Session:
     async def shutdown(self) -> None:
         """The client went away: cancel everything it started."""
         self._closed = True
+        self._stop_events()
         tasks = self._inflight()
         for t in tasks:
             t.cancel()
@@ -327,7 +329,27 @@ class Session:
     # -- handlers ------------------------------------------------------------------------
 
     async def _create(self, msg: Request) -> dict[str, Any]:
-        return {"id": await self.target.create(msg.params)}
+        vm_id = await self.target.create(msg.params)
+        # Subscribed before the answer goes out: no event of the new VM is missed.
+        events = self.target.events()
+        self._event_task = spawn(self._forward(events), name="rpc-events")
+        return {"id": vm_id}
+
+    async def _forward(self, events: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for ev in events:
+                await self._send(encode_notification("event", ev))
+        except (ConnectionError, RuntimeError):
+            pass  # the client is gone
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # unsubscribe (a hub subscription)
+
+    def _stop_events(self) -> None:
+        if self._event_task is not None:
+            self._event_task.cancel()
+            self._event_task = None
 
     async def _info(self, msg: Request) -> dict[str, Any]:
         return self.target.info()
@@ -455,6 +477,7 @@ class Session:
             await self.target.close(timeout)
         finally:
             self._closed = True
+            self._stop_events()
         return {}
 
 

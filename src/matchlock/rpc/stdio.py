@@ -67,6 +67,8 @@ class StdioTarget:
         from matchlock.supervisor import Supervisor  # the server side, only when needed
 
         sup = Supervisor(plan.config, self._progress)
+        sup.sandbox.vfs_hooks.set_rules(plan.vfs_rules)
+        sup.sandbox.file_events = plan.file_events
         self._creating = True
         try:
             await sup.start()

@@ -14,6 +14,7 @@ from typing import Any
 from matchlock.errors import ConfigError
 from matchlock.net.types import NetworkConfig, PrivateException, Secret
 from matchlock.sandbox._ports import PortSpec
+from matchlock.vfs._spec import DiskSpec, MountConfig, MountSpec
 from matchlock.vm.spec import MIN_MEMORY_MIB, vcpus_for
 
 MAX_DISK_SIZE_MIB = 1 << 20  # 1 TiB: sparse, but a typo of a few zeros should be caught
@@ -37,6 +38,7 @@ class SandboxConfig:
     user: str | None = None  # every exec's default user (None: the image's USER)
     publish: tuple[PortSpec, ...] = ()
     addresses: tuple[str, ...] = ("127.0.0.1",)
+    mounts: MountConfig = field(default_factory=MountConfig)  # workspace, -v, --disk
 
     @property
     def net(self) -> NetworkConfig:
@@ -73,6 +75,7 @@ class SandboxConfig:
             "env": dict(self.env), "user": self.user,
             "ports": [{"local_port": p.local, "remote_port": p.remote} for p in self.publish],
             "addresses": list(self.addresses),
+            "mounts": mounts_view(self.mounts),
         }
 
     def to_wire(self) -> dict[str, Any]:
@@ -95,4 +98,20 @@ class SandboxConfig:
         kw["env"] = tuple((str(k), str(v)) for k, v in d.get("env", ()))
         kw["publish"] = tuple(PortSpec(p["local"], p["remote"]) for p in d.get("publish", ()))
         kw["addresses"] = tuple(d.get("addresses", ("127.0.0.1",)))
+        m = d.get("mounts") or {}
+        kw["mounts"] = MountConfig(
+            workspace=m.get("workspace", ""),
+            mounts=tuple(MountSpec(**x) for x in m.get("mounts", ())),
+            disks=tuple(DiskSpec(**x) for x in m.get("disks", ())))
         return cls(**kw)
+
+
+def mounts_view(m: MountConfig) -> dict[str, Any]:
+    """The workspace, -v mounts and disks as `get`/`inspect` show them."""
+    return {
+        "workspace": m.workspace,
+        "volumes": [{"guest_path": v.guest_path, "type": v.type, "host_path": v.host_path,
+                     "readonly": v.readonly} for v in m.mounts],
+        "disks": [{"host_path": x.host_path, "guest_path": x.guest_path,
+                   "readonly": x.readonly, "volume": x.volume} for x in m.disks],
+    }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 MAX_QUEUED_EVENTS = 1024  # per subscriber
@@ -45,11 +44,29 @@ class EventHub:
                 q.get_nowait()  # drop the oldest
             q.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_QUEUED_EVENTS)
-        self._subs.add(q)
+    def subscribe(self) -> Subscription:
+        """Events from now on (subscribed at once, not at the first iteration)."""
+        return Subscription(self)
+
+
+class Subscription:
+    """An async iterator of one subscriber's events; `close()` (or the end of an `async
+    for` that breaks or is cancelled) unsubscribes."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self._hub = hub
+        self._q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        hub._subs.add(self._q)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
         try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subs.discard(q)
+            return await self._q.get()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._hub._subs.discard(self._q)

@@ -67,6 +67,7 @@ class VmDefaults:
     env: tuple[tuple[str, str], ...] = ()
     user: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = ""  # the workspace, when the image sets no WORKDIR
 
 
 def compose_env(vm: VmDefaults, req: ExecRequest) -> dict[str, str]:
@@ -105,7 +106,7 @@ def compose_request(vm: VmDefaults, req: ExecRequest) -> dict:
         "op": "exec",
         "argv": list(argv),
         "env": [f"{k}={v}" for k, v in env.items()],
-        "cwd": req.cwd or vm.image.working_dir or "/",
+        "cwd": req.cwd or vm.image.working_dir or vm.cwd or "/",
         "user": user,
         "tty": req.tty,
         "stdin": req.stdin,

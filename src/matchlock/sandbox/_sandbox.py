@@ -50,6 +50,7 @@ from matchlock.sandbox._events import EventHub, network_event
 from matchlock.sandbox._exec import ExecRequest, Process, VmDefaults, compose_request
 from matchlock.sandbox._exec_limits import check_exec_size
 from matchlock.state import InvalidTransition, StateDB, Status
+from matchlock.vfs import HookEngine, SandboxMounts
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
 from matchlock.vm.kernel import Kernel, host_tsc_khz, resolve_kernel
@@ -96,12 +97,14 @@ def pick_machine(explicit: str | None, accel: str, tsc_khz: int | None) -> str:
     return "microvm" if (accel != "tcg" or tsc_khz) else "q35"
 
 
-def modules_for(machine: str, networked: bool) -> tuple[str, ...]:
+def modules_for(machine: str, networked: bool, vfs: bool = False) -> tuple[str, ...]:
     """Only the modules this VM uses: each costs 5-35 ms of boot under TCG."""
     bus = "virtio_mmio" if machine == "microvm" else "virtio_pci"
     mods = [bus, "virtio_blk", "virtio_console", "overlay"]
     if networked:
         mods.append("virtio_net")
+    if vfs:
+        mods.append("fuse")
     return tuple(mods)
 
 
@@ -177,6 +180,10 @@ class Sandbox:
         self._stop_waiting = False
         self.stop_reason = ""  # why the VM stopped, for messages
         self._hub: EventHub | None = None
+        # The VFS's hook rules and file events (set rules before or after start).
+        self.vfs_hooks = HookEngine()
+        self.vfs: SandboxMounts | None = None  # workspace, volumes and disks
+        self.file_events = False  # publish every VFS operation as a `file` event
 
     @property
     def hub(self) -> EventHub:
@@ -231,7 +238,8 @@ class Sandbox:
         tsc = host_tsc_khz()
         machine = pick_machine(cfg.machine, accel, tsc)
         initrd = build_initramfs(
-            kernel, guest_binary(), modules_for(machine, networked=cfg.net.mode != "none"))
+            kernel, guest_binary(),
+            modules_for(machine, networked=cfg.net.mode != "none", vfs=cfg.mounts.vfs))
         self.image = image
         self._assets = _Assets(accel, warning, image, kernel, tsc, machine, initrd)
         if warning:
@@ -262,7 +270,9 @@ class Sandbox:
         if self._assets is None:
             raise VmStartError("create() must come before boot()", vm_id=self.id)
         t0 = time.monotonic()
-        _ = self.hub  # made here, on the loop it delivers events on
+        hub = self.hub  # made here, on the loop it delivers events on
+        if self.file_events and self.config.mounts.vfs:
+            self.vfs_hooks.subscribe(lambda ev: hub.publish(ev.to_wire()))
         # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind stop().
         self._work = asyncio.ensure_future(asyncio.to_thread(self._spawn))
         host_sock = await asyncio.shield(self._work)
@@ -309,6 +319,8 @@ class Sandbox:
         upper = self.dir / "upper.ext4"
         self.record(cleanup.UPPER_DISK, {"path": str(upper)})
         make_upper_disk(upper, cfg.disk_size_mib)
+        self.vfs = SandboxMounts(cfg.mounts, self.dir, self.vfs_hooks)
+        self.vfs.prepare()  # disk locks first: a disk in use fails before QEMU starts
 
         netcfg = cfg.net
         cmdline = [
@@ -339,12 +351,14 @@ class Sandbox:
             self.timings.update(self.net.timings)
         else:
             cmdline += [f"matchlock.add_host={h}:{ip}" for h, ip in netcfg.add_hosts]
+        cmdline += self.vfs.cmdline()
         spec = VmSpec(
             kernel=a.kernel.image, initrd=a.initrd, memory_mib=cfg.memory_mib,
             vcpus=self.vcpus, accel=a.accel, machine=a.machine,
             log_path=self.log_paths[0],
-            disks=(Disk(a.image.disk, ROOT_SERIAL, readonly=True), Disk(upper, UPPER_SERIAL)),
-            cmdline=tuple(cmdline), nic=nic,
+            disks=(Disk(a.image.disk, ROOT_SERIAL, readonly=True), Disk(upper, UPPER_SERIAL),
+                   *(Disk(Path(d.path), d.serial, d.readonly) for d in self.vfs.disks)),
+            cmdline=tuple(cmdline), nic=nic, vfs_fd=self.vfs.guest_fd,
         )
         self._transition(Status.STARTING)
         # Recorded before the spawn: gc finds an unrecorded pid by the dir in QEMU's argv.
@@ -360,6 +374,7 @@ class Sandbox:
         pid = ProcessId.of(self.qemu.pid)
         self.record(cleanup.QEMU, {"marker": str(self.dir), "pid": self.qemu.pid,
                                    "start": pid.start if pid else ""})
+        self.vfs.start()
         self.timings["qemu_spawned"] = time.monotonic() - t0
         return host_sock
 
@@ -423,7 +438,7 @@ class Sandbox:
                               working_dir=cfg.working_dir, user=cfg.user) if cfg \
             else ImageDefaults()
         return VmDefaults(image=image, env=self.config.env, user=self.config.user,
-                          extra_env=self._extra_env())
+                          extra_env=self._extra_env(), cwd=self.config.mounts.workspace)
 
     def _extra_env(self) -> dict[str, str]:
         """Variables every exec gets on top of the user's: CA paths, secret placeholders."""
@@ -536,6 +551,9 @@ class Sandbox:
             q = self.qemu
             # A --rm VM's disks are discarded, so there is nothing to flush: kill at once.
             await asyncio.to_thread(step, cleanup.QEMU, lambda: q.kill(1.0 if graceful else 0.0))
+        if self.vfs is not None:
+            # After QEMU is gone: no guest request is in flight; snapshots are deleted.
+            await asyncio.to_thread(self.vfs.close)
         if self.net is not None:
             err = ""
             try:

@@ -17,6 +17,7 @@ from matchlock.vm.spec import VmSpec
 log = logging.getLogger(__name__)
 
 CHANNEL_PORT_NAME = "matchlock.ctl"
+VFS_PORT_NAME = "matchlock.vfs"  # FUSE traffic on its own port: it never queues behind exec
 
 
 def qemu_binary() -> str:
@@ -67,10 +68,15 @@ def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
             "-device", f"virtio-blk-{bus},drive=d{i},serial={disk.serial}",
         ]
     argv += [
-        "-device", f"virtio-serial-{bus},max_ports=2",
+        "-device", f"virtio-serial-{bus},max_ports=4",  # id 0 is the console's
         "-chardev", f"socket,id=ctl,fd={channel_fd}",
         "-device", f"virtserialport,chardev=ctl,name={CHANNEL_PORT_NAME}",
     ]
+    if spec.vfs_fd is not None:
+        argv += [
+            "-chardev", f"socket,id=vfs,fd={spec.vfs_fd}",
+            "-device", f"virtserialport,chardev=vfs,name={VFS_PORT_NAME}",
+        ]
     if spec.nic is not None:
         argv += [
             "-netdev", f"tap,id=n0,fd={spec.nic.tap_fd}",
@@ -95,7 +101,8 @@ class QemuProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
-                pass_fds=(channel_fd,) + ((spec.nic.tap_fd,) if spec.nic else ()),
+                pass_fds=(channel_fd,) + ((spec.nic.tap_fd,) if spec.nic else ())
+                + ((spec.vfs_fd,) if spec.vfs_fd is not None else ()),
                 start_new_session=True,  # a terminal Ctrl-C reaches us, not QEMU
             )
         self.started = time.monotonic()

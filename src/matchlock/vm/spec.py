@@ -53,6 +53,7 @@ class VmSpec:
     disks: tuple[Disk, ...] = ()
     cmdline: tuple[str, ...] = ()
     nic: Nic | None = None  # None: no network interface at all
+    vfs_fd: int | None = None  # the VFS port's guest end (a socket QEMU inherits), or none
 
     def __post_init__(self) -> None:
         if self.memory_mib < MIN_MEMORY_MIB:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from matchlock.errors import ErrorCode, NotAvailable, UsageError
+from matchlock.errors import ErrorCode, UsageError
 from matchlock.net.types import PrivateException
 from matchlock.rpc._create import plan_create
 from matchlock.rpc._dispatcher import Session
@@ -101,10 +101,64 @@ def test_bad_params_are_usage_errors(params, needle):
     assert "hunter2" not in str(e.value)
 
 
-def test_mounts_are_refused_as_not_available():
-    with pytest.raises(NotAvailable, match="not available yet"):
-        plan_create({"image": "b", "vfs": {"workspace": "/workspace",
-                                           "mounts": {"/workspace": {"type": "memory"}}}})
+def test_vfs_mounts_map_onto_our_providers(tmp_path):
+    (tmp_path / "src").mkdir()
+    plan = plan_create({"image": "b", "vfs": {
+        "workspace": "/workspace",
+        "mounts": {
+            "/workspace": {"type": "memory"},
+            "/workspace/src": {"type": "host_fs", "host_path": str(tmp_path / "src"),
+                               "readonly": True, "owner_uid": 1000, "owner_gid": 1001},
+            "/workspace/ov": {"type": "overlay", "host_path": str(tmp_path)},
+            "/workspace/odd": {"type": "weird"},
+        },
+        "interception": {"rules": [
+            {"name": "no-env", "ops": ["write", "create"], "path": "/workspace/*.env",
+             "action": "block"},
+            {"name": "dropped", "action": "exec_after"},
+            {"name": "unknown-ops", "ops": ["frobnicate"], "action": "block"},
+        ]},
+    }})
+    m = plan.config.mounts
+    assert m.workspace == "/workspace"
+    by = {s.guest_path: s for s in m.mounts}
+    assert "/workspace" not in by  # a memory fs at the workspace is the VFS's base
+    assert by["/workspace/odd"].type == "memory"
+    src = by["/workspace/src"]
+    assert (src.type, src.readonly, src.uid, src.gid) == ("host_fs", True, 1000, 1001)
+    assert by["/workspace/ov"].type == "overlay"
+    assert [r.name for r in plan.vfs_rules] == ["no-env"]
+    assert plan.vfs_rules[0].matches("write", "/workspace/a.env")
+    assert not plan.vfs_rules[0].matches("read", "/workspace/a.env")
+    assert plan.file_events  # the reference emits events whenever there are rules
+
+
+@pytest.mark.parametrize("mounts, needle", [
+    ({"/workspace": {"type": "host_fs", "host_path": "/nonexistent/x"}}, "does not exist"),
+    ({"/workspace": {"type": "host_fs", "host_path": "rel"}}, "absolute host_path"),
+    ({"/workspace": {"type": "memory", "owner_uid": -1}}, "owner_uid"),
+    ({"/workspace": {"type": "memory", "readonly": "yes"}}, "readonly"),
+    ({"/workspace/a": {}, "/workspace/a/b": {}}, "overlap"),
+])
+def test_bad_vfs_mounts(mounts, needle):
+    with pytest.raises(UsageError, match=needle) as e:
+        plan_create({"image": "b", "vfs": {"workspace": "/workspace", "mounts": mounts}})
+    assert str(e.value).startswith("invalid configuration")
+
+
+def test_extra_disks(tmp_path):
+    img = tmp_path / "d.ext4"
+    img.write_bytes(b"")
+    plan = plan_create({"image": "b", "extra_disks": [
+        {"host_path": str(img), "guest_mount": "/data", "readonly": True}]})
+    (d,) = plan.config.mounts.disks
+    assert (d.host_path, d.guest_path, d.readonly) == (str(img), "/data", True)
+    with pytest.raises(UsageError, match="does not exist"):
+        plan_create({"image": "b", "extra_disks": [
+            {"host_path": str(tmp_path / "nope"), "guest_mount": "/data"}]})
+    with pytest.raises(UsageError, match="cannot mount a disk"):
+        plan_create({"image": "b", "extra_disks": [
+            {"host_path": str(img), "guest_mount": "/proc"}]})
 
 
 def _run_session(lines: list[str]) -> list[dict]:

@@ -1,0 +1,148 @@
+"""`SandboxMounts`: everything one sandbox's MountConfig takes on the host, with one owner.
+
+prepare() (before QEMU starts): disk locks, providers (a snapshot's private copy lives in
+the VM's directory), the VFS port's socket pair. start() (QEMU running): the VFS server.
+close(): the server, every handle and provider (snapshots deleted), the locks. Blocking
+calls throughout: the sandbox runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from matchlock.vfs._fs import FuseFilesystem, Mount
+from matchlock.vfs._hooks import HookEngine
+from matchlock.vfs._hostfs import HostFS
+from matchlock.vfs._memory import MemoryFS
+from matchlock.vfs._provider import Provider
+from matchlock.vfs._readonly import ReadOnly
+from matchlock.vfs._snapshot import SnapshotFS
+from matchlock.vfs._spec import MountConfig, MountSpec
+from matchlock.vfs._volumes import DiskLock
+from matchlock.vfs.server import VfsServer
+
+log = logging.getLogger(__name__)
+
+DISK_SERIAL_PREFIX = "ml-disk"
+# Kernel modules the guest needs for a config (besides the VM's base set).
+FUSE_MODULES = ("fuse",)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskAttachment:
+    path: str
+    serial: str
+    readonly: bool
+
+
+def provider_for(spec: MountSpec, private_dir: Path, index: int) -> Provider:
+    salt = (index + 1) << 56  # inode numbers of different mounts never collide
+    single = None
+    root = spec.host_path
+    if spec.host_path and os.path.isfile(spec.host_path):
+        root, single = os.path.split(spec.host_path)
+    if spec.type == "memory":
+        prov: Provider = MemoryFS(uid=spec.uid, gid=spec.gid, salt=salt)
+    elif spec.type == "overlay":
+        prov = SnapshotFS(root, private_dir / f"mount-{index}", single=single, uid=spec.uid,
+                          gid=spec.gid, salt=salt)
+    else:
+        prov = HostFS(root, single=single, uid=spec.uid, gid=spec.gid, salt=salt)
+    return ReadOnly(prov) if spec.readonly else prov
+
+
+class SandboxMounts:
+    def __init__(self, config: MountConfig, vm_dir: Path,
+                 hooks: HookEngine | None = None) -> None:
+        self.config = config
+        self.vm_dir = vm_dir
+        self.hooks = hooks or HookEngine()
+        self.fs: FuseFilesystem | None = None
+        self.server: VfsServer | None = None
+        self._locks: list[DiskLock] = []
+        self._host_sock: socket.socket | None = None
+        self._guest_sock: socket.socket | None = None
+        self.disks: list[DiskAttachment] = []
+
+    # -- before the VM -------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        try:
+            for i, d in enumerate(self.config.disks):
+                self._locks.append(DiskLock(d.host_path, d.readonly))
+                self.disks.append(DiskAttachment(d.host_path, f"{DISK_SERIAL_PREFIX}{i}",
+                                                 d.readonly))
+            if self.config.vfs:
+                self._prepare_vfs()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_vfs(self) -> None:
+        ws = self.config.workspace
+        private = self.vm_dir / "vfs"
+        private.mkdir(mode=0o700, exist_ok=True)
+        mounts = []
+        try:
+            for i, spec in enumerate(self.config.mounts):
+                rel = spec.guest_path[len(ws):].strip("/")
+                m = Mount(rel, provider_for(spec, private, i))
+                mounts.append(m)
+            self.fs = FuseFilesystem(ws, mounts, self.hooks)
+        except BaseException:
+            for m in mounts:
+                m.provider.close()
+            raise
+        self._host_sock, self._guest_sock = socket.socketpair(socket.AF_UNIX,
+                                                              socket.SOCK_STREAM)
+
+    @property
+    def guest_fd(self) -> int | None:
+        """The VFS port's guest end, for QEMU to inherit (None: no VFS)."""
+        return self._guest_sock.fileno() if self._guest_sock is not None else None
+
+    def cmdline(self) -> list[str]:
+        args = [f"matchlock.disk={d.serial}:{spec.guest_path}{':ro' if d.readonly else ''}"
+                for d, spec in zip(self.disks, self.config.disks, strict=True)]
+        if self.config.vfs:
+            args.append(f"matchlock.workspace={self.config.workspace}")
+        return args
+
+    def modules(self) -> tuple[str, ...]:
+        return FUSE_MODULES if self.config.vfs else ()
+
+    # -- with the VM ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """QEMU holds the guest end now: serve the VFS on ours."""
+        if self._guest_sock is not None:
+            self._guest_sock.close()
+            self._guest_sock = None
+        if self.fs is not None and self._host_sock is not None:
+            self.server = VfsServer(self.fs)
+            sock, self._host_sock = self._host_sock, None
+            self.server.start(sock)
+
+    def close(self) -> None:
+        """Idempotent; never raises."""
+        for s in (self._guest_sock, self._host_sock):
+            if s is not None:
+                s.close()
+        self._guest_sock = self._host_sock = None
+        try:
+            if self.server is not None:
+                self.server.stop()
+            elif self.fs is not None:
+                self.fs.hooks.close()
+                self.fs.close()
+        except Exception as e:  # noqa: BLE001 - cleanup goes on
+            log.warning("VFS shutdown failed: %s", e)
+        self.server = None
+        self.fs = None
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
