@@ -188,7 +188,7 @@ class BuildJob:
         memory = r.memory_mib or host_memory_mib()
         kw: dict = {}
         if cache_disk is not None:
-            from matchlock.vfs import DiskSpec, MountConfig  # type: ignore[attr-defined]
+            from matchlock.vfs import DiskSpec, MountConfig
 
             kw["mounts"] = MountConfig(disks=(DiskSpec(str(cache_disk), CACHE_MOUNT),))
         return SandboxConfig(image=builder.name, cpus=cpus, memory_mib=memory,
