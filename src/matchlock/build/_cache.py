@@ -72,6 +72,7 @@ def ensure_disk(size_mib: int) -> Path:
     path = disk_path()
     want = size_mib << 20
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".new")
         with open(tmp, "wb") as f:
             f.truncate(want)
