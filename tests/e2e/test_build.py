@@ -230,3 +230,58 @@ def test_bad_input(ml, tmp_path, state_home, case) -> None:
     assert "Traceback" not in err
     assert residue(state_home) == NO_RESIDUE
     assert _image(ml, "e2e/bad:1") is None
+
+
+def test_second_build_waits_for_cache_lock_then_ctrl_c_leaves_nothing(
+        ml_env, tmp_path, state_home, built) -> None:
+    """A build that finds the cache locked says so and waits; once it has it and its
+    engine runs, SIGINT stops it: exit 130, no VM, no image, lock released."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from matchlock.build._cache import cache_root
+
+    (tmp_path / "Dockerfile").write_text(
+        "FROM matchlock/busybox:latest\nRUN echo started-slow-step; sleep 600\n")
+    fd = os.open(cache_root() / "cache.ext4.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another build would
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "matchlock", "build", *BUILD_FLAGS,
+                                 "-t", "e2e/interrupted:1", str(tmp_path)],
+                                env=ml_env, stdout=subprocess.PIPE, stderr=err)
+    try:
+        def wait_for(text: str, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while text not in err_path.read_text():
+                assert proc.poll() is None, err_path.read_text()
+                assert time.monotonic() < deadline, err_path.read_text()
+                time.sleep(0.2)
+
+        wait_for("Waiting for build cache lock…", 60)
+        assert "Starting the builder VM" not in err_path.read_text()
+        os.close(fd)
+        fd = -1
+        wait_for("started-slow-step", 900)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130, err_path.read_text()[-2000:]
+    assert "interrupted" in err_path.read_text().strip().splitlines()[-1]
+    assert residue(state_home) == NO_RESIDUE
+    from matchlock.image import ImageStore
+
+    assert all(i.name != "e2e/interrupted:1" for i in ImageStore().list())
+    lock = os.open(cache_root() / "cache.ext4.lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the build
+    finally:
+        os.close(lock)
