@@ -67,6 +67,29 @@ def locked(wait: Callable[[], None] | None = None, *, block: bool = True) -> Ite
         os.close(fd)
 
 
+class CacheLock:
+    """The cache lock for async callers: `try_acquire()` never blocks (a waiting build
+    polls it, so a Ctrl-C while waiting is never stuck in flock(2)); `release()`."""
+
+    def __init__(self) -> None:
+        root = cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(root / "cache.ext4.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          0o644)
+
+    def try_acquire(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def ensure_disk(size_mib: int) -> Path:
     """Create the cache disk, or grow it to `size_mib` (call with the lock held)."""
     path = disk_path()

@@ -47,6 +47,7 @@ CACHE_MOUNT = "/var/lib/containers"  # the persistent cache disk, in the builder
 SCRATCH_ROOT = "/run/matchlock/upper/containers"
 OUT_REF = "localhost/matchlock-build-output:latest"
 BUILD_TIMEOUT_S = 30 * 60
+LOCK_POLL_S = 0.25
 _CHUNK = 1 << 16
 _STEP = re.compile(rb"^STEP \d+(?:/\d+)?: (.*)$")
 _EXIT = re.compile(r"exit status (\d+)")
@@ -254,12 +255,14 @@ class BuildJob:
 
     async def run(self) -> BuildResult:
         t0 = time.monotonic()
-        cache = None if self.req.no_cache else _cache.locked(
-            lambda: self.progress("Waiting for build cache lock…"))
+        cache = None if self.req.no_cache else _cache.CacheLock()
         async with contextlib.AsyncExitStack() as stack:
             if cache is not None:
-                await asyncio.to_thread(cache.__enter__)
-                stack.push(cache.__exit__)
+                stack.callback(cache.release)
+                if not cache.try_acquire():
+                    self.progress("Waiting for build cache lock…")
+                    while not cache.try_acquire():
+                        await asyncio.sleep(LOCK_POLL_S)
             self.timings["lock_s"] = time.monotonic() - t0
             bases = await asyncio.to_thread(self._bases)  # an unknown base fails fast
             builder = await asyncio.to_thread(ensure_builder, self.store, self.progress)

@@ -53,8 +53,15 @@ async def _run_job(job) -> object:  # noqa: ANN001 - BuildJob
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    from matchlock.build._job import BUILD_TIMEOUT_S
+
     try:
-        return await job.run()
+        async with asyncio.timeout(BUILD_TIMEOUT_S):
+            return await job.run()
+    except TimeoutError:
+        print(f"error: the build did not finish within {BUILD_TIMEOUT_S // 60} minutes; the "
+              "builder VM was removed", file=sys.stderr)
+        raise SystemExit(1) from None
     except asyncio.CancelledError:
         if hit:
             print("error: build interrupted; the builder VM was removed", file=sys.stderr)
