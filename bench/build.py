@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -79,10 +80,10 @@ def unpack_builder(dest: Path) -> None:
 def host_build(rootfs: Path, ctx: Path, cold: bool) -> float:
     """One buildah build in the builder rootfs on the host; seconds."""
     inner = rootfs / "ctx"
-    subprocess.run(["rm", "-rf", str(inner)], check=True)
-    subprocess.run(["cp", "-a", str(ctx), str(inner)], check=True)
+    shutil.rmtree(inner, ignore_errors=True)
+    shutil.copytree(ctx, inner, symlinks=True)
     if cold:
-        subprocess.run(["rm", "-rf", str(rootfs / "var/lib/bench")], check=True)
+        shutil.rmtree(rootfs / "var/lib/bench", ignore_errors=True)
         with open(rootfs / "base.tar", "wb") as f:
             ImageStore().export_oci("matchlock/busybox", f, "docker.io/matchlock/busybox:latest")
     s = "--root /var/lib/bench --runroot /run/c --storage-driver overlay"
