@@ -137,8 +137,8 @@ def test_rebuild_reuses_cached_layers(ml, tmp_path, built) -> None:
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(
         "FROM matchlock/busybox:latest\n"
-        # An expensive step (a few seconds of CPU under TCG) before the COPY.
-        "RUN i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo $i > /count\n"
+        # An expensive step (about a minute of CPU under TCG) before the COPY.
+        "RUN i=0; while [ $i -lt 800000 ]; do i=$((i+1)); done; echo $i > /count\n"
         "RUN echo second > /second\n"
         "COPY changing.txt /changing.txt\n")
     (ctx / "changing.txt").write_text("one\n")
