@@ -286,6 +286,10 @@ class BuildJob:
 
     async def _remove_vm(self) -> None:
         if self.sup is not None:
+            if self.sup.sandbox.running and not self.req.no_cache:
+                # A clean guest power-off (sync, unmount) first: the engine's writes to
+                # the persistent cache disk must reach it before QEMU goes.
+                await asyncio.shield(self.sup.stop(graceful=True, timeout=20))
             await asyncio.shield(self.sup.remove())
 
     async def _build(self, bases: list[Image], cached: bool, host_tmp: Path,
