@@ -28,7 +28,8 @@ COPY . .
 RUN echo "version=$VERSION" > /version.txt && ls -A /src | sort > /listing.txt
 FROM ${BASE} AS app
 ARG VERSION
-RUN adduser -D -u 1234 -h /home/app app
+RUN echo "app:x:1234:1234:app:/home/app:/bin/sh" >> /etc/passwd && \\
+    echo "app:x:1234:" >> /etc/group && mkdir -p /home/app && chown 1234:1234 /home/app
 COPY --from=build /version.txt /listing.txt /app/
 COPY --chown=app app.sh /app/app.sh
 ENV APP_MODE=prod APP_VERSION=${VERSION}

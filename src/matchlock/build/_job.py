@@ -49,7 +49,7 @@ OUT_REF = "localhost/matchlock-build-output:latest"
 BUILD_TIMEOUT_S = 30 * 60
 LOCK_POLL_S = 0.25
 _CHUNK = 1 << 16
-_STEP = re.compile(rb"^STEP \d+(?:/\d+)?: (.*)$")
+_STEP = re.compile(rb"^(?:\[\d+/\d+\] )?STEP \d+(?:/\d+)?: (.*)$")  # "[2/3] " in multi-stage
 _EXIT = re.compile(r"exit status (\d+)")
 
 
