@@ -117,6 +117,6 @@ def test_tail_tracks_step_and_cache_hits() -> None:
     t.feed(b"STEP 1/3: FROM x\n--> Using cache abc\n--> abc\nSTEP 2/3: RUN ex")
     t.feed(b"it 3\nboom\n")
     assert t.step == "RUN exit 3" and t.cached_steps == 1
+    assert bytes(seen).endswith(b"boom\n")
     t.feed(b"[2/2] STEP 4/9: RUN make\n")
     assert t.step == "RUN make"
-    assert bytes(seen).endswith(b"boom\n")
