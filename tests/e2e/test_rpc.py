@@ -102,8 +102,11 @@ def test_protocol_edges_and_eof_without_close(ml, ml_env, state_home, qemu_prese
         assert rpc.call("read_file", 3, {"path": "/etc/hostname"})["error"]["code"] == -32000
         assert rpc.call("create", 4, {"image": ""})["error"]["code"] == -32602
         err = rpc.call("create", 5, {"image": "matchlock/busybox", "vfs": {
-            "workspace": "/workspace", "mounts": {"/workspace": {"type": "memory"}}}})["error"]
-        assert err["code"] == -32000 and "not available yet" in err["message"]
+            "workspace": "/workspace", "mounts": {"/workspace": {
+                "type": "host_fs", "host_path": "/nonexistent/matchlock-test"}}}})["error"]
+        assert err["code"] == -32602 and "does not exist" in err["message"]
+        err = rpc.call("create", 5, {"image": "matchlock/busybox", "privileged": True})["error"]
+        assert err["code"] == -32000 and "not available" in err["message"]
 
         created = rpc.call("create", 6, {"image": "matchlock/busybox"})
         vm = created["result"]["id"]

@@ -1,0 +1,3 @@
+module matchlock.dev/go
+
+go 1.22
