@@ -20,7 +20,7 @@ PKGS=(
   zstd                              # zstd-compressed kernel packages
   nftables iproute2                 # per-VM network namespaces
   python3 python3-venv python3-dev
-  ca-certificates apt-utils git
+  ca-certificates apt-utils git tar
   # test suite: GNU cpio reads our initramfs, Debian test image, registry, terminal tests
   cpio mmdebstrap uidmap docker-registry tmux
   skopeo umoci                      # push test images to that registry; pull benchmark
@@ -31,7 +31,8 @@ PKGS=(
 # (tests/unit/test_install_script.py keeps this list complete).
 TOOLS=(
   "$QEMU_BIN:$QEMU_PKG" musl-gcc:musl-tools gcc:gcc strip:binutils
-  mke2fs:e2fsprogs mkfs.ext4:e2fsprogs debugfs:e2fsprogs mount:mount umount:mount
+  mke2fs:e2fsprogs mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs resize2fs:e2fsprogs
+  dumpe2fs:e2fsprogs tar:tar mount:mount umount:mount
   fakeroot:fakeroot busybox:busybox-static zstd:zstd
   nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
   docker-registry:docker-registry skopeo:skopeo umoci:umoci dpkg-deb:dpkg apt-get:apt apt-cache:apt

@@ -243,6 +243,23 @@ def check_busybox(h: Host) -> Check:
         return Check("busybox", "warn", "missing", {"error": str(e)})
 
 
+def check_builder(h: Host) -> Check:
+    """`matchlock build`'s builder image: stored, or what the first build needs to make it.
+    Never a failure: only `build` needs it."""
+    from matchlock.build._builder import PACKAGES, builder_name, builder_status
+
+    try:
+        img = builder_status()
+    except Exception as e:  # noqa: BLE001 - an unreadable store is reported, not raised
+        return Check("builder-image", "warn", "unreadable", {"error": str(e)})
+    facts: dict[str, Fact] = {"name": builder_name(), "packages": ", ".join(PACKAGES)}
+    if img is not None:
+        return Check("builder-image", "pass", "stored", facts | {"size": img.size >> 20})
+    if h.which("mmdebstrap") is None:
+        return Check("builder-image", "warn", "no-mmdebstrap", facts)
+    return Check("builder-image", "pass", "not-made", facts)
+
+
 # ---- network -----------------------------------------------------------------------------
 
 
@@ -338,6 +355,7 @@ def run_checks(h: Host | None = None) -> list[Check]:
         check_kernel(h),
         check_tool(h, "mke2fs", "mke2fs", "e2fsprogs"),
         check_busybox(h),
+        check_builder(h),
         check_tun(h),
         check_userns(h),
         check_nftables(h),

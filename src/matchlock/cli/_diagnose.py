@@ -87,6 +87,14 @@ WORDS: dict[tuple[str, str], tuple[str, str]] = {
     ("busybox", "missing"): ("{error}",
                              "apt-get install busybox-static (only the built-in image "
                              "needs it)"),
+    ("builder-image", "stored"): ("{name} ({size} MB: Buildah for `matchlock build`)", ""),
+    ("builder-image", "not-made"): ("not made yet: the first `matchlock build` makes {name} "
+                                    "with mmdebstrap ({packages}; a few minutes, once)", ""),
+    ("builder-image", "no-mmdebstrap"): ("not made yet, and mmdebstrap is missing to make it "
+                                         "(only `matchlock build` needs it)",
+                                         "apt-get install mmdebstrap"),
+    ("builder-image", "unreadable"): ("cannot read the image store: {error}",
+                                      "check MATCHLOCK_CACHE_DIR / MATCHLOCK_IMAGES_DIR"),
     ("tun-device", "ok"): ("{path} is usable", ""),
     ("tun-device", "missing"): ("{path} does not exist",
                                 "modprobe tun; VMs with --no-network need no TUN"),

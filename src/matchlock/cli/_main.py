@@ -50,7 +50,7 @@ def version() -> None:
 
 
 def _register() -> None:
-    from matchlock.cli import _diagnose, _image, _kernel, _pull, _run, _vms, _volume
+    from matchlock.cli import _build, _diagnose, _image, _kernel, _pull, _run, _vms, _volume
 
     cli.add_command(_run.run)
     cli.add_command(_vms.exec_, "exec")
@@ -70,7 +70,7 @@ def _register() -> None:
     cli.add_command(_image.image)
     cli.add_command(_kernel.kernel)
     cli.add_command(_pull.pull)
-    cli.add_command(_pull.build)
+    cli.add_command(_build.build)
     cli.add_command(_volume.volume)
     cli.add_command(_diagnose.diagnose)
     cli.add_command(_run.supervise)

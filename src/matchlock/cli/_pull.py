@@ -9,7 +9,6 @@ import threading
 import click
 
 from matchlock.cli._output import human_size
-from matchlock.errors import UsageError
 from matchlock.image import LineProgress, PullProgress
 
 
@@ -118,21 +117,13 @@ def pull(image: str, force: bool, tag: str | None, platform: str | None, quiet: 
     click.echo(f"Size: {human_size(res.image.size)}")
 
 
-@click.command()
-@click.argument("image")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def build(image: str, quiet: bool) -> None:
+def prebuild(image: str, quiet: bool) -> None:
     """Pre-build the root disk of IMAGE so that its first `run` starts at once.
 
     A stored image is built from its stored layers (no network); otherwise it is pulled.
     """
     from matchlock.image import ImageStore
 
-    if os.path.isdir(image):
-        raise UsageError(
-            f"{image} is a directory: building from a Dockerfile is not supported; build the "
-            "image elsewhere and `matchlock image import` its `docker save` tarball"
-        )
     res = ImageStore().build(image, progress=progress_for(quiet))
     if quiet:
         return

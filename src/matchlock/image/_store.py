@@ -673,6 +673,56 @@ class ImageStore:
         return PullResult(img, cached=False, built=True,
                           timings={**build, "total_s": time.perf_counter() - t0})
 
+    def layer_count(self, name: str) -> int:
+        """How many layers the stored image `name` has (0 when it is not stored)."""
+        row = self._row(normalize_name(name))
+        if row is None:
+            return 0
+        with self._db() as conn:
+            (n,) = conn.execute("SELECT COUNT(*) FROM layers WHERE image_id=?",
+                                (row["id"],)).fetchone()
+        return int(n)
+
+    def export_oci(self, name: str, out: BinaryIO | None, ref_name: str = "") -> str:
+        """Stream the stored image `name` to `out` as an OCI layout tarball (its
+        manifest annotated `ref_name`); returns the config digest, i.e. the id an engine
+        gives the image (with `out` None only that is computed). The config is adjusted
+        where engines need it (see _export.fix_config). Layer blobs are hard-linked into
+        staging first, so a concurrent `rm`/`gc` cannot take them mid-stream."""
+        from matchlock.image import _export
+
+        norm = normalize_name(name)
+        if norm == BUILTIN_IMAGE:
+            self.ensure_builtin()
+        with self._lock(), self._db() as conn:
+            row = conn.execute("SELECT * FROM images WHERE name=?", (norm,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"image '{norm}' not found")
+            digests = [r["digest"].removeprefix("sha256:") for r in conn.execute(
+                "SELECT digest FROM layers WHERE image_id=? ORDER BY ordinal", (row["id"],))]
+            self._ensure_dirs()
+            work = Path(tempfile.mkdtemp(prefix="export-", dir=self._tmp))
+            pinned = []
+            try:
+                for hx in digests:
+                    dst = work / hx
+                    if not dst.exists():
+                        os.link(self._blobs / hx, dst)
+                    pinned.append(dst)
+            except FileNotFoundError:
+                _disk.rmtree_any(work)
+                raise NotFoundError(f"image '{norm}' has lost a layer; pull or import it "
+                                    "again") from None
+        try:
+            layers = [(p, p.name, _export.layer_media_type(p)) for p in pinned]
+            config = _export.fix_config(row["config_json"].encode(),
+                                        [(p, mt) for p, _, mt in layers])
+            if out is None:
+                return "sha256:" + hashlib.sha256(config).hexdigest()
+            return _export.write_oci_archive(out, config, layers, ref_name)
+        finally:
+            _disk.rmtree_any(work)
+
     def gc(self) -> GcResult:
         """Drop blobs and disks no image uses, and staging left by dead processes."""
         res = GcResult()
