@@ -181,7 +181,7 @@ def check_kernel(h: Host) -> Check:
                 return Check("kernel", "fail", "env-missing", {"path": env, "error": str(e)})
         return Check("kernel", "pass", "env", {"path": str(found.image),
                                                "version": found.version})
-    built = k.best_built()
+    built = k.best_built() if k.prefer_built() else None
     if built is not None:
         facts: dict[str, Fact] = {"name": built.name, "path": str(built.image),
                                   "version": built.version}
@@ -190,6 +190,9 @@ def check_kernel(h: Host) -> Check:
         return Check("kernel", "warn", "built-old", facts)
     build = _kernel_build_fix()
     cached = k.cached_kernel()
+    if cached is not None and not k.prefer_built():
+        return Check("kernel", "pass", "debian-default", {"path": str(cached.image.parent),
+                                                          "version": cached.version})
     if cached is not None:
         return Check("kernel", "warn", "debian", {"path": str(cached.image.parent),
                                                   "version": cached.version, "build": build})

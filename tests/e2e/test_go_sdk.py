@@ -96,3 +96,23 @@ def test_go_network_hooks(go_env, upstreams, debian_image, state_home) -> None: 
     assert [r["target"] for r in reqs] == ["/mutate"], reqs  # /slow never arrived
     assert reqs[0]["headers"]["x-go-hook"] == "GET /mutate"
     assert residue(state_home) == before
+
+
+def test_go_network_hooks_example(go_env, upstreams, debian_image, state_home,  # noqa: F811
+                                  tmp_path) -> None:
+    """examples/go/network_hooks against the real upstream, judged by its own log."""
+    check(run_go(["build", "-o", str(tmp_path) + "/", "./network_hooks"], EXAMPLES),
+          "go build network_hooks")
+    before = residue(state_home)
+    mark = upstreams.mark()
+    env = {**go_env, "MATCHLOCK_EXAMPLE_IMAGE": debian_image,
+           "EXAMPLE_API_URL": "https://api.test/", "EXAMPLE_API_IP": upstreams.api,
+           "MATCHLOCK_UPSTREAM_CA": str(upstreams.ca)}
+    proc = subprocess.run([str(tmp_path / "network_hooks")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"network_hooks failed:\n{proc.stdout}\n{proc.stderr}"
+    reqs = [r for r in upstreams.records("req", since=mark)
+            if r["server"].startswith(upstreams.api)]
+    assert [r["target"] for r in reqs] == ["/"]  # /admin never arrived
+    assert reqs[0]["headers"]["x-agent"] == "matchlock-go-example"
+    assert residue(state_home) == before

@@ -16,6 +16,14 @@ from matchlock.cli._diagnose import WORDS, words
 from matchlock.vm import accel
 
 
+@pytest.fixture(autouse=True)
+def _prefer_our_build(monkeypatch):
+    """These tests cover the resolution with our build preferred (MATCHLOCK_DEFAULT_KERNEL
+    =matchlock); test_kernel.py::test_debian_is_the_default covers the default."""
+    monkeypatch.setenv("MATCHLOCK_DEFAULT_KERNEL", "matchlock")
+
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """A host where everything is present and fine; tests break one thing each."""

@@ -63,6 +63,9 @@ WORDS: dict[tuple[str, str], tuple[str, str]] = {
                               "matchlock kernel build"),
     ("kernel", "debian"): ("Debian cloud kernel {version} (cached in {path}); matchlock's own "
                            "kernel boots about twice as fast", "{build}"),
+    ("kernel", "debian-default"): ("Debian cloud kernel {version} (cached in {path}); "
+                                   "matchlock's own is opt-in: `matchlock kernel build`, "
+                                   "then --kernel matchlock", ""),
     ("kernel", "env"): ("{version} ({path}, from MATCHLOCK_KERNEL)", ""),
     ("kernel", "env-missing"): ("{error}", "fix MATCHLOCK_KERNEL, or unset it"),
     ("kernel", "env-debian-not-cached"): (

@@ -20,6 +20,13 @@ from matchlock.vm.kernel import Kernel, bzimage_version, host_tsc_khz, resolve_k
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
+@pytest.fixture(autouse=True)
+def _prefer_our_build(monkeypatch):
+    """These tests cover the resolution with our build preferred (MATCHLOCK_DEFAULT_KERNEL
+    =matchlock); test_kernel.py::test_debian_is_the_default covers the default."""
+    monkeypatch.setenv("MATCHLOCK_DEFAULT_KERNEL", "matchlock")
+
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch, tmp_path):
@@ -337,8 +344,8 @@ def test_real_fetch(real_kernel, monkeypatch):
     assert k.modules_dir is not None and k.modules_dir.name == "modules"
     assert (k.modules_dir / "modules.builtin").is_file()
     assert (k.image.parent / "config").read_text().count("CONFIG_VIRTIO") > 0
-    assert progress[0] == kernel.BUILD_HINT
-    assert progress[1].startswith(f"Fetching guest kernel linux-image-{k.version} (")
+    progress = [m for m in progress if m != kernel.BUILD_HINT]  # the default: no hint
+    assert progress[0].startswith(f"Fetching guest kernel linux-image-{k.version} (")
     assert progress[-1] == f"Kernel ready: {k.version}"
     for mod in ("virtio_blk", "virtio_pci", "virtio_net", "overlay", "fuse", "virtio_ring"):
         p = k.module_path(mod)
@@ -377,3 +384,14 @@ def test_modular_kernel_by_path_needs_its_modules(real_kernel, tmp_path, monkeyp
     # MATCHLOCK_KERNEL_MODULES still wins.
     monkeypatch.setenv(kernel.ENV_KERNEL_MODULES, str(k.modules_dir))
     assert resolve_kernel(str(alone / "vmlinux")).modules_dir == k.modules_dir
+
+
+def test_debian_is_the_default(monkeypatch, tmp_path):
+    """Our build stays opt-in (see kernel.prefer_built): without MATCHLOCK_DEFAULT_KERNEL
+    a built kernel in the cache is not what VMs boot."""
+    monkeypatch.delenv("MATCHLOCK_DEFAULT_KERNEL")
+    assert not kernel.prefer_built()
+    monkeypatch.setattr(kernel, "best_built", lambda: pytest.fail("must not be consulted"))
+    monkeypatch.setattr(kernel, "debian_kernel", lambda progress=None: "debian-kernel")
+    monkeypatch.delenv("MATCHLOCK_KERNEL", raising=False)
+    assert kernel.resolve_kernel() == "debian-kernel"

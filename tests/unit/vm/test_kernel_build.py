@@ -43,6 +43,13 @@ vmlinux Image:
 	@cp vmlinux arch/arm64/boot/Image
 """
 
+@pytest.fixture(autouse=True)
+def _prefer_our_build(monkeypatch):
+    """These tests cover the resolution with our build preferred (MATCHLOCK_DEFAULT_KERNEL
+    =matchlock); test_kernel.py::test_debian_is_the_default covers the default."""
+    monkeypatch.setenv("MATCHLOCK_DEFAULT_KERNEL", "matchlock")
+
+
 
 @pytest.fixture()
 def fake_source(tmp_path, monkeypatch) -> Path:
