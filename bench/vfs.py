@@ -24,11 +24,11 @@ from _common import median  # noqa: F401 - keeps the bench/ import path set up
 
 from matchlock._aio import run as aio_run
 
-PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH = ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
 
 async def measure(host_dir: Path, mib: int, files: int, mode: str) -> dict:
-    from matchlock.sandbox import Sandbox, SandboxConfig
+    from matchlock.sandbox import ExecRequest, Sandbox, SandboxConfig
     from matchlock.vfs import mount_config
 
     mounts = mount_config([f"{host_dir}:/workspace/v{'' if mode == 'overlay' else ':' + mode}"],
@@ -43,12 +43,13 @@ async def measure(host_dir: Path, mib: int, files: int, mode: str) -> dict:
         async def sh(cmd: str) -> float:
             err = bytearray()
             t0 = time.perf_counter()
-            h = await sb.exec({"argv": ["sh", "-c", cmd], "env": [PATH], "cwd": "/",
-                               "user": "", "tty": False, "stdin": False},
-                              lambda fd, d: err.extend(d) if fd == 2 else None)
-            st = await h.wait()
+            proc = await sb.exec(ExecRequest(argv=("sh", "-c", cmd), env=(PATH,), cwd="/"))
+            async for fd, data in proc:
+                if fd == 2:
+                    err.extend(data)
+            st = await proc.wait()
             dt = time.perf_counter() - t0
-            if st.shell_code != 0:
+            if st.exit_code != 0:
                 raise SystemExit(f"{cmd}: {st} {err.decode(errors='replace')}")
             return dt
 
