@@ -24,7 +24,7 @@ from collections.abc import Callable
 from matchlock.vfs import _fuse as F
 from matchlock.vfs._fs import BIG_IO, FuseFilesystem
 from matchlock.vfs._fuse import FuseProtocolError, Request
-from matchlock.vfs._wire import VfsConnection, hello
+from matchlock.vfs._wire import FLAG_ATTR_PUSH, VfsConnection, hello
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class _Protocol(asyncio.Protocol):
         self._batch = []
         try:
             msgs = self.conn.receive_data(data)
+            self.fs.push_attrs = bool(self.conn.guest_flags & FLAG_ATTR_PUSH)
             for msg in msgs:
                 self._dispatch(F.parse_request(memoryview(msg)))
         except FuseProtocolError as e:
