@@ -8,7 +8,9 @@ header's length field. `VfsConnection` splits the guest's bytes into requests.
 Guest flag FLAG_ATTR_PUSH: the guest takes ATTR_PUSH messages (`attr_push`), which the
 host sends before a WRITE's reply on exclusive mounts: the node's attributes after the
 write, which the guest's `fused` uses to answer the kernel's next GETATTR of that node
-itself (the kernel always asks after a write). The host's own HELLO flags stay 0.
+itself (the kernel always asks after a write). Guest flag FLAG_LOCAL_RELEASE: the guest
+answers RELEASE and RELEASEDIR itself (the kernel ignores their result) and still sends
+them; the host serves them and sends no reply. The host's own HELLO flags stay 0.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ PORT_NAME = "matchlock.vfs"
 HELLO = struct.Struct("<4sHHII")
 MAGIC = b"MLVF"
 FLAG_ATTR_PUSH = 1
-GUEST_FLAGS = FLAG_ATTR_PUSH
+FLAG_LOCAL_RELEASE = 2  # the guest answers RELEASE/RELEASEDIR itself: the host sends no reply
+GUEST_FLAGS = FLAG_ATTR_PUSH | FLAG_LOCAL_RELEASE
 # A host -> guest message that is no FUSE reply: fuse_out_header{len, error=ATTR_PUSH,
 # unique=0} (unique 0 with a positive error is a FUSE notification; FUSE's own codes are
 # < 16), then u64 nodeid, u64 the WRITE's unique, fuse_attr_out.
