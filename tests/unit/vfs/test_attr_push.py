@@ -121,3 +121,22 @@ def test_stat_hooks_see_every_stat(tmp_path, guest_binary):
         assert _getattrs(fs) - before == 1
     hooks.close()
     assert "/workspace/w/f" in seen
+
+
+@pytest.mark.parametrize("kind", ["memory", "host_fs"])
+def test_release_answered_in_the_guest_still_reaches_the_host(tmp_path, guest_binary, kind):
+    """LOCAL_RELEASE: fused answers RELEASE itself; the host must still get every one and
+    close every handle (else handles and host fds would leak for the VM's life)."""
+    import time
+
+    with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", _mount(kind, tmp_path))]) as fs:
+        d = tmp_path / "mnt" / "w"
+        for i in range(30):
+            (d / f"f{i}").write_bytes(b"x")
+            (d / f"f{i}").read_bytes()
+        os.listdir(d)
+        deadline = time.monotonic() + 10
+        while fs.files and time.monotonic() < deadline:  # RELEASE is async in the kernel
+            time.sleep(0.01)
+        assert not fs.files, f"{len(fs.files)} handles left open on the host"
+        assert fs.counts.get("release", 0) >= 60 and fs.counts.get("releasedir", 0) >= 1
