@@ -140,3 +140,25 @@ def test_release_answered_in_the_guest_still_reaches_the_host(tmp_path, guest_bi
             time.sleep(0.01)
         assert not fs.files, f"{len(fs.files)} handles left open on the host"
         assert fs.counts.get("release", 0) >= 60 and fs.counts.get("releasedir", 0) >= 1
+
+
+def test_held_back_forgets_reach_the_host(tmp_path, guest_binary):
+    """fused holds FORGETs back for the next request or FQ_IDLE_MS: with nothing else
+    sent after an rm -rf, the host still forgets every node (no leak for the VM's life)."""
+    import subprocess
+    import time
+
+    with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", MemoryFS())]) as fs:
+        d = tmp_path / "mnt" / "w"
+        os.stat(d)  # the mount root's node
+        base = len(fs.nodes)
+        (d / "s").mkdir()
+        for i in range(50):
+            (d / "s" / f"f{i}").write_bytes(b"x")
+        assert len(fs.nodes) >= base + 50
+        subprocess.run(["rm", "-rf", str(d / "s")], check=True)
+        deadline = time.monotonic() + 10
+        while len(fs.nodes) > base and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fs.nodes) <= base, f"{len(fs.nodes) - base} nodes never forgotten"
+        assert fs.counts.get("forget", 0) + fs.counts.get("batch_forget", 0) >= 1
