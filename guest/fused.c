@@ -81,11 +81,7 @@ static struct {
     size_t in_len;
     int hello_seen;
     unsigned long long requests, replies, local, pushed;
-    unsigned char *fq; /* FORGETs not sent yet: they go with the next request */
-    size_t fq_len;
 } V;
-
-#define FQ_BUF (32 * 1024) /* the guest's virtio-serial write buffer: one kick per write */
 
 static void put_le16(unsigned char *p, unsigned v) { p[0] = v; p[1] = v >> 8; }
 static void put_le32(unsigned char *p, uint32_t v) { p[0] = v; p[1] = v >> 8; p[2] = v >> 16; p[3] = v >> 24; }
@@ -292,38 +288,6 @@ static void acache_note(const unsigned char *req, size_t n)
     acache_touch(h->nodeid, h->unique); /* WRITE, SETATTR, READ (atime), OPEN (O_TRUNC), ... */
 }
 
-static int fq_flush(void)
-{
-    size_t n = V.fq_len;
-    V.fq_len = 0;
-    return n ? port_send(V.fq, n) : 0;
-}
-
-/* A request to the host. FORGET and BATCH_FORGET have no reply and nobody waits for them
- * (rm -rf sends one per file): they are held back and sent in one write with the next
- * request, or after FQ_IDLE_MS without one, saving a port write, a kick and a host wakeup
- * each. Order is kept: what is held goes before anything sent after it. */
-static int forward(const unsigned char *req, size_t n)
-{
-    const struct fuse_in_header *h = (const void *)req;
-    int forget = h->opcode == FUSE_FORGET || h->opcode == FUSE_BATCH_FORGET;
-    if (V.fq_len + n <= FQ_BUF) {
-        memcpy(V.fq + V.fq_len, req, n);
-        V.fq_len += n;
-        return forget ? 0 : fq_flush();
-    }
-    if (fq_flush() < 0)
-        return -1;
-    if (forget && n <= FQ_BUF) {
-        memcpy(V.fq, req, n);
-        V.fq_len = n;
-        return 0;
-    }
-    return port_send(req, n);
-}
-
-#define FQ_IDLE_MS 20
-
 static int relay(void)
 {
     unsigned char hello[16] = {'M', 'L', 'V', 'F'};
@@ -339,14 +303,11 @@ static int relay(void)
             {V.fuse, queued ? 0 : POLLIN, 0},
             {V.port, (short)(POLLIN | (queued ? POLLOUT : 0)), 0},
         };
-        int ready = poll(p, 2, V.fq_len ? FQ_IDLE_MS : -1);
-        if (ready < 0) {
+        if (poll(p, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             return -1;
         }
-        if (ready == 0 && fq_flush() < 0)
-            return -1;
         if (p[1].revents & POLLOUT && port_flush() < 0)
             return -1;
         if (p[1].revents & (POLLIN | POLLHUP | POLLERR)) {
@@ -384,7 +345,7 @@ static int relay(void)
                 acache_note(V.req, (size_t)n);
                 answer_release(V.req);
             }
-            if (forward(V.req, (size_t)n) < 0)
+            if (port_send(V.req, (size_t)n) < 0)
                 return -1;
         } else if (p[0].revents & (POLLERR | POLLHUP)) {
             return 0; /* the connection was aborted */
@@ -444,8 +405,7 @@ int fused_run(int port, const char *mountpoint, int ready_fd)
     V.req = malloc(FUSE_BUF);
     V.outq = malloc(VFS_MAX_MSG * 3);
     V.in = malloc(PORT_BUF);
-    V.fq = malloc(FQ_BUF);
-    if (!V.req || !V.outq || !V.in || !V.fq) {
+    if (!V.req || !V.outq || !V.in) {
         LOG_WARN("vfs: out of memory");
         return 1;
     }
