@@ -10,7 +10,10 @@ Where the time goes: the host server's own time per request (on the VFS thread a
 workers) and its request counts by opcode; the rest of each request's wall time is the
 guest's FUSE path and the virtio-serial channel.
 
-usage: python bench/vfs.py [--mib 1024] [--files 10000] [--mode overlay|host_fs]
+Rounds alternate root and vfs (load drift hits both); times are medians of the rounds,
+request counts the last round's.
+
+usage: python bench/vfs.py [--mib 1024] [--files 10000] [--mode overlay|host_fs] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import median  # noqa: F401 - keeps the bench/ import path set up
+from _common import median
 
 from matchlock._aio import run as aio_run
 
-PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH = ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
 
 
-async def measure(host_dir: Path, mib: int, files: int, mode: str) -> dict:
-    from matchlock.sandbox import Sandbox, SandboxConfig
+async def measure(host_dir: Path, mib: int, files: int, mode: str, rounds: int) -> dict:
+    from matchlock.sandbox import ExecRequest, Sandbox, SandboxConfig
     from matchlock.vfs import mount_config
 
     mounts = mount_config([f"{host_dir}:/workspace/v{'' if mode == 'overlay' else ':' + mode}"],
@@ -43,35 +46,46 @@ async def measure(host_dir: Path, mib: int, files: int, mode: str) -> dict:
         async def sh(cmd: str) -> float:
             err = bytearray()
             t0 = time.perf_counter()
-            h = await sb.exec({"argv": ["sh", "-c", cmd], "env": [PATH], "cwd": "/",
-                               "user": "", "tty": False, "stdin": False},
-                              lambda fd, d: err.extend(d) if fd == 2 else None)
-            st = await h.wait()
+            proc = await sb.exec(ExecRequest(argv=("sh", "-c", cmd), env=(PATH,), cwd="/"))
+            async for fd, data in proc:
+                if fd == 2:
+                    err.extend(data)
+            st = await proc.wait()
             dt = time.perf_counter() - t0
-            if st.shell_code != 0:
+            if st.exit_code != 0:
                 raise SystemExit(f"{cmd}: {st} {err.decode(errors='replace')}")
             return dt
 
-        for where, d in (("root", "/bench-root"), ("vfs", "/workspace/v")):
-            await sh(f"mkdir -p {d}")
-            counts0 = dict(server.fs.counts)
-            host0, work0 = server.host_seconds, server.worker_seconds
-            w = await sh(f"dd if=/dev/zero of={d}/big bs=1M count={mib} 2>/dev/null && sync")
-            await sh("sync; echo 3 > /proc/sys/vm/drop_caches")
-            r = await sh(f"dd if={d}/big of=/dev/null bs=1M 2>/dev/null")
-            await sh(f"rm -f {d}/big")
-            mk = await sh(f"mkdir {d}/s && cd {d}/s && i=0; while [ $i -lt {files} ]; do "
-                          f"echo > f$i; i=$((i+1)); done")
-            st = await sh(f"cd {d}/s && i=0; while [ $i -lt {files} ]; do "
-                          f"[ -f f$i ] || exit 1; i=$((i+1)); done")
-            rm = await sh(f"rm -rf {d}/s")
-            counts = {k: v - counts0.get(k, 0) for k, v in server.fs.counts.items()
-                      if v - counts0.get(k, 0)}
-            results[where] = {
-                "write_s": w, "read_s": r, "create_s": mk, "stat_s": st, "delete_s": rm,
-                "host_s": server.host_seconds - host0, "worker_s": server.worker_seconds - work0,
-                "requests": counts,
-            }
+        # Rounds alternate root and vfs so that a change in the machine's load hits both
+        # sides alike; each time is the median of its rounds.
+        runs: dict[str, list[dict]] = {"root": [], "vfs": []}
+        for _ in range(rounds):
+            for where, d in (("root", "/bench-root"), ("vfs", "/workspace/v")):
+                await sh(f"mkdir -p {d}")
+                counts0 = dict(server.fs.counts)
+                host0, work0 = server.host_seconds, server.worker_seconds
+                w = await sh(f"dd if=/dev/zero of={d}/big bs=1M count={mib} 2>/dev/null && sync")
+                await sh("sync; echo 3 > /proc/sys/vm/drop_caches")
+                r = await sh(f"dd if={d}/big of=/dev/null bs=1M 2>/dev/null")
+                await sh(f"rm -f {d}/big")
+                mk = await sh(f"mkdir {d}/s && cd {d}/s && i=0; while [ $i -lt {files} ]; do "
+                              f"echo > f$i; i=$((i+1)); done")
+                st = await sh(f"cd {d}/s && i=0; while [ $i -lt {files} ]; do "
+                              f"[ -f f$i ] || exit 1; i=$((i+1)); done")
+                rm = await sh(f"rm -rf {d}/s")
+                counts = {k: v - counts0.get(k, 0) for k, v in server.fs.counts.items()
+                          if v - counts0.get(k, 0)}
+                runs[where].append({
+                    "write_s": w, "read_s": r, "create_s": mk, "stat_s": st, "delete_s": rm,
+                    "host_s": server.host_seconds - host0,
+                    "worker_s": server.worker_seconds - work0, "requests": counts,
+                })
+        for where, rs in runs.items():
+            out = {k: median([x[k] for x in rs]) for k in
+                   ("write_s", "read_s", "create_s", "stat_s", "delete_s", "host_s",
+                    "worker_s")}
+            out["requests"] = rs[-1]["requests"]  # the last round's
+            results[where] = out
     finally:
         await sb.close()
     return results
@@ -103,9 +117,10 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--mode", choices=["overlay", "host_fs"], default="overlay")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        res = aio_run(measure(Path(d), args.mib, args.files, args.mode))
+        res = aio_run(measure(Path(d), args.mib, args.files, args.mode, args.rounds))
     mb = args.mib * (1 << 20) / 1e6
     n = args.files
     root, vfs = res["root"], res["vfs"]

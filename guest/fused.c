@@ -8,6 +8,12 @@
  * messages are); then guest -> host carries FUSE requests (fuse_in_header.len delimits),
  * host -> guest FUSE replies (fuse_out_header.len delimits).
  *
+ * ATTR_PUSH (guest HELLO flag VFS_FLAG_ATTR_PUSH): before a WRITE's reply, on mounts whose
+ * attributes change only through this guest, the host sends the node's attributes after
+ * the write; the kernel always GETATTRs a file after writing it (a write invalidates its
+ * size and times), and that GETATTR is answered here from the push, once. A push is taken
+ * only if no request that could change the node's attributes was sent after the WRITE.
+ *
  * One poll loop, nonblocking fds. A request read from /dev/fuse goes straight to the port;
  * if the port is full, the rest waits in `outq` and /dev/fuse is not read until it drains
  * (the kernel then queues requests itself). Replies are written to /dev/fuse one whole
@@ -34,6 +40,38 @@
 #define FUSE_BUF (VFS_MAX_WRITE + 8192)           /* /dev/fuse wants room for max_write+hdr */
 #define PORT_BUF (2 * VFS_MAX_MSG)
 
+/* Pushed attributes by nodeid (direct-mapped: a collision is a miss, never a wrong answer,
+ * since the slot keeps its nodeid). `last` is the unique of the last request sent that may
+ * change the node's attributes; `epoch` the global epoch at that time: requests that change
+ * a node named only in their body (UNLINK, RENAME, LINK, ...) bump the epoch and so drop
+ * every slot. */
+#define ACACHE_SLOTS 16384
+#define ACACHE_ATTR 128
+static struct aslot {
+    uint64_t nodeid, last;
+    uint32_t epoch, len; /* len: of attr; 0: no attributes held */
+    unsigned char attr[ACACHE_ATTR];
+} A[ACACHE_SLOTS];
+static uint32_t A_epoch;
+
+static struct aslot *aslot(uint64_t nodeid) { return &A[nodeid % ACACHE_SLOTS]; }
+
+static void acache_touch(uint64_t nodeid, uint64_t unique)
+{
+    struct aslot *s = aslot(nodeid);
+    s->nodeid = nodeid;
+    s->last = unique;
+    s->epoch = A_epoch;
+    s->len = 0;
+}
+
+static void acache_drop(uint64_t nodeid)
+{
+    struct aslot *s = aslot(nodeid);
+    if (s->nodeid == nodeid)
+        s->len = s->last = 0;
+}
+
 static struct {
     int fuse, port;
     unsigned char *req;                 /* one request from /dev/fuse */
@@ -42,7 +80,7 @@ static struct {
     unsigned char *in;                  /* bytes from the port: replies, maybe partial */
     size_t in_len;
     int hello_seen;
-    unsigned long long requests, replies, local;
+    unsigned long long requests, replies, local, pushed;
 } V;
 
 static void put_le16(unsigned char *p, unsigned v) { p[0] = v; p[1] = v >> 8; }
@@ -116,6 +154,25 @@ static int deliver_replies(void)
         }
         if (V.in_len - off < len)
             break;
+        const struct fuse_out_header *oh = (const void *)(V.in + off);
+        if (oh->unique == 0 && oh->error == VFS_ATTR_PUSH) {
+            size_t hdr = sizeof *oh + 16, alen = len - hdr;
+            if (len < hdr || alen > ACACHE_ATTR) {
+                LOG_WARN("vfs: ATTR_PUSH of %u bytes", len);
+                return -1;
+            }
+            uint64_t nodeid, wunique;
+            memcpy(&nodeid, V.in + off + sizeof *oh, 8);
+            memcpy(&wunique, V.in + off + sizeof *oh + 8, 8);
+            struct aslot *s = aslot(nodeid);
+            if (s->nodeid == nodeid && s->last == wunique && s->epoch == A_epoch) {
+                memcpy(s->attr, V.in + off + hdr, alen);
+                s->len = (uint32_t)alen;
+                V.pushed++;
+            }
+            off += len;
+            continue;
+        }
         ssize_t w;
         do
             w = write(V.fuse, V.in + off, len);
@@ -144,6 +201,22 @@ static int answer_locally(const unsigned char *req, size_t n)
     int err = 0;
     if (n < sizeof *h)
         return 0;
+    if (h->opcode == FUSE_GETATTR) {
+        struct aslot *s = aslot(h->nodeid);
+        if (s->nodeid != h->nodeid || !s->len || s->epoch != A_epoch)
+            return 0;
+        unsigned char buf[sizeof(struct fuse_out_header) + ACACHE_ATTR];
+        struct fuse_out_header out = {(uint32_t)(sizeof out + s->len), 0, h->unique};
+        memcpy(buf, &out, sizeof out);
+        memcpy(buf + sizeof out, s->attr, s->len);
+        s->len = 0; /* once: the kernel caches them itself now */
+        ssize_t w;
+        do
+            w = write(V.fuse, buf, out.len);
+        while (w < 0 && errno == EINTR);
+        V.local++;
+        return 1;
+    }
     if (h->opcode == FUSE_IOCTL) {
         err = -ENOTTY;
     } else if (h->opcode == FUSE_GETXATTR) {
@@ -162,11 +235,64 @@ static int answer_locally(const unsigned char *req, size_t n)
     return 1;
 }
 
+/* RELEASE(DIR): the kernel sends it in the background and ignores the answer, so it is
+ * answered here at once (the host still gets it, and sends no reply: LOCAL_RELEASE); the
+ * guest is spared a reply's interrupt and wakeup per closed file. */
+static void answer_release(const unsigned char *req)
+{
+    const struct fuse_in_header *h = (const void *)req;
+    if (h->opcode != FUSE_RELEASE && h->opcode != FUSE_RELEASEDIR)
+        return;
+    struct fuse_out_header out = {sizeof out, 0, h->unique};
+    ssize_t w;
+    do
+        w = write(V.fuse, &out, sizeof out);
+    while (w < 0 && errno == EINTR);
+    V.local++;
+}
+
+/* A request on its way to the host: what it means for pushed attributes. */
+static void acache_note(const unsigned char *req, size_t n)
+{
+    const struct fuse_in_header *h = (const void *)req;
+    switch (h->opcode) {
+    case FUSE_GETATTR: case FUSE_LOOKUP: case FUSE_RELEASE: case FUSE_RELEASEDIR:
+    case FUSE_FLUSH: case FUSE_STATFS: case FUSE_ACCESS: case FUSE_GETXATTR:
+    case FUSE_LISTXATTR: case FUSE_OPENDIR: case FUSE_READDIR: case FUSE_READDIRPLUS:
+    case FUSE_INTERRUPT: case FUSE_READLINK: case FUSE_INIT:
+        return; /* none changes an inode's attributes */
+    case FUSE_FORGET:
+        acache_drop(h->nodeid); /* the host may reuse the nodeid */
+        return;
+    case FUSE_BATCH_FORGET: {
+        size_t off = sizeof *h + sizeof(struct fuse_batch_forget_in);
+        struct fuse_batch_forget_in b;
+        if (n < off)
+            return;
+        memcpy(&b, req + sizeof *h, sizeof b);
+        for (uint32_t i = 0; i < b.count && off + sizeof(struct fuse_forget_one) <= n; i++) {
+            struct fuse_forget_one f;
+            memcpy(&f, req + off, sizeof f);
+            acache_drop(f.nodeid);
+            off += sizeof f;
+        }
+        return;
+    }
+    case FUSE_UNLINK: case FUSE_RMDIR: case FUSE_RENAME: case FUSE_RENAME2: case FUSE_LINK:
+    case FUSE_COPY_FILE_RANGE: case FUSE_DESTROY:
+        A_epoch++; /* they change nodes named in the body (nlink, ctime): drop all */
+        break;
+    default:
+        break;
+    }
+    acache_touch(h->nodeid, h->unique); /* WRITE, SETATTR, READ (atime), OPEN (O_TRUNC), ... */
+}
+
 static int relay(void)
 {
     unsigned char hello[16] = {'M', 'L', 'V', 'F'};
     put_le16(hello + 4, VFS_PROTOCOL_VERSION);
-    put_le16(hello + 6, 0);
+    put_le16(hello + 6, VFS_FLAG_ATTR_PUSH | VFS_FLAG_LOCAL_RELEASE);
     put_le32(hello + 8, VFS_MAX_MSG);
     put_le32(hello + 12, 0);
     if (port_send(hello, sizeof hello) < 0)
@@ -215,6 +341,10 @@ static int relay(void)
             V.requests++;
             if (answer_locally(V.req, (size_t)n))
                 continue;
+            if ((size_t)n >= sizeof(struct fuse_in_header)) {
+                acache_note(V.req, (size_t)n);
+                answer_release(V.req);
+            }
             if (port_send(V.req, (size_t)n) < 0)
                 return -1;
         } else if (p[0].revents & (POLLERR | POLLHUP)) {
@@ -306,8 +436,8 @@ int fused_run(int port, const char *mountpoint, int ready_fd)
         close(ready_fd);
     }
     int rc = relay();
-    LOG_DEBUG("vfs: relay ended (%llu requests, %llu replies, %llu answered here)", V.requests,
-              V.replies, V.local);
+    LOG_DEBUG("vfs: relay ended (%llu requests, %llu replies, %llu answered here, %llu pushes "
+              "taken)", V.requests, V.replies, V.local, V.pushed);
     close(V.fuse); /* aborts the FUSE connection: the workspace fails, it does not hang */
     return rc < 0 ? 1 : 0;
 }

@@ -66,6 +66,9 @@ void jb_str(struct jbuf *b, const char *s); /* quoted, escaped JSON string */
 /* ---- VFS port (fused.c; mirror src/matchlock/vfs/_wire.py) ---- */
 #define VFS_PROTOCOL_VERSION 1
 #define VFS_PORT_NAME "matchlock.vfs"
+#define VFS_FLAG_ATTR_PUSH 1  /* guest HELLO flag: it takes ATTR_PUSH messages */
+#define VFS_FLAG_LOCAL_RELEASE 2 /* guest HELLO flag: it answers RELEASE(DIR) itself */
+#define VFS_ATTR_PUSH 1000    /* fuse_out_header.error of an ATTR_PUSH (unique 0) */
 
 /* ---- roles ---- */
 int init_main(void);                 /* init.c: PID 1; never returns */

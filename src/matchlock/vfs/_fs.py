@@ -28,6 +28,7 @@ from matchlock.vfs._fuse import Attr, FuseProtocolError, Request
 from matchlock.vfs._hooks import HookEngine
 from matchlock.vfs._memory import MemoryFS
 from matchlock.vfs._provider import DirEntry, Handle, Provider, SetAttr, fail, join
+from matchlock.vfs._wire import attr_push
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class FuseFilesystem:
         self._by_ino: dict[tuple[int, int], Node] = {}  # hard-linked files
         self.files: dict[int, OpenFile] = {}
         self.initialized = False
+        self.push_attrs = False  # the guest takes ATTR_PUSH messages (_wire.FLAG_ATTR_PUSH)
         self.writeback_cache = False  # ask for it at INIT (bench/vfs.py --writeback)
         self.writeback = False
         self.minor = 0
@@ -426,6 +428,29 @@ class FuseFilesystem:
         self.hooks.after("stat", gpath, req, attr=attr)
         return F.attr_out(attr, mount.ttl)
 
+    def _attr_push(self, req: Request, f: OpenFile) -> bytes | None:
+        """After a WRITE: what a GETATTR of the node would answer now, for the guest to
+        answer the kernel's next GETATTR itself. Only where it stays exactly right: the
+        guest negotiated it, the mount is exclusive (its attributes change only through
+        this guest's requests, which the guest watches), and no hook or subscriber would
+        miss the "stat" it saves."""
+        node = f.node
+        if not self.push_attrs or self.hooks.active or not node.mount.provider.exclusive \
+                or req.nodeid != node.id:
+            return None
+        try:
+            if node.unlinked:
+                handle = f.handle or self._any_handle(node)
+                if handle is None:
+                    return None
+                attr = handle.getattr()
+            else:
+                mount, rel = self._where(node)
+                attr = mount.provider.getattr(rel)
+        except OSError:
+            return None
+        return attr_push(node.id, req.unique, F.attr_out(attr, node.mount.ttl))
+
     def _setattr(self, req: Request) -> bytes:
         (valid, _, fh, size, _lock, atime, mtime, _ctime, atimensec, mtimensec, _cns, mode, _u4,
          uid, gid, _u5) = F.need(req.body, F.SETATTR_IN)
@@ -713,7 +738,9 @@ class FuseFilesystem:
         self.hooks.after("write", f.path, req, size=written)
         if mutated and written == data_len:
             written = size  # a hook changed the bytes: the guest's own length was written
-        return [F.reply(req.unique, F.WRITE_OUT.pack(written, 0))]
+        out = F.reply(req.unique, F.WRITE_OUT.pack(written, 0))
+        push = self._attr_push(req, f)
+        return [out] if push is None else [push, out]
 
     def _write(self, req: Request) -> list[bytes]:
         f, offset, data, size, mutated = self.write_args(req)

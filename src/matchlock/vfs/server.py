@@ -24,7 +24,7 @@ from collections.abc import Callable
 from matchlock.vfs import _fuse as F
 from matchlock.vfs._fs import BIG_IO, FuseFilesystem
 from matchlock.vfs._fuse import FuseProtocolError, Request
-from matchlock.vfs._wire import VfsConnection, hello
+from matchlock.vfs._wire import FLAG_ATTR_PUSH, FLAG_LOCAL_RELEASE, VfsConnection, hello
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class _Protocol(asyncio.Protocol):
         self._write_paused = False
         self._dead = False
         self._batch: list[bytes] | None = None
+        self._quiet_release = False  # the guest answered RELEASE(DIR) already
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -151,6 +152,8 @@ class _Protocol(asyncio.Protocol):
         self._batch = []
         try:
             msgs = self.conn.receive_data(data)
+            self.fs.push_attrs = bool(self.conn.guest_flags & FLAG_ATTR_PUSH)
+            self._quiet_release = bool(self.conn.guest_flags & FLAG_LOCAL_RELEASE)
             for msg in msgs:
                 self._dispatch(F.parse_request(memoryview(msg)))
         except FuseProtocolError as e:
@@ -195,6 +198,8 @@ class _Protocol(asyncio.Protocol):
         t0 = time.perf_counter()
         out = self.fs.handle(req)
         self.server.host_seconds += time.perf_counter() - t0
+        if self._quiet_release and req.opcode in (F.RELEASE, F.RELEASEDIR):
+            return
         self._send(out)
 
     def _offload(self, req: Request) -> None:
