@@ -61,3 +61,18 @@ def ensure_installed() -> None:
     if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
         return
     npm("ci", "--no-audit", "--no-fund")
+
+
+def build_tests() -> Path:
+    """Compile the SDK and its test build (tests, tools, examples) into
+    sdk/typescript/build; returns that directory."""
+    ensure_installed()
+    npm("run", "pretest:e2e")
+    return SDK / "build"
+
+
+def node(*args: str | Path, env: dict[str, str], timeout: float = 300,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`node ARGS` with the venv's Node (a compiled program, or `--test FILE`)."""
+    return subprocess.run([str(node_bin_dir() / "node"), *map(str, args)], env=npm_env(env),
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)

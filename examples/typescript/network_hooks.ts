@@ -1,9 +1,8 @@
 /** Network interception: static rules, and a TypeScript callback that decides per
- * request (the SDK hosts the callback socket). Needs `matchlock rpc` with network
- * interception rules (issue #8); until then `create` refuses the rules with one line,
- * so the test suite type-checks this example but does not run it. */
+ * request (the SDK hosts the callback socket). A callback that throws or times out
+ * blocks the request (matchlock fails closed). */
 import { Client, Sandbox, type NetworkHookRequest, type NetworkHookResult } from "matchlock-sdk";
-import { API_HOST, API_URL, IMAGE, check, run } from "./_common.js";
+import { API_HOST, API_URL, IMAGE, check, run, withApi } from "./_common.js";
 
 const seen: string[] = [];
 
@@ -16,7 +15,7 @@ function decide(req: NetworkHookRequest): NetworkHookResult | null {
 }
 
 run(async () => {
-  const sandbox = new Sandbox(IMAGE).allowHost(API_HOST).withNetworkInterception({
+  const sandbox = withApi(new Sandbox(IMAGE).allowHost(API_HOST)).withNetworkInterception({
     rules: [
       { name: "no-uploads", phase: "before", methods: ["PUT"], action: "block" },
       { name: "decide", phase: "before", hosts: [API_HOST], hook: decide, timeoutMs: 2000 },

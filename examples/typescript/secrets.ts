@@ -1,13 +1,12 @@
 /** A secret the guest never sees: it gets a placeholder, and the host swaps in the real
  * value only on requests to the secret's host. */
 import { Client, Sandbox } from "matchlock-sdk";
-import { API_HOST, API_IP, API_URL, IMAGE, check, run } from "./_common.js";
+import { API_HOST, API_URL, IMAGE, check, run, withApi } from "./_common.js";
 
 const REAL = process.env.EXAMPLE_API_KEY ?? "sk-example-real-value";
 
 run(async () => {
-  let sandbox = new Sandbox(IMAGE).addSecret("API_KEY", REAL, API_HOST);
-  if (API_IP) sandbox = sandbox.addHost(API_HOST, API_IP);
+  const sandbox = withApi(new Sandbox(IMAGE).addSecret("API_KEY", REAL, API_HOST));
   const client = new Client();
   try {
     await client.launch(sandbox);

@@ -1,7 +1,8 @@
 """One scripted sequence (launch with env and a secret, buffered/streamed/piped exec,
 binary file round trip, listing, the secret's placeholder, a file error code) run
-through the Python SDK and the Go SDK against this checkout's `matchlock rpc` with real
-VMs: both must report identical results. (The TypeScript SDK joins when it lands.)"""
+through the Python, Go and TypeScript SDKs against this checkout's `matchlock rpc` with
+real VMs: all three must report identical results (the Go and TypeScript twins of the
+script: sdk/go/internal/cmd/sequence, sdk/typescript/test/tools/sequence.ts)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests.e2e.conftest import residue
 from tests.gotool import SDK, check, run_go
+from tests.typescript_sdk import build_tests, node
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +53,7 @@ print(json.dumps(out))
 '''
 
 
-def test_python_and_go_sdks_agree(ml_env, state_home, qemu_present, tmp_path) -> None:
+def test_python_go_and_typescript_sdks_agree(ml_env, state_home, qemu_present, tmp_path) -> None:
     env = {**ml_env, "MATCHLOCK_BIN": OUR_CLI}
     before = residue(state_home)
     py = subprocess.run([sys.executable, "-c", PY_SEQUENCE, IMAGE], env=env,
@@ -65,11 +67,18 @@ def test_python_and_go_sdks_agree(ml_env, state_home, qemu_present, tmp_path) ->
     assert go.returncode == 0, f"go sequence failed:\n{go.stdout}\n{go.stderr}"
     go_out = json.loads(go.stdout.strip().splitlines()[-1])
 
+    ts_seq = build_tests() / "sdk" / "typescript" / "test" / "tools" / "sequence.js"
+    ts = node(ts_seq, IMAGE, env=env, timeout=300)
+    assert ts.returncode == 0, f"typescript sequence failed:\n{ts.stdout}\n{ts.stderr}"
+    ts_out = json.loads(ts.stdout.strip().splitlines()[-1])
+
     # Pin the expected values too, so two equally wrong SDKs cannot agree.
     assert py_out["exec"] == [3, "hi\n", "err\n"]
     assert py_out["pipe"] == [0, "PIPED TEXT\n"]
     assert py_out["read"] == b"\x00\x01binary\xff\n".hex()
     assert py_out["list"] == [["parity.bin", 10, 0o600, False]]
     assert py_out["secret_is_placeholder"] is True and py_out["missing_code"] == -32002
-    assert go_out == py_out
+    assert py_out["stream"] == [0, "line1\nline2\nline3\n", "e\n"]
+    assert go_out == py_out, "the Go SDK disagrees with the Python SDK"
+    assert ts_out == py_out, "the TypeScript SDK disagrees with the Python SDK"
     assert residue(state_home) == before, "a sequence left something behind"

@@ -18,6 +18,7 @@ export function cloneCreateOptions(opts: CreateOptions): CreateOptions {
   const out: CreateOptions = { ...opts };
   out.allowedHosts = copyList(opts.allowedHosts);
   out.addHosts = copyList(opts.addHosts, (x) => ({ ...x }));
+  out.allowPrivate = copyList(opts.allowPrivate);
   out.mounts = opts.mounts
     ? Object.fromEntries(Object.entries(opts.mounts).map(([k, v]) => [k, { ...v }]))
     : undefined;
@@ -146,6 +147,19 @@ export class Sandbox {
 
   allowPrivateIPs(): Sandbox {
     return this.withBlockPrivateIPs(false);
+  }
+
+  /** Extension (as the Python SDK's `allow_private`): let the guest reach these private
+   * addresses or CIDRs (`"198.18.0.2"`, `"10.1.0.0/16"`) while every other private
+   * range stays blocked. Validated at create. */
+  allowPrivate(...addresses: string[]): Sandbox {
+    this.opts.allowPrivate = this.opts.allowPrivate ?? [];
+    for (const a of addresses) {
+      if (!this.opts.allowPrivate.includes(a)) {
+        this.opts.allowPrivate.push(a);
+      }
+    }
+    return this;
   }
 
   unsetBlockPrivateIPs(): Sandbox {

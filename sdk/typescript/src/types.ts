@@ -240,6 +240,9 @@ export interface CreateOptions {
   addHosts?: HostIPMapping[];
   blockPrivateIPs?: boolean;
   blockPrivateIPsSet?: boolean;
+  /** Extension (the Python SDK's `allow_private`): these private addresses or CIDRs are
+   * reachable while every other private range stays blocked. */
+  allowPrivate?: string[];
   noNetwork?: boolean;
   forceInterception?: boolean;
   networkInterception?: NetworkInterceptionConfig;

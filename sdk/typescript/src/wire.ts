@@ -90,6 +90,19 @@ export function validateAddHost(m: HostIPMapping): void {
   }
 }
 
+/** An IP address or CIDR (host bits may be set, as Python's `ip_network(strict=False)`). */
+function isAddressOrCIDR(raw: string): boolean {
+  const [addr, prefix, ...rest] = raw.trim().split("/");
+  const family = isIP(addr ?? "");
+  if (family === 0 || rest.length > 0) {
+    return false;
+  }
+  if (prefix === undefined) {
+    return true;
+  }
+  return /^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128);
+}
+
 export function validateCreate(o: CreateOptions): void {
   if (!o.image) {
     throw new MatchlockError("image is required (e.g., alpine:latest)");
@@ -110,6 +123,16 @@ export function validateCreate(o: CreateOptions): void {
   }
   for (const m of o.addHosts ?? []) {
     validateAddHost(m);
+  }
+  for (const a of o.allowPrivate ?? []) {
+    if (!isAddressOrCIDR(a)) {
+      throw new MatchlockError(
+        `invalid allowPrivate entry ${JSON.stringify(a)}: expected an IP address or CIDR (e.g. 127.0.0.1 or 10.0.0.0/8)`,
+      );
+    }
+  }
+  if (o.noNetwork && (o.allowPrivate?.length ?? 0) > 0) {
+    throw new MatchlockError("no network cannot be combined with allowPrivate");
   }
   for (const [guest, m] of Object.entries(o.mounts ?? {})) {
     for (const [k, v] of [["ownerUid", m.ownerUid], ["ownerGid", m.ownerGid]] as const) {
@@ -145,6 +168,7 @@ export function networkParams(
     has(o.addHosts) ||
     has(o.secrets) ||
     has(o.dnsServers) ||
+    has(o.allowPrivate) ||
     !!o.hostname ||
     (o.networkMtu ?? 0) > 0 ||
     !!o.noNetwork ||
@@ -201,6 +225,9 @@ export function networkParams(
   }
   if ((o.networkMtu ?? 0) > 0) {
     net.mtu = o.networkMtu ?? 0;
+  }
+  if (has(o.allowPrivate)) {
+    net.allow_private = [...new Set((o.allowPrivate ?? []).map((a) => a.trim()))];
   }
   return net;
 }

@@ -10,8 +10,8 @@ import { IMAGE, listVMs, requireEnv } from "./env.js";
 const HERE = dirname(fileURLToPath(import.meta.url));
 const BUILT = join(HERE, "..", "..", "..", "..", "examples", "typescript");
 
-// network_hooks.ts needs network interception rules in `matchlock rpc` (issue #8): it is
-// type-checked by the build but not run until that lands.
+// network_hooks.ts needs an HTTPS upstream: tests/e2e/test_typescript_sdk.py
+// (test_typescript_network_hooks_example) runs it against one and reads its log.
 const RUNNABLE = ["basic", "exec_modes", "secrets", "port_forward", "vfs_hooks"];
 
 for (const name of RUNNABLE) {

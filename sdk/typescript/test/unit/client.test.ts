@@ -143,6 +143,8 @@ test("create: minimal params, no network object, and the network branches", asyn
     [new Sandbox("img").blockPrivateIPs().unsetBlockPrivateIPs(), {}],
     [new Sandbox("img").withNoNetwork().withHostname("h").addHost("a", "1.2.3.4"), { no_network: true, add_hosts: [{ host: "a", ip: "1.2.3.4" }], hostname: "h" }],
     [new Sandbox("img").withNetworkInterception(), { allowed_hosts: [], block_private_ips: true, intercept: true }],
+    [new Sandbox("img").allowPrivate(" 198.18.0.2", "10.1.0.0/16", "fd00::/8", "198.18.0.2"),
+      { allowed_hosts: [], block_private_ips: true, allow_private: ["198.18.0.2", "10.1.0.0/16", "fd00::/8"] }],
   ];
   for (const [sb, want] of cases) {
     const p = client.create(sb.options());
@@ -165,6 +167,11 @@ test("create: bad options fail before anything is sent", async () => {
     [new Sandbox("i").withNoNetwork().withNetworkInterception().options(), /no network cannot be combined/],
     [new Sandbox("i").addHost("a b", "1.2.3.4").options(), /invalid add-host mapping: invalid host/],
     [new Sandbox("i").addHost("h", "999.1.1.1").options(), /invalid add-host mapping: invalid ip/],
+    [new Sandbox("i").allowPrivate("10.0.0.300").options(), /invalid allowPrivate entry "10\.0\.0\.300": expected an IP address or CIDR/],
+    [new Sandbox("i").allowPrivate("10.0.0.0/33").options(), /invalid allowPrivate entry/],
+    [new Sandbox("i").allowPrivate("10.0.0.0/8/1").options(), /invalid allowPrivate entry/],
+    [new Sandbox("i").allowPrivate("example.test").options(), /invalid allowPrivate entry/],
+    [new Sandbox("i").withNoNetwork().allowPrivate("10.0.0.1").options(), /no network cannot be combined with allowPrivate/],
     [{ image: "i", vfsInterception: { rules: [{ hook: () => {}, dangerousHook: () => {} , phase: "after" }] } }, /more than one callback/],
     [{ image: "i", vfsInterception: { rules: [{ hook: () => {} }] } }, /must use phase=after/],
     [{ image: "i", vfsInterception: { rules: [{ actionHook: () => "allow", phase: "after" }] } }, /must use phase=before/],
