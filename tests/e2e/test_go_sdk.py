@@ -4,12 +4,9 @@ launches this checkout's `matchlock rpc` and boots real VMs (every exec mode, ca
 input), then the runnable Go examples run as a user runs them. Afterwards nothing may
 be left behind (VMs, namespaces, sockets, state rows).
 
-Network callbacks (test_go_network_hooks: one mutates a header, one times out and
-blocks, judged by what the upstream received) need interception rules in `matchlock
-rpc`, which the hooks branch adds: until it is merged the test skips with that reason,
-and then runs by itself (it probes the server's create planner). Not run here:
-examples/go/network_hooks (only compiled, by tests/unit/test_go_sdk.py); the Go client
-side of both hook kinds is also unit-tested against a fake server."""
+Network callbacks (test_go_network_hooks: one mutates a header, one times out and is
+blocked) and examples/go/network_hooks are judged by what the upstream received; the Go
+client side of both hook kinds is also unit-tested against a fake server."""
 
 from __future__ import annotations
 
@@ -59,30 +56,7 @@ def test_go_examples(go_env, ml_env, state_home, tmp_path) -> None:
         assert residue(state_home) == before, f"examples/go/{name} left something behind"
 
 
-PROBE = r'''
-from matchlock.errors import NotAvailable
-from matchlock.rpc._create import plan_create
-try:
-    plan_create({"image": "x", "network": {"allowed_hosts": ["api.test"], "block_private_ips": True,
-                 "interception": {"rules": [{"phase": "before", "action": "block"}]}}})
-except NotAvailable as e:
-    print(e)
-'''
-
-
-def _network_rules_unavailable() -> str:
-    """Why the CLI under test refuses network hook rules ("" if it accepts them): its
-    own interpreter (the console script's shebang) runs its create planner."""
-    python = Path(OUR_CLI).read_text().splitlines()[0].removeprefix("#!").strip()
-    proc = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"probing {OUR_CLI} failed: {proc.stderr[-2000:]}"
-    return proc.stdout.strip()
-
-
 def test_go_network_hooks(go_env, upstreams, debian_image, state_home) -> None:  # noqa: F811
-    why = _network_rules_unavailable()
-    if why:
-        pytest.skip(f"needs network hook rules in matchlock rpc (hooks branch): {why}")
     before = residue(state_home)
     mark = upstreams.mark()
     env = {**go_env, "MATCHLOCK_E2E_IMAGE": debian_image, "MATCHLOCK_E2E_API_IP": upstreams.api,
