@@ -7,6 +7,7 @@ the namespaces created here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -133,6 +134,36 @@ def test_namespace_layout_and_teardown():
     assert not (NETNS_DIR / ns.name).exists()
     assert ns.name not in leftover_namespaces()
     print(f"namespace setup {setup_ms:.1f} ms, teardown {teardown_ms:.1f} ms")
+
+
+def test_namespace_left_mounted_by_a_chroot_is_still_removed(tmp_path):
+    """A chroot that bound /run (an install root, CI) mounts its namespaces at
+    <root>/run/netns/<name>: the same file as ours. `ip netns delete` alone then fails
+    (EBUSY: the file is a mount point elsewhere); `remove_namespace`, as gc uses it, must not."""
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    name = "ml-" + uuid.uuid4().hex[:8]
+    sh("mount", "--bind", "/run", str(root / "run"))
+    try:
+        sh("mount", "--make-private", str(root / "run"))  # as fresh-machine.sh's binds are
+        NETNS_DIR.mkdir(exist_ok=True)
+        (NETNS_DIR / name).touch()
+        # A namespace mounted through the chroot's path only.
+        sh("unshare", "--net", "mount", "--bind", "/proc/self/ns/net",
+           str(root / "run" / "netns" / name))
+        with open("/proc/self/mountinfo") as f:
+            assert f"/run/netns/{name} " in f.read()
+        control = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True)
+        assert control.returncode != 0 and "busy" in control.stderr, control.stderr
+        assert remove_namespace(name)
+        assert not (NETNS_DIR / name).exists()
+        with open("/proc/self/mountinfo") as f:
+            assert f"/netns/{name} " not in f.read()
+    finally:
+        subprocess.run(["umount", "-l", str(root / "run" / "netns" / name)], capture_output=True)
+        subprocess.run(["umount", "-l", str(root / "run")], capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            (NETNS_DIR / name).unlink()
 
 
 def test_no_network_has_only_lo(ml, state_home):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from matchlock.errors import DependencyError, VmStartError
-from matchlock.net import _userns, nft
+from matchlock.net import _mounts, _userns, nft
 from matchlock.net._setns import run_in_netns
 from matchlock.net.types import DEFAULT_MTU, GATEWAY_IP, PREFIX_LEN, TAP_NAME
 
@@ -271,12 +271,29 @@ def remove_namespace(name: str, ip: str | None = None) -> bool:
     if (NETNS_DIR / name).exists():
         r = subprocess.run([ip or _find_tool("ip") or "ip", "netns", "delete", name],
                            capture_output=True, text=True)
-        if r.returncode != 0:
+        if r.returncode != 0 and not _unlink_mounted_elsewhere(name):
             log.warning("cannot delete network namespace %s: %s", name, r.stderr.strip())
             ok = False
     with contextlib.suppress(OSError):
         (OWNER_DIR / name).unlink()
     return ok
+
+
+def _unlink_mounted_elsewhere(name: str) -> bool:
+    """The namespace file is still mounted at another path of ours (a chroot that bound
+    /run made it): detach those mounts, then unlink. True if the file is gone."""
+    path = str(NETNS_DIR / name)
+    detached = _mounts.detach_all(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.debug("cannot unlink %s after detaching %s: %s", path, detached, e)
+        return False
+    if detached:
+        log.info("namespace %s was also mounted at %s; detached", name, ", ".join(detached))
+    return True
 
 
 def leftover_namespaces() -> list[str]:
