@@ -121,11 +121,15 @@ def main() -> None:
 
         subprocess.run([sys.executable, "-m", "matchlock", "build", "--prune"], check=True,
                        capture_output=True)
-        ml_cold, t_cold = ml_build(ctx, args.memory, work / "t.json")
-        host_cold = host_build(rootfs, ctx, cold=True)
-        (ctx / "changing.txt").write_text("two\n")
-        ml_warm, t_warm = ml_build(ctx, args.memory, work / "t.json")
-        host_warm = host_build(rootfs, ctx, cold=False)
+        try:
+            ml_cold, t_cold = ml_build(ctx, args.memory, work / "t.json")
+            host_cold = host_build(rootfs, ctx, cold=True)
+            (ctx / "changing.txt").write_text("two\n")
+            ml_warm, t_warm = ml_build(ctx, args.memory, work / "t.json")
+            host_warm = host_build(rootfs, ctx, cold=False)
+        finally:  # the benchmark's image never stays in the user's `image ls`
+            subprocess.run([sys.executable, "-m", "matchlock", "image", "rm", "bench/build:1"],
+                           capture_output=True)
 
     print(f"cold: matchlock {ml_cold:.1f}s  host buildah {host_cold:.1f}s  "
           f"ratio {ml_cold / host_cold:.1f}x")

@@ -92,6 +92,10 @@ def _rss_kib(pid: int) -> int:
 def run_flood(src: Path, seconds: float, home: Path, base_env: dict | None = None) -> dict:
     """One flood; the event log measured at its end (the e2e test calls this too)."""
     env = dict(base_env or os.environ, PYTHONPATH=str(src), MATCHLOCK_HOME=str(home))
+    if "MATCHLOCK_IMAGES_DIR" not in env:  # the e2e suite's own store holds debian:test
+        from matchlock.paths import cache_dir
+
+        env["MATCHLOCK_IMAGES_DIR"] = str(cache_dir() / "test-images" / "store")
     env.pop("MATCHLOCK_DEBUG", None)
     cmd = [sys.executable, "-m", "matchlock", "run", "-i", "--image", IMAGE,
            "--allow-host", "allowed.test", "--", "python3", "-c", GUEST, str(seconds)]

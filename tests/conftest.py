@@ -12,6 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The suite's images (imported test bases, build results) live in a store of their own under
+# the cache dir: kept between runs, never in the user's `image ls`. Set before any fixture
+# copies the environment, so both the CLI and in-process ImageStore() use it.
+if "MATCHLOCK_IMAGES_DIR" not in os.environ:
+    from matchlock.paths import cache_dir as _cache_dir
+
+    os.environ["MATCHLOCK_IMAGES_DIR"] = str(_cache_dir() / "test-images" / "store")
+
 
 def matchlock_cmd() -> list[str]:
     return [sys.executable, "-m", "matchlock"]

@@ -12,10 +12,9 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Protocol
 
-WORK = "/run/matchlock-build"  # tmpfs in the guest: context, Dockerfile, secrets
+WORK = "/run/matchlock-build"  # tmpfs in the guest: context, Dockerfile
 CONTEXT = f"{WORK}/context"
 DOCKERFILE_DIR = f"{WORK}/dockerfile"
-SECRETS_DIR = f"{WORK}/secrets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +23,7 @@ class BuildSpec:
     build_args: tuple[tuple[str, str], ...] = ()
     target: str = ""
     no_cache: bool = False
-    secrets: tuple[str, ...] = ()  # ids; the files under SECRETS_DIR hold placeholders
+    secrets: tuple[str, ...] = ()  # ids; env vars of that name hold the placeholders
     ca_bundle: str = ""  # the VM's trust store, mounted into RUN steps when set
     layers: bool = True  # cache intermediate layers (what makes a rebuild fast)
     extra: tuple[str, ...] = field(default_factory=tuple)
@@ -96,7 +95,10 @@ class Buildah:
         for k, v in spec.build_args:
             args += ["--build-arg", f"{k}={v}"]
         for sid in spec.secrets:
-            args += ["--secret", f"id={sid},src={SECRETS_DIR}/{sid}"]
+            # From buildah's environment, which holds the placeholder (the sandbox adds it
+            # to every exec). Not src=<file>: Buildah 1.28 with chroot isolation mounts
+            # file secrets empty.
+            args += ["--secret", f"id={sid},env={sid}"]
         if spec.ca_bundle:
             # The sandbox CA (in the VM's bundle) reaches RUN steps as a read-only bind
             # mount: in force while they run, never part of a layer.

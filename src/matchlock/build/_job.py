@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from matchlock.build import _cache, _context, _dockerfile
 from matchlock.build._builder import ensure_builder
-from matchlock.build._engine import CONTEXT, DOCKERFILE_DIR, SECRETS_DIR, Buildah, BuildSpec
+from matchlock.build._engine import CONTEXT, DOCKERFILE_DIR, Buildah, BuildSpec
 from matchlock.errors import MatchlockError, NotFoundError, UsageError
 from matchlock.image import Image, ImageStore, parse_reference
 from matchlock.net.types import NetworkConfig
@@ -301,7 +301,7 @@ class BuildJob:
 
         t = time.monotonic()
         await self._must(f"{eng.prepare(root + '/storage')} && rm -rf {tmp} && mkdir -p "
-                         f"{tmp} {CONTEXT} {DOCKERFILE_DIR} {SECRETS_DIR}",
+                         f"{tmp} {CONTEXT} {DOCKERFILE_DIR}",
                          "preparing the engine", tmp=tmp)
         listing = bytearray()
         await self._exec(eng.list_images(), tmp=tmp, sink=listing.extend)
@@ -339,10 +339,6 @@ class BuildJob:
         self.progress(f"Sent the build context ({counted[0] if counted else 0} entries)")
 
         secrets = tuple(s.name for s in self.req.network.secrets)
-        if secrets:
-            # The files hold the placeholders the VM was given, never the real values.
-            script = " && ".join(f'printf %s "${s}" > {SECRETS_DIR}/{s}' for s in secrets)
-            await self._must(script, "writing build secrets", tmp=tmp)
         spec = BuildSpec(
             dockerfile_name=df_name, build_args=self.req.build_args, target=self.req.target,
             no_cache=self.req.no_cache, secrets=secrets,

@@ -106,7 +106,7 @@ def test_buildah_build_command() -> None:
     assert argv[argv.index("--target") + 1] == "app"
     assert argv[argv.index("--build-arg") + 1] == "V=a b"
     assert argv[argv.index("--secret") + 1] == \
-        "id=TOKEN,src=/run/matchlock-build/secrets/TOKEN"
+        "id=TOKEN,env=TOKEN"
     assert argv[argv.index("-v") + 1].endswith(":ro")
     assert argv[-1] == "/run/matchlock-build/context"
 
