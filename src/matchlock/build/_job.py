@@ -32,7 +32,7 @@ from matchlock.build import _cache, _context, _dockerfile
 from matchlock.build._builder import ensure_builder
 from matchlock.build._engine import CONTEXT, DOCKERFILE_DIR, Buildah, BuildSpec
 from matchlock.errors import MatchlockError, NotFoundError, UsageError
-from matchlock.image import Image, ImageStore, parse_reference
+from matchlock.image import BUILTIN_IMAGE, Image, ImageStore, normalize_name, parse_reference
 from matchlock.net.types import NetworkConfig
 from matchlock.sandbox import ExecRequest, Process, SandboxConfig
 
@@ -172,6 +172,9 @@ class BuildJob:
             except UsageError:
                 raise UsageError(f"unknown base image {ref!r} in {self.req.dockerfile}: "
                                  "it is not a valid image reference") from None
+            if normalize_name(ref) == BUILTIN_IMAGE:  # made here, as `run` makes it
+                out.append(self.store.ensure_builtin())
+                continue
             try:
                 img = self.store.get(ref)
             except NotFoundError:

@@ -120,3 +120,16 @@ def test_tail_tracks_step_and_cache_hits() -> None:
     assert bytes(seen).endswith(b"boom\n")
     t.feed(b"[2/2] STEP 4/9: RUN make\n")
     assert t.step == "RUN make"
+
+
+def test_builtin_base_is_made_not_pulled(tmp_path) -> None:
+    """FROM matchlock/busybox on an empty store: made as `run` makes it, no registry."""
+    from matchlock.build._job import BuildJob
+    from matchlock.image import ImageStore
+
+    store = ImageStore(tmp_path / "store")
+    req = _req(tmp_path)
+    req.dockerfile.write_text("FROM matchlock/busybox AS a\nFROM a\nRUN true\n")
+    job = BuildJob(req, progress=lambda _m: None, output=lambda _b: None, store=store)
+    [base] = job._bases()
+    assert base.name == "matchlock/busybox:latest" and base.source == "builtin"
