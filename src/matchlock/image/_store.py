@@ -820,14 +820,16 @@ class ImageStore:
                         os.chmod(blob, 0o444)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    doomed = self._upsert(conn, name, image_id, disk_rel, config, source,
-                                          digest, platform)
+                    # The new image's layer rows first: the image this name pointed at
+                    # may share blobs with it (same base), and those must not be doomed.
                     conn.execute("DELETE FROM layers WHERE image_id=?", (image_id,))
                     conn.executemany(
                         "INSERT INTO layers (image_id, ordinal, digest) VALUES (?, ?, ?)",
                         [(image_id, i, "sha256:" + st.sha256)
                          for i, (st, _, _) in enumerate(layers)],
                     )
+                    doomed = self._upsert(conn, name, image_id, disk_rel, config, source,
+                                          digest, platform)
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")

@@ -270,6 +270,11 @@ def test_reimport_under_same_name_replaces_and_collects(store):
     assert first.id != second.id
     assert not first.disk.exists() and second.disk.exists()
     assert [i.id for i in store.list()] == [second.id]
+    # The layer both share stays: the new image still needs it (a rebuild onto the same
+    # tag, e.g. `build -t x` twice from one base, used to lose its base layer here).
+    out = io.BytesIO()
+    store.export_oci("x", out, "x")
+    assert len(list((store.root / "blobs" / "sha256").iterdir())) == 2
 
 
 def test_get_message():
