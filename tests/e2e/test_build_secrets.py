@@ -99,11 +99,12 @@ def test_build_secret_reaches_index_and_no_layer(ml, index, debian_image, tmp_pa
                 assert REAL.encode() not in data, m.name
                 try:
                     with tarfile.open(fileobj=io.BytesIO(data)) as layer:
-                        names = layer.getnames()
+                        files = [e.name for e in layer.getmembers() if not e.isdir()]
                 except tarfile.TarError:
                     continue  # JSON: a manifest, index or config
                 layers += 1
-                assert not any(n.lstrip("./").startswith("run/secrets") for n in names), names
+                # Buildah leaves the empty mount point run/secrets/ in the RUN layer.
+                assert not any(n.lstrip("./").startswith("run/secrets/") for n in files), files
     assert layers >= 2
     r = ml("run", "--image", "e2e/secret:1", "--no-network", "cat", "/pkg.txt", timeout=300)
-    assert r.stdout.decode().strip() == f"hello from {index['ip']}"
+    assert r.stdout.decode().strip() == f"hello from {index['ip']} /simple/pkg"
