@@ -30,6 +30,31 @@ pytestmark = pytest.mark.e2e
 E2E_KERNEL_ENV = "MATCHLOCK_E2E_KERNEL"
 
 
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ARG001 - the hook's signature
+    outcome = yield
+    if outcome.get_result().failed:
+        _FAILED_MODULES.add(item.module.__name__)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reclaim_after_a_failure(request, ml_env):
+    """After a module with a failed test, stop and reclaim whatever its VMs left in the
+    shared state home, so that one failure is reported once and not again by every later
+    module's residue check. Runs after the module's own fixtures are torn down."""
+    yield
+    if request.module.__name__ not in _FAILED_MODULES:
+        return
+    from tests.conftest import matchlock_cmd
+
+    for args in (("kill", "--all"), ("prune",), ("gc",)):
+        subprocess.run([*matchlock_cmd(), *args], env=ml_env, capture_output=True,
+                       timeout=300)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def guest_kernel() -> str:
     """The kernel every e2e VM boots, set before any other fixture reads the environment.
