@@ -793,6 +793,7 @@ static void start_exec(uint32_t sid, const struct jnode *req)
     r.user = get_str(req, "user", "", &bad);
     r.tty = get_bool(req, "tty", 0, &bad);
     r.use_stdin = get_bool(req, "stdin", 1, &bad);
+    int mkcwd = get_bool(req, "mkcwd", 0, &bad);
     r.rows = (unsigned short)get_int(req, "rows", 24, 0, 65535, &bad);
     r.cols = (unsigned short)get_int(req, "cols", 80, 0, 65535, &bad);
     if (bad) {
@@ -801,6 +802,10 @@ static void start_exec(uint32_t sid, const struct jnode *req)
     }
     if (!*r.cwd)
         r.cwd = "/";
+    /* The image's WORKDIR, made when missing, as Docker's runtime does (an engine may
+     * not create a WORKDIR no step wrote into). Here, as root, before the user switch. */
+    if (mkcwd && r.cwd[0] == '/' && access(r.cwd, F_OK) < 0 && errno == ENOENT)
+        mkdir_p(r.cwd, 0755);
     if (resolve_user(r.user, &r, err, sizeof err) < 0)
         goto fail_early;
     add_home(&r);

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import matchlock_cmd
-from tests.e2e.conftest import NO_RESIDUE, residue
+from tests.e2e.conftest import NO_RESIDUE, busybox_rootfs_layer, make_docker_save, residue
 
 pytestmark = pytest.mark.e2e
 
@@ -120,6 +120,25 @@ def test_user_env_workdir_flags(ml, user_image, monkeypatch):
         assert p.stdout.decode().strip() == want, (user, p.stderr)
     p = ml("run", "--image", user_image, "--entrypoint", "", "-u", "ghost", "true")
     assert p.returncode == 127 and b"ghost" in p.stderr
+
+
+def test_missing_image_workdir_is_made_but_not_an_explicit_one(ml, qemu_present, tmp_path):
+    """An engine may not create a WORKDIR no step wrote into (Buildah 1.28): like Docker's
+    runtime, the VM makes the image's WorkingDir; a `-w` that does not exist still fails."""
+    tar = tmp_path / "nowd.tar"
+    make_docker_save(tar, busybox_rootfs_layer((("home/app", 0o755, 1234, 2345),)),
+                     {"User": "app", "WorkingDir": "/opt/missing/app", "Env": ["PATH=/bin"]},
+                     "e2e/nowd:1")
+    ml("image", "import", "e2e/nowd:1", str(tar), check=True)
+    try:
+        p = ml("run", "--image", "e2e/nowd:1", "--", "sh", "-c",
+               "pwd; stat -c '%u %a' .; touch x 2>/dev/null; echo w=$?")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.decode().split("\n")[:3] == ["/opt/missing/app", "0 755", "w=1"]
+        p = ml("run", "--image", "e2e/nowd:1", "-w", "/no/such/dir", "--", "pwd")
+        assert p.returncode == 127 and b"chdir /no/such/dir" in p.stderr, p.stderr
+    finally:
+        ml("image", "rm", "e2e/nowd:1")
 
 
 def test_ctrl_c_stops_within_5s(ml_env, qemu_present, state_home):

@@ -111,6 +111,8 @@ def compose_request(vm: VmDefaults, req: ExecRequest) -> dict:
         "tty": req.tty,
         "stdin": req.stdin,
     }
+    if not req.cwd and vm.image.working_dir:
+        wire["mkcwd"] = True  # the image's WORKDIR: made when missing, as Docker does
     if req.tty:
         wire["rows"], wire["cols"] = req.rows, req.cols
     return wire

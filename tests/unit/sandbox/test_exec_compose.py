@@ -40,6 +40,14 @@ def test_user_and_cwd_defaults_chain():
     assert (w["user"], w["cwd"]) == ("", "/tmp")  # "" is root
 
 
+def test_only_the_image_workdir_is_made_when_missing():
+    vm = VmDefaults(image=IMAGE)
+    assert compose_request(vm, ExecRequest(argv=("pwd",)))["mkcwd"] is True
+    assert "mkcwd" not in compose_request(vm, ExecRequest(argv=("pwd",), cwd="/srv"))
+    assert "mkcwd" not in compose_request(VmDefaults(cwd="/workspace"),
+                                          ExecRequest(argv=("pwd",)))
+
+
 def test_argv_shell_and_image_command():
     vm = VmDefaults(image=IMAGE)
     assert compose_request(vm, ExecRequest(shell="echo $X"))["argv"] == ["sh", "-c", "echo $X"]
