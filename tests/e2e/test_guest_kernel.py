@@ -17,7 +17,9 @@ import pytest
 from matchlock.paths import cache_dir
 from tests.e2e.conftest import NO_RESIDUE, residue
 
-pytestmark = pytest.mark.e2e
+# The first test's setup may build the kernel: ~10-15 min on a clean 2-core machine, past
+# the suite's 600 s per-test limit (that limit cut the build short on a fresh root).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 BB = "matchlock/busybox"
 
