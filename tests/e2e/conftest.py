@@ -41,16 +41,19 @@ def pytest_runtest_makereport(item, call):  # noqa: ARG001 - the hook's signatur
 
 
 @pytest.fixture(scope="module", autouse=True)
-def reclaim_after_a_failure(request, ml_env):
-    """After a module with a failed test, stop and reclaim whatever its VMs left in the
-    shared state home, so that one failure is reported once and not again by every later
-    module's residue check. Runs after the module's own fixtures are torn down."""
+def reclaim_after_module(request, ml_env):
+    """After each module, remove the stopped VMs it kept (`rpc` close and `--rm=false` keep
+    them, as the reference does); after a module with a failed test, also stop and reclaim
+    whatever its VMs left. The state home is shared: without this, one module's leftovers
+    fail every later module's residue check, and one failure is reported many times.
+    Runs after the module's own fixtures are torn down; never touches another run's VMs."""
     yield
-    if request.module.__name__ not in _FAILED_MODULES:
-        return
     from tests.conftest import matchlock_cmd
 
-    for args in (("kill", "--all"), ("prune",), ("gc",)):
+    steps = [("prune",)]
+    if request.module.__name__ in _FAILED_MODULES:
+        steps = [("kill", "--all"), ("prune",), ("gc",)]
+    for args in steps:
         subprocess.run([*matchlock_cmd(), *args], env=ml_env, capture_output=True,
                        timeout=300)
 

@@ -32,7 +32,8 @@ RUNNABLE = ["basic", "exec_modes", "secrets", "port_forward", "vfs_hooks"]
 @pytest.fixture
 def go_env(ml_env, qemu_present) -> dict[str, str]:
     return {"MATCHLOCK_BIN": OUR_CLI, "MATCHLOCK_HOME": ml_env["MATCHLOCK_HOME"],
-            "MATCHLOCK_RESOLV_CONF": ml_env["MATCHLOCK_RESOLV_CONF"]}
+            "MATCHLOCK_RESOLV_CONF": ml_env["MATCHLOCK_RESOLV_CONF"],
+            "MATCHLOCK_IMAGES_DIR": ml_env["MATCHLOCK_IMAGES_DIR"]}  # the suite's store
 
 
 def test_go_sdk_e2e(go_env, state_home) -> None:
