@@ -32,6 +32,7 @@
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -386,7 +387,7 @@ struct exec_req {
     char **envp;
     const char *cwd;
     const char *user;
-    int tty, use_stdin;
+    int tty, use_stdin, mkcwd;
     unsigned short rows, cols;
     /* Resolved by the parent before vfork: the child only makes system calls. */
     int switch_id;
@@ -597,6 +598,25 @@ static void free_exec_req(struct exec_req *r)
     r->home_kv = NULL;
 }
 
+/* mkdir -p for the vfork child: a local buffer, no allocation, no logging (the chdir
+ * that follows reports a failure). */
+static void make_dirs(const char *path)
+{
+    char tmp[PATH_MAX];
+    size_t n = strlen(path);
+    if (n >= sizeof tmp)
+        return;
+    memcpy(tmp, path, n + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            mkdir(tmp, 0755);
+            *p = '/';
+        }
+    }
+    mkdir(tmp, 0755);
+}
+
 /* In the vfork child: never returns. fds: slave (tty) or in_r/out_w/err_w (pipes).
  * It shares the parent's memory until it execs or exits: no allocation, no stdio, no
  * writes to anything but its own locals (the fd table, signal dispositions, mask, cwd and
@@ -633,6 +653,11 @@ static void child_exec(const struct exec_req *r, int errw, int slave, int in_r, 
             child_fail(errw, err);
         }
     }
+    /* The image's WORKDIR, made when missing (root, 0755, with parents), as Docker's
+     * runtime does: an engine may not create a WORKDIR no step wrote into. In the child,
+     * before the user switch: a path on a FUSE mount may wait on the host. */
+    if (r->mkcwd && r->cwd[0] == '/' && access(r->cwd, F_OK) < 0 && errno == ENOENT)
+        make_dirs(r->cwd);
     if (apply_user(r, err, sizeof err) < 0)
         child_fail(errw, err);
     if (chdir(r->cwd) < 0) {
@@ -793,7 +818,7 @@ static void start_exec(uint32_t sid, const struct jnode *req)
     r.user = get_str(req, "user", "", &bad);
     r.tty = get_bool(req, "tty", 0, &bad);
     r.use_stdin = get_bool(req, "stdin", 1, &bad);
-    int mkcwd = get_bool(req, "mkcwd", 0, &bad);
+    r.mkcwd = get_bool(req, "mkcwd", 0, &bad);
     r.rows = (unsigned short)get_int(req, "rows", 24, 0, 65535, &bad);
     r.cols = (unsigned short)get_int(req, "cols", 80, 0, 65535, &bad);
     if (bad) {
@@ -802,10 +827,6 @@ static void start_exec(uint32_t sid, const struct jnode *req)
     }
     if (!*r.cwd)
         r.cwd = "/";
-    /* The image's WORKDIR, made when missing, as Docker's runtime does (an engine may
-     * not create a WORKDIR no step wrote into). Here, as root, before the user switch. */
-    if (mkcwd && r.cwd[0] == '/' && access(r.cwd, F_OK) < 0 && errno == ENOENT)
-        mkdir_p(r.cwd, 0755);
     if (resolve_user(r.user, &r, err, sizeof err) < 0)
         goto fail_early;
     add_home(&r);

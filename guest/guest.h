@@ -38,7 +38,6 @@ void log_msg(const char *level, const char *fmt, ...) __attribute__((format(prin
 
 uint64_t boottime_ns(void);
 uint64_t mono_ms(void);
-void mkdir_p(const char *path, mode_t mode); /* parents 0755; a failure is logged */
 
 /* ---- JSON reader (util.c): a bounded DOM for small request objects ---- */
 enum jtype { J_NULL, J_BOOL, J_NUM, J_STR, J_ARR, J_OBJ };

@@ -74,6 +74,23 @@ static void __attribute__((noreturn)) die(const char *what)
         pause();
 }
 
+static void mkdir_p(const char *path, mode_t mode)
+{
+    char tmp[256];
+    if (strlen(path) >= sizeof tmp)
+        return;
+    strcpy(tmp, path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            mkdir(tmp, 0755);
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+        LOG_WARN("mkdir %s: %s", path, strerror(errno));
+}
+
 static void do_mount(const char *src, const char *dst, const char *type, unsigned long flags,
                      const char *data, int required)
 {

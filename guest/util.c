@@ -6,7 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -344,21 +343,4 @@ void jb_str(struct jbuf *b, const char *s)
     }
     b->p[b->len++] = '"';
     b->p[b->len] = 0;
-}
-
-void mkdir_p(const char *path, mode_t mode)
-{
-    char tmp[256];
-    if (strlen(path) >= sizeof tmp)
-        return;
-    strcpy(tmp, path);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = 0;
-            mkdir(tmp, 0755);
-            *p = '/';
-        }
-    }
-    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
-        LOG_WARN("mkdir %s: %s", path, strerror(errno));
 }
