@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup, some CI
+# runners) inherits SIGINT ignored, and so would every CLI it starts: Ctrl-C tests would
+# then see a `matchlock` that cannot be interrupted. Children get the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The suite's images (imported test bases, build results) live in a store of their own under
 # the cache dir: kept between runs, never in the user's `image ls`. Set before any fixture
