@@ -404,14 +404,20 @@ static int set_flags_up(int s, const char *name)
     return ioctl(s, SIOCSIFFLAGS, &ifr);
 }
 
-/* The first interface that is not lo (the one virtio-net NIC); waits up to 5 s for it. */
+/* The one virtio-net NIC: the first interface backed by a device. Software interfaces a
+ * kernel makes by itself (lo; dummy0, tunl0, sit0 when those drivers are built in, as in
+ * matchlock's own kernel) have no `device` link. Waits up to 5 s for it. */
 static int find_nic(char *name, size_t size)
 {
+    char path[64]; /* names of IFNAMSIZ or more are skipped before use */
     for (int tries = 0; tries < 500; tries++) {
         DIR *d = opendir("/sys/class/net");
         struct dirent *e;
         while (d && (e = readdir(d))) {
-            if (e->d_name[0] == '.' || !strcmp(e->d_name, "lo") || strlen(e->d_name) >= size)
+            if (e->d_name[0] == '.' || strlen(e->d_name) >= size)
+                continue;
+            snprintf(path, sizeof path, "/sys/class/net/%s/device", e->d_name);
+            if (access(path, F_OK) != 0)
                 continue;
             snprintf(name, size, "%s", e->d_name);
             closedir(d);

@@ -76,6 +76,25 @@ def nic_has_no_ipv6_address():
     return lines
 
 @check
+def nic_carries_traffic():
+    # Our kernel also makes dummy0, tunl0 and sit0: init must configure the virtio NIC,
+    # and the default route must leave through it (judged by eth0's own counters).
+    route = [ln.split() for ln in open("/proc/net/route").read().splitlines()[1:]]
+    default = [r for r in route if r[1] == "00000000"]
+    assert [r[0] for r in default] == ["eth0"], route
+    gateway = socket.inet_ntoa(bytes.fromhex(default[0][2])[::-1])
+    def tx():
+        for ln in open("/proc/net/dev").read().splitlines():
+            if ln.strip().startswith("eth0:"):
+                return int(ln.split(":", 1)[1].split()[9])
+    before = tx()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"x", (gateway, 9))  # the gateway, inside the VM's namespace; dropped there
+    s.close()
+    assert tx() > before, "nothing left through eth0"
+    return sorted(os.listdir("/sys/class/net"))
+
+@check
 def unshare_user_net_pid():
     shell("unshare -Urnp true")
     return shell("unshare -Urnpf --mount-proc sh -c 'echo $$ $(id -u)'")
@@ -215,7 +234,8 @@ def namespaces():
 print(json.dumps(R))
 '''
 
-CHECKS = ["no_modules", "ipv6_loopback", "nic_has_no_ipv6_address", "unshare_user_net_pid",
+CHECKS = ["no_modules", "ipv6_loopback", "nic_has_no_ipv6_address", "nic_carries_traffic",
+          "unshare_user_net_pid",
           "nftables", "iptables", "bridge_veth_tun_vxlan", "cgroup_memory_limit_kills",
           "getrandom_at_once", "cpus", "io_uring", "bpf_syscall", "inotify", "seccomp_filter",
           "vsock", "filesystems", "shm_and_pty", "namespaces"]
