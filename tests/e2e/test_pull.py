@@ -283,6 +283,7 @@ def test_interrupted_pull_exits_cleanly(mlp, ml_env, env, registry, layout, base
     push_marker(registry, layout, base_layer, "e2e/sigint:1", "sigint",
                 extra={"big": os.urandom(4 << 20)})
     fwd = Forwarder(registry.port, stall_after=2 << 20)
+    proc = None
     try:
         ref = f"127.0.0.1:{fwd.port}/e2e/sigint:1"
         proc = subprocess.Popen([*matchlock_cmd(), "pull", ref], env={**ml_env, **env},
@@ -296,6 +297,9 @@ def test_interrupted_pull_exits_cleanly(mlp, ml_env, env, registry, layout, base
         assert ref not in mlp("image", "ls", check=True).stdout.decode()
         assert store_state(env)["tmp"] == []  # a clean exit removes its own staging
     finally:
+        if proc is not None and proc.poll() is None:  # it ignored the signal: end it,
+            proc.kill()  # or it holds its staging into the next test
+            proc.wait()
         fwd.close()
 
 

@@ -108,6 +108,11 @@ def test_reclaim_refuses_a_live_owner_and_finishes_a_dead_one(db, tmp_path):
 
 def test_orphans_finds_unrecorded_dirs_and_qemu(db, tmp_path, monkeypatch):
     monkeypatch.setenv("MATCHLOCK_HOME", str(tmp_path))
+    # Namespaces are machine-wide: another run's leftovers are not this test's to remove
+    # (their gc is e2e: test_network's killed-supervisor test).
+    import matchlock.net.netns as netns
+
+    monkeypatch.setattr(netns, "leftover_namespaces", lambda: [])
     vms = tmp_path / "vms"
     (vms / "vm-0000dead").mkdir(parents=True)
     (vms / "vm-0000live").mkdir()
