@@ -190,7 +190,7 @@ def check_kernel(h: Host) -> Check:
         return Check("kernel", "warn", "built-old", facts)
     build = _kernel_build_fix()
     cached = k.cached_kernel()
-    if cached is not None and not k.prefer_built():
+    if cached is not None and not k.prefer_built():  # MATCHLOCK_DEFAULT_KERNEL=debian
         return Check("kernel", "pass", "debian-default", {"path": str(cached.image.parent),
                                                           "version": cached.version})
     if cached is not None:

@@ -62,20 +62,19 @@ def reclaim_after_module(request, ml_env):
 def guest_kernel() -> str:
     """The kernel every e2e VM boots, set before any other fixture reads the environment.
 
-    Default: the Debian cloud kernel, which is what VMs boot by default (our own build is
-    opt-in until its networking regression is fixed: see matchlock.vm.kernel.prefer_built).
-    MATCHLOCK_E2E_KERNEL=matchlock runs the suite on our build (`matchlock kernel build`:
-    a cache hit once built, so the suite never rebuilds it). An explicit MATCHLOCK_KERNEL
-    is left alone."""
+    Default: matchlock's own build, what VMs boot by default (`matchlock kernel build`:
+    a cache hit once built, so the suite never rebuilds it; built here, once, on a machine
+    that lacks it). MATCHLOCK_E2E_KERNEL=debian runs the suite on the Debian cloud kernel
+    fallback instead. An explicit MATCHLOCK_KERNEL is left alone."""
     if os.environ.get("MATCHLOCK_KERNEL"):
         return os.environ["MATCHLOCK_KERNEL"]
-    choice = os.environ.get(E2E_KERNEL_ENV, "debian")
+    choice = os.environ.get(E2E_KERNEL_ENV, "matchlock")
     if choice == "debian":
         os.environ["MATCHLOCK_KERNEL"] = "debian"
         return "debian"
     if choice != "matchlock":
         pytest.fail(f"{E2E_KERNEL_ENV}={choice}: use matchlock or debian", False)
-    os.environ["MATCHLOCK_DEFAULT_KERNEL"] = "matchlock"
+    os.environ.pop("MATCHLOCK_DEFAULT_KERNEL", None)  # the default resolution, as users get it
     from matchlock.errors import DependencyError, MatchlockError
     from matchlock.vm.kernel import best_built, built_is_current
     from matchlock.vm.kernel_build import build_kernel, find_source

@@ -1,9 +1,9 @@
-"""matchlock's own guest kernel in real VMs (opt-in for now: `--kernel matchlock`; built
-here once if the cache lacks it): what real images and the reference's examples need
-works on it (Docker-in-the-sandbox networking,
-Chromium's sandbox, cgroup limits, io_uring, BPF, FUSE...). Also: the Debian fallback
-with its hint, `--kernel` by name and by path (a modular kernel gets its modules or a
-clear error up front), and `kernel build` as a cache hit."""
+"""matchlock's own guest kernel in real VMs (what VMs boot by default; built here once if
+the cache lacks it): what real images and the reference's examples need works on it
+(Docker-in-the-sandbox networking, Chromium's sandbox, cgroup limits, io_uring, BPF,
+FUSE...). Also: the Debian fallback with its hint, `--kernel` by name and by path (a
+modular kernel gets its modules or a clear error up front), and `kernel build` as a cache
+hit."""
 
 from __future__ import annotations
 
@@ -256,22 +256,21 @@ def our_kernel() -> str:
 @pytest.fixture(scope="module")
 def probe(ml, debian_tools_image, our_kernel) -> dict:
     """One 2-vCPU VM (the host has 2 cores; --cpus may not exceed them) with a NIC."""
-    p = ml("run", "--kernel", "matchlock", "--image", debian_tools_image, "--cpus", "2",
-           "--", "python3", "-c", PROBE, timeout=600, env={"MATCHLOCK_KERNEL": ""})
+    p = ml("run", "--image", debian_tools_image, "--cpus", "2", "--", "python3", "-c", PROBE,
+           timeout=600, env={"MATCHLOCK_KERNEL": "", "MATCHLOCK_DEFAULT_KERNEL": ""})
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     return json.loads(p.stdout.decode().strip().splitlines()[-1])
 
 
-def test_kernel_matchlock_boots_our_build(probe, our_kernel, ml):
+def test_vms_boot_our_build_by_default(probe, our_kernel, ml):
     release = probe["release"]["detail"]
     assert release.endswith("-matchlock"), release
     listed = json.loads(ml("kernel", "ls", "--json", check=True,
-                           env={"MATCHLOCK_KERNEL": ""}).stdout)
+                           env={"MATCHLOCK_KERNEL": "", "MATCHLOCK_DEFAULT_KERNEL": ""}).stdout)
     ours = [e for e in listed if e["name"] == our_kernel]
     assert ours and ours[0]["kind"] == "matchlock" and ours[0]["current"]
     assert ours[0]["version"] == release
-    # Opt-in: the default stays Debian's kernel (see matchlock.vm.kernel.prefer_built).
-    assert [e["kind"] for e in listed if e["default"]] == ["debian"]
+    assert [e["name"] for e in listed if e["default"]] == [our_kernel]
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -355,7 +354,7 @@ def test_debian_fallback_hints_at_kernel_build(ml, qemu_present, tmp_path):
     (cache / "kernels" / deb.name).symlink_to(deb)
     env = {"MATCHLOCK_CACHE_DIR": str(cache), "MATCHLOCK_IMAGES_DIR": str(images_dir()),
            "MATCHLOCK_GUEST": str(guest_binary()), "MATCHLOCK_KERNEL": "",
-           "MATCHLOCK_DEFAULT_KERNEL": "matchlock"}  # the hint is for those who opted in
+           "MATCHLOCK_DEFAULT_KERNEL": ""}  # the default: ours preferred, none built here
     p = ml("run", "--image", BB, "cat", "/proc/version", env=env)
     assert p.returncode == 0, p.stderr
     assert deb.name.encode() in p.stdout

@@ -63,9 +63,8 @@ WORDS: dict[tuple[str, str], tuple[str, str]] = {
                               "matchlock kernel build"),
     ("kernel", "debian"): ("Debian cloud kernel {version} (cached in {path}); matchlock's own "
                            "kernel boots about twice as fast", "{build}"),
-    ("kernel", "debian-default"): ("Debian cloud kernel {version} (cached in {path}); "
-                                   "matchlock's own is opt-in: `matchlock kernel build`, "
-                                   "then --kernel matchlock", ""),
+    ("kernel", "debian-default"): ("Debian cloud kernel {version} (cached in {path}), "
+                                   "chosen by MATCHLOCK_DEFAULT_KERNEL=debian", ""),
     ("kernel", "env"): ("{version} ({path}, from MATCHLOCK_KERNEL)", ""),
     ("kernel", "env-missing"): ("{error}", "fix MATCHLOCK_KERNEL, or unset it"),
     ("kernel", "env-debian-not-cached"): (

@@ -8,7 +8,7 @@ Resolution order:
    fetched if needed). A path's modules come from env ``MATCHLOCK_KERNEL_MODULES``, else
    from a ``modules`` dir beside the image (a ``lib/modules/<version>`` tree); a kernel
    whose virtio drivers are modules and that has neither is refused up front.
-2. Only with env ``MATCHLOCK_DEFAULT_KERNEL=matchlock`` (see ``prefer_built``):
+2. Unless env ``MATCHLOCK_DEFAULT_KERNEL=debian`` (see ``prefer_built``):
    matchlock's own build (``kernel_build``; ``cache_dir()/kernels/matchlock-*``), the one
    of the current config first. Built in, no modules.
 3. The newest Debian cloud kernel already unpacked under ``cache_dir()/kernels/<version>/``
@@ -52,12 +52,12 @@ log = logging.getLogger(__name__)
 
 ENV_KERNEL = "MATCHLOCK_KERNEL"
 ENV_KERNEL_MODULES = "MATCHLOCK_KERNEL_MODULES"
-ENV_DEFAULT = "MATCHLOCK_DEFAULT_KERNEL"  # debian (default) or matchlock (our build)
+ENV_DEFAULT = "MATCHLOCK_DEFAULT_KERNEL"  # matchlock (default: our build) or debian
 ENV_APT_GET = "MATCHLOCK_APT_GET"
 ENV_APT_CACHE = "MATCHLOCK_APT_CACHE"
 
 _FORMAT = 1  # bump when the layout of an unpacked kernel dir changes
-_HINT = "pass --kernel PATH (or set MATCHLOCK_KERNEL)"
+_HINT = "run `matchlock kernel build`, or pass --kernel PATH (or set MATCHLOCK_KERNEL)"
 BUILD_HINT = ("Booting the Debian cloud kernel: `matchlock kernel build` makes matchlock's own, "
               "which boots about twice as fast")
 ALIAS_BUILT = "matchlock"
@@ -121,10 +121,9 @@ class Kernel:
 
 
 def prefer_built() -> bool:
-    """Whether VMs boot our own build by default. Not yet: with it, guest TCP to some
-    destinations through the host's relay times out (seen in the e2e suite, 2026-12-01,
-    cause not found); `--kernel matchlock` or MATCHLOCK_DEFAULT_KERNEL=matchlock opt in."""
-    return os.environ.get(ENV_DEFAULT, ALIAS_DEBIAN) == ALIAS_BUILT
+    """Whether VMs boot our own build by default (when one exists): yes, unless
+    MATCHLOCK_DEFAULT_KERNEL=debian."""
+    return os.environ.get(ENV_DEFAULT, ALIAS_BUILT) != ALIAS_DEBIAN
 
 
 def resolve_kernel(
@@ -137,12 +136,14 @@ def resolve_kernel(
     env = os.environ.get(ENV_KERNEL)
     if env:
         return _user_kernel(env, ENV_KERNEL, progress)
-    if prefer_built():
-        built = best_built()
-        if built is not None:
-            return built
-        progress(BUILD_HINT)
-    return debian_kernel(progress)
+    if not prefer_built():
+        return debian_kernel(progress)
+    built = best_built()
+    if built is not None:
+        return built
+    k = debian_kernel(progress)  # a failed fetch raises its own one line, naming the build
+    progress(BUILD_HINT)
+    return k
 
 
 def debian_kernel(progress: Callable[[str], None] | None = None) -> Kernel:

@@ -22,9 +22,9 @@ ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.
 
 @pytest.fixture(autouse=True)
 def _prefer_our_build(monkeypatch):
-    """These tests cover the resolution with our build preferred (MATCHLOCK_DEFAULT_KERNEL
-    =matchlock); test_kernel.py::test_debian_is_the_default covers the default."""
-    monkeypatch.setenv("MATCHLOCK_DEFAULT_KERNEL", "matchlock")
+    """The default resolution: our build preferred (test_kernel.py::
+    test_default_kernel_debian_opts_out covers MATCHLOCK_DEFAULT_KERNEL=debian)."""
+    monkeypatch.delenv("MATCHLOCK_DEFAULT_KERNEL", raising=False)
 
 
 
@@ -252,10 +252,10 @@ def test_fetch_unpacks_and_caches(fake_apt, tmp_path, monkeypatch):
     assert k.module_path("virtio-blk") == d / "modules/kernel/drivers/block/virtio_blk.ko"
     assert k.module_path("ext4") is None
     assert progress == [
-        kernel.BUILD_HINT,
         f"Fetching guest kernel linux-image-{FAKE_VERSION} (26.7 MB)…",
         "Unpacking kernel…",
         f"Kernel ready: {FAKE_VERSION}",
+        kernel.BUILD_HINT,  # after the kernel is there: a failed fetch says one line only
     ]
     calls = fake_apt.read_text()
     # second call: served from the cache without running apt at all, even if it is broken
@@ -344,9 +344,9 @@ def test_real_fetch(real_kernel, monkeypatch):
     assert k.modules_dir is not None and k.modules_dir.name == "modules"
     assert (k.modules_dir / "modules.builtin").is_file()
     assert (k.image.parent / "config").read_text().count("CONFIG_VIRTIO") > 0
-    progress = [m for m in progress if m != kernel.BUILD_HINT]  # the default: no hint
     assert progress[0].startswith(f"Fetching guest kernel linux-image-{k.version} (")
-    assert progress[-1] == f"Kernel ready: {k.version}"
+    assert progress[-2] == f"Kernel ready: {k.version}"
+    assert progress[-1] == kernel.BUILD_HINT  # an empty cache: no build of ours yet
     for mod in ("virtio_blk", "virtio_pci", "virtio_net", "overlay", "fuse", "virtio_ring"):
         p = k.module_path(mod)
         assert p is not None and p.suffix == ".ko" and p.is_file(), mod
@@ -386,12 +386,15 @@ def test_modular_kernel_by_path_needs_its_modules(real_kernel, tmp_path, monkeyp
     assert resolve_kernel(str(alone / "vmlinux")).modules_dir == k.modules_dir
 
 
-def test_debian_is_the_default(monkeypatch, tmp_path):
-    """Our build stays opt-in (see kernel.prefer_built): without MATCHLOCK_DEFAULT_KERNEL
-    a built kernel in the cache is not what VMs boot."""
-    monkeypatch.delenv("MATCHLOCK_DEFAULT_KERNEL")
+def test_default_kernel_debian_opts_out(monkeypatch, tmp_path):
+    """Our build is the default once built; MATCHLOCK_DEFAULT_KERNEL=debian makes VMs boot
+    Debian's kernel even with a build in the cache."""
+    monkeypatch.delenv("MATCHLOCK_KERNEL", raising=False)
+    monkeypatch.setattr(kernel, "best_built", lambda: "our-build")
+    monkeypatch.setattr(kernel, "debian_kernel", lambda progress=None: "debian-kernel")
+    assert kernel.prefer_built()
+    assert kernel.resolve_kernel() == "our-build"
+    monkeypatch.setenv("MATCHLOCK_DEFAULT_KERNEL", "debian")
     assert not kernel.prefer_built()
     monkeypatch.setattr(kernel, "best_built", lambda: pytest.fail("must not be consulted"))
-    monkeypatch.setattr(kernel, "debian_kernel", lambda progress=None: "debian-kernel")
-    monkeypatch.delenv("MATCHLOCK_KERNEL", raising=False)
     assert kernel.resolve_kernel() == "debian-kernel"

@@ -45,9 +45,9 @@ vmlinux Image:
 
 @pytest.fixture(autouse=True)
 def _prefer_our_build(monkeypatch):
-    """These tests cover the resolution with our build preferred (MATCHLOCK_DEFAULT_KERNEL
-    =matchlock); test_kernel.py::test_debian_is_the_default covers the default."""
-    monkeypatch.setenv("MATCHLOCK_DEFAULT_KERNEL", "matchlock")
+    """The default resolution: our build preferred (test_kernel.py::
+    test_default_kernel_debian_opts_out covers MATCHLOCK_DEFAULT_KERNEL=debian)."""
+    monkeypatch.delenv("MATCHLOCK_DEFAULT_KERNEL", raising=False)
 
 
 
