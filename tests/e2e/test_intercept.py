@@ -615,3 +615,34 @@ def test_bad_network_flags(ml, state_home, args, needles):
         assert n in err, err
     assert "v@bad" not in err  # a literal secret value is never echoed
     assert residue(state_home) == before
+
+
+DEBIAN_SMOKE_SCRIPT = GUEST_PRELUDE + r'''
+R("hostname", socket.gethostname())
+R("release", os.uname().release)
+R("api", curl("-H \"Authorization: Bearer $TOKEN\" https://api.test/debian-smoke"))
+R("token", os.environ["TOKEN"][:15])
+R("seed", open("/workspace/in/seed.txt").read())
+'''
+
+
+def test_debian_fallback_kernel_smoke(ml, env, state_home, upstreams, tmp_path):
+    """The smoke subset on the Debian cloud kernel (VMs boot our own by default): boot, the
+    sealed intercepting network with a secret injected, a host directory snapshot. Judged
+    by the upstream's own log."""
+    mark = upstreams.mark()
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "seed.txt").write_text("seed\n")
+    p = ml("run", "--kernel", "debian", "--image", "debian:test", "--allow-host", "api.test",
+           "--add-host", f"api.test:{upstreams.api}", *upstreams.private,
+           "--secret", "TOKEN@api.test", "-v", f"{src}:/workspace/in", "--",
+           "python3", "-c", DEBIAN_SMOKE_SCRIPT, env=env, check=True, timeout=300)
+    r = results(p.stdout.decode())
+    assert r["release"].endswith("-cloud-amd64") or r["release"].endswith("-cloud-arm64"), r
+    assert r["api"]["code"] == "200", r["api"]
+    assert r["token"] == "SANDBOX_SECRET_" and r["seed"] == "seed\n"
+    reqs = upstreams.records("req", mark)
+    assert [q["target"] for q in reqs] == ["/debian-smoke"], reqs
+    assert reqs[0]["headers"]["authorization"] == f"Bearer {REAL}"
+    assert_vm_gone(r["hostname"], state_home)
