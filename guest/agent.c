@@ -32,7 +32,6 @@
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <limits.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -598,25 +597,6 @@ static void free_exec_req(struct exec_req *r)
     r->home_kv = NULL;
 }
 
-/* mkdir -p for the vfork child: a local buffer, no allocation, no logging (the chdir
- * that follows reports a failure). */
-static void make_dirs(const char *path)
-{
-    char tmp[PATH_MAX];
-    size_t n = strlen(path);
-    if (n >= sizeof tmp)
-        return;
-    memcpy(tmp, path, n + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = 0;
-            mkdir(tmp, 0755);
-            *p = '/';
-        }
-    }
-    mkdir(tmp, 0755);
-}
-
 /* In the vfork child: never returns. fds: slave (tty) or in_r/out_w/err_w (pipes).
  * It shares the parent's memory until it execs or exits: no allocation, no stdio, no
  * writes to anything but its own locals (the fd table, signal dispositions, mask, cwd and
@@ -657,7 +637,7 @@ static void child_exec(const struct exec_req *r, int errw, int slave, int in_r, 
      * runtime does: an engine may not create a WORKDIR no step wrote into. In the child,
      * before the user switch: a path on a FUSE mount may wait on the host. */
     if (r->mkcwd && r->cwd[0] == '/' && access(r->cwd, F_OK) < 0 && errno == ENOENT)
-        make_dirs(r->cwd);
+        mkdir_p(r->cwd, 0755); /* the chdir below reports a failure */
     if (apply_user(r, err, sizeof err) < 0)
         child_fail(errw, err);
     if (chdir(r->cwd) < 0) {

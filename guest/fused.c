@@ -353,22 +353,6 @@ static int relay(void)
     }
 }
 
-static void mkdirs(const char *path)
-{
-    char tmp[512];
-    if (strlen(path) >= sizeof tmp)
-        return;
-    strcpy(tmp, path);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = 0;
-            mkdir(tmp, 0755);
-            *p = '/';
-        }
-    }
-    mkdir(tmp, 0755);
-}
-
 /* The kernel caps FUSE readahead at its default (128 KiB) at INIT; 1 MiB windows make
  * one READ request per MiB of a sequential read. The mount's bdi is named by its device
  * number, taken from mountinfo: a stat() of the mount point would wait for our own INIT. */
@@ -419,7 +403,7 @@ int fused_run(int port, const char *mountpoint, int ready_fd)
         LOG_WARN("vfs: open /dev/fuse: %s", strerror(errno));
         return 1;
     }
-    mkdirs(mountpoint);
+    mkdir_p(mountpoint, 0755); /* a failure shows in the mount that follows */
     char opts[256];
     snprintf(opts, sizeof opts,
              "fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other,max_read=%u", V.fuse,

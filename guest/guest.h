@@ -38,6 +38,7 @@ void log_msg(const char *level, const char *fmt, ...) __attribute__((format(prin
 
 uint64_t boottime_ns(void);
 uint64_t mono_ms(void);
+int mkdir_p(const char *path, mode_t mode); /* util.c: parents 0755; vfork-safe */
 
 /* ---- JSON reader (util.c): a bounded DOM for small request objects ---- */
 enum jtype { J_NULL, J_BOOL, J_NUM, J_STR, J_ARR, J_OBJ };

@@ -74,27 +74,16 @@ static void __attribute__((noreturn)) die(const char *what)
         pause();
 }
 
-static void mkdir_p(const char *path, mode_t mode)
+static void make_dir(const char *path, mode_t mode)
 {
-    char tmp[256];
-    if (strlen(path) >= sizeof tmp)
-        return;
-    strcpy(tmp, path);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = 0;
-            mkdir(tmp, 0755);
-            *p = '/';
-        }
-    }
-    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+    if (mkdir_p(path, mode) < 0)
         LOG_WARN("mkdir %s: %s", path, strerror(errno));
 }
 
 static void do_mount(const char *src, const char *dst, const char *type, unsigned long flags,
                      const char *data, int required)
 {
-    mkdir_p(dst, 0755);
+    make_dir(dst, 0755);
     if (mount(src, dst, type, flags, data) == 0) {
         LOG_DEBUG("mounted %s on %s", type ? type : src, dst);
         return;
@@ -322,8 +311,8 @@ static void assemble_root(void)
         do_mount(upperdev, "/run/ml/upperfs", "ext4", MS_NOATIME, "noinit_itable", 1);
     else
         do_mount("tmpfs", "/run/ml/upperfs", "tmpfs", 0, "mode=0755", 1);
-    mkdir_p("/run/ml/upperfs/upper", 0755);
-    mkdir_p("/run/ml/upperfs/work", 0755);
+    make_dir("/run/ml/upperfs/upper", 0755);
+    make_dir("/run/ml/upperfs/work", 0755);
     do_mount("overlay", NEWROOT, "overlay", 0,
              "lowerdir=/run/ml/lower,upperdir=/run/ml/upperfs/upper,workdir=/run/ml/upperfs/work",
              1);
@@ -340,8 +329,8 @@ static void assemble_root(void)
     /* /run is a tmpfs in the new root; the upper fs moves under it so that poweroff can
      * still reach it (to remount it read-only) once the initramfs is hidden. */
     do_mount("tmpfs", NEWROOT "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 1);
-    mkdir_p(NEWROOT "/run/matchlock", 0700);
-    mkdir_p(NEWROOT UPPER_KEEP, 0700);
+    make_dir(NEWROOT "/run/matchlock", 0700);
+    make_dir(NEWROOT UPPER_KEEP, 0700);
     if (mount("/run/ml/upperfs", NEWROOT UPPER_KEEP, NULL, MS_MOVE, NULL) < 0)
         LOG_WARN("move upper fs: %s", strerror(errno));
     /* switch_root, initramfs style: the old rootfs stays in memory, unreachable. */

@@ -2,10 +2,12 @@
 #include "guest.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -343,4 +345,25 @@ void jb_str(struct jbuf *b, const char *s)
     }
     b->p[b->len++] = '"';
     b->p[b->len] = 0;
+}
+
+/* mkdir -p: parents 0755, the last one `mode`; 0 when it exists afterwards, else -1 with
+ * errno. No allocation and no logging, so the vfork child of an exec may call it. */
+int mkdir_p(const char *path, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    size_t n = strlen(path);
+    if (n >= sizeof tmp) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(tmp, path, n + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            mkdir(tmp, 0755);
+            *p = '/';
+        }
+    }
+    return mkdir(tmp, mode) < 0 && errno != EEXIST ? -1 : 0;
 }
