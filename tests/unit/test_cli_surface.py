@@ -29,9 +29,15 @@ def head_sha() -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _commands(group: click.Group) -> dict[str, click.Command]:
+    """Through click's API, as help sees them (the top level loads its modules lazily)."""
+    ctx = click.Context(group)
+    return {n: c for n in group.list_commands(ctx) if (c := group.get_command(ctx, n))}
+
+
 def _groups(group: click.Group, path: tuple[str, ...] = ()):
     yield path, group
-    for name, cmd in group.commands.items():
+    for name, cmd in _commands(group).items():
         if isinstance(cmd, click.Group):
             yield from _groups(cmd, (*path, name))
 
@@ -40,7 +46,7 @@ def _groups(group: click.Group, path: tuple[str, ...] = ()):
 def test_help_lists_every_command_with_its_whole_summary(path):
     group = cli
     for name in path:
-        group = group.commands[name]
+        group = _commands(group)[name]
     p = ml(*path, "--help")
     assert p.returncode == 0 and p.stderr == ""
     # The Commands section, with wrapped summaries joined back into one line each.
@@ -54,10 +60,11 @@ def test_help_lists_every_command_with_its_whole_summary(path):
             listed[last] = m.group(2).strip()
         elif last and line.strip():
             listed[last] += " " + line.strip()
-    visible = {n for n, c in group.commands.items() if not c.hidden}
+    commands = _commands(group)
+    visible = {n for n, c in commands.items() if not c.hidden}
     assert set(listed) == visible
     for name in visible:
-        text = summary(group.commands[name])
+        text = summary(commands[name])
         assert text and not text.endswith("..."), f"{name}: summary {text!r}"
         assert listed[name] == text, name
 
@@ -112,3 +119,16 @@ def test_non_editable_build_records_the_commit(tmp_path):
     checkout, line = p.stdout.splitlines()
     assert Path(checkout) == tmp_path  # not inside the checkout: no git to ask
     assert line == f"matchlock {__version__} (commit: {head_sha()})"
+
+
+def test_run_loads_no_other_command_module():
+    # Subcommands load lazily: a `run` must not pay for build, pull, image, kernel,
+    # volume or diagnose (nor rich, which they use for progress and tables).
+    code = ("import sys, click; from matchlock.cli._main import cli; "
+            "assert cli.get_command(click.Context(cli), 'run') is not None; "
+            "print(sorted(m for m in sys.modules "
+            "if m == 'rich' or m.startswith('matchlock.cli.')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(["matchlock.cli._help", "matchlock.cli._main",
+                                    "matchlock.cli._run"]), p.stdout
