@@ -68,10 +68,9 @@ def version() -> None:
     click.echo(version_line())
 
 
-# name -> (module under matchlock.cli, attribute). Imported when a command line names
-# one (or help lists them): `run` then loads neither rich nor the build, pull, image or
-# diagnose modules (302 -> 175 ms to
-# import what `run` needs, measured here).
+# name -> (module under matchlock.cli, attribute), imported when a command line names it
+# (help imports them all): `run` then loads neither rich nor the build, pull, image or
+# diagnose modules (importing what `run` needs: 302 -> 175 ms, measured here).
 _COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("_run", "run"), "exec": ("_vms", "exec_"), "list": ("_vms", "list_"),
     "ls": ("_vms", "list_"), "get": ("_vms", "get"), "inspect": ("_vms", "inspect"),
