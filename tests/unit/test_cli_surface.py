@@ -132,3 +132,42 @@ def test_run_loads_no_other_command_module():
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(["matchlock.cli._help", "matchlock.cli._main",
                                     "matchlock.cli._run"]), p.stdout
+
+
+def test_a_plain_run_loads_no_network_policy_nor_vfs_server():
+    # `run --no-network` without mounts boots without the policy, the dial check, the FUSE
+    # server or its providers (~45 ms of imports before QEMU starts); they load with the
+    # flags that use them (the second half of the script is the positive control).
+    heavy = ("matchlock.net.policy", "matchlock.net.dialcheck", "matchlock.vfs._fs",
+             "matchlock.vfs.server", "matchlock.vfs._hooks", "matchlock.vfs._hostfs",
+             "matchlock.vfs._snapshot")
+    code = f"""
+import os, sys, tempfile
+from pathlib import Path
+import matchlock.cli._run, matchlock.cli._session, matchlock.sandbox._sandbox
+from matchlock.net.config import parse_network_flags
+from matchlock.sandbox import Sandbox, SandboxConfig
+from matchlock.vfs import mount_config
+from matchlock.vfs._attach import SandboxMounts
+flags = dict(add_hosts=(), secrets=(), dns_servers=(), network_intercept=False, mtu=1500,
+             host_env={{}})
+heavy = {heavy!r}
+net = parse_network_flags(no_network=True, allow_hosts=(), **flags)
+mounts = mount_config((), None, ())
+sb = Sandbox(SandboxConfig(image="matchlock/busybox", no_network=True, network=net,
+                           mounts=mounts))
+with tempfile.TemporaryDirectory() as d:
+    m = SandboxMounts(mounts, Path(d), None)
+    m.prepare(); m.start(); m.close()
+print(sorted(h for h in heavy if h in sys.modules))
+parse_network_flags(no_network=False, allow_hosts=("example.com",), **flags)
+with tempfile.TemporaryDirectory() as d:
+    m = SandboxMounts(mount_config((d + ":/workspace/x",), None, ()), Path(d), None)
+    m.prepare(); m.start(); m.close()
+print(sorted(h for h in heavy if h in sys.modules))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    before, after = p.stdout.splitlines()
+    assert before == "[]", before
+    assert after == str(sorted(heavy)), after

@@ -1,18 +1,16 @@
 """CLI network flags → NetworkConfig. Pure: the only outside input is the `host_env`
 mapping the caller passes (for `--secret NAME@host`). Every error is a one-line UsageError
-that never contains a secret's value."""
+that never contains a secret's value. The policy, address classes and `secrets` load only
+for the flags that need them (`run --no-network` pays for none)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
-import secrets as _secrets
 from collections.abc import Iterable, Mapping, Sequence
 
 from matchlock.errors import UsageError
-from matchlock.net.addrs import Kind, classify
-from matchlock.net.policy import normalise_glob, normalise_host
 from matchlock.net.types import (
     DEFAULT_DNS_SERVERS,
     NetworkConfig,
@@ -36,7 +34,9 @@ _ADD_HOST_NAME_RE = re.compile(
 
 def new_placeholder() -> str:
     """What the guest sees instead of a secret: SANDBOX_SECRET_ + 32 lowercase hex."""
-    return PLACEHOLDER_PREFIX + _secrets.token_hex(16)
+    import secrets
+
+    return PLACEHOLDER_PREFIX + secrets.token_hex(16)
 
 
 def _items(values: Iterable[str]) -> list[str]:
@@ -86,6 +86,8 @@ def _parse_secret(raw: str, host_env: Mapping[str, str]) -> Secret:
     hosts = _items([hosts_part])
     if not hosts:
         raise UsageError(f"--secret {shown}: no hosts after '@'; use {shown}@HOST[,HOST…]")
+    from matchlock.net.policy import normalise_glob
+
     globs = _dedup(normalise_glob(h, f"--secret {shown} host") for h in hosts)
     if eq:
         if not value:
@@ -128,6 +130,9 @@ def parse_private_exception(raw: str, source: str = "--allow-private") -> Privat
 
     def bad(why: str) -> UsageError:
         return UsageError(f"invalid {source} entry {shown!r}: {why}")
+
+    from matchlock.net.addrs import Kind, classify
+    from matchlock.net.policy import normalise_host
 
     what, port_text = _split_port(shown)
     port = None
@@ -217,7 +222,11 @@ def parse_network_flags(*, no_network: bool, allow_hosts: Sequence[str],
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
         raise UsageError(f"invalid --mtu {mtu!r}: use a number from {MIN_MTU} to {MAX_MTU}")
 
-    globs = [normalise_glob(h) for h in allow_items]
+    globs = []
+    if allow_items:
+        from matchlock.net.policy import normalise_glob
+
+        globs = [normalise_glob(h) for h in allow_items]
 
     parsed: list[Secret] = []
     for raw in secret_items:

@@ -20,21 +20,18 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matchlock._proc import ProcessId
 from matchlock.channel import ChannelError
 from matchlock.channel.client import GuestChannel
 from matchlock.errors import (
-    DependencyError,
     MatchlockError,
     NotAvailable,
     VmNotRunning,
@@ -49,13 +46,17 @@ from matchlock.sandbox._config import SandboxConfig
 from matchlock.sandbox._events import EventHub, network_event
 from matchlock.sandbox._exec import ExecRequest, Process, VmDefaults, compose_request
 from matchlock.sandbox._exec_limits import check_exec_size
+from matchlock.sandbox._upper import make_upper_disk
 from matchlock.state import InvalidTransition, StateDB, Status
-from matchlock.vfs import HookEngine, SandboxMounts
+from matchlock.vfs._attach import SandboxMounts
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
 from matchlock.vm.kernel import Kernel, host_tsc_khz, resolve_kernel
 from matchlock.vm.qemu import QemuProcess, qemu_binary
 from matchlock.vm.spec import Disk, Nic, VmSpec, mac_for
+
+if TYPE_CHECKING:
+    from matchlock.vfs._hooks import HookEngine
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +122,6 @@ def resolve_image(store: ImageStore, name: str, pull: bool = False,
     return store.resolve(name, pull=pull, progress=progress)
 
 
-def make_upper_disk(path: Path, size_mib: int) -> None:
-    mke2fs = shutil.which("mke2fs") or "/sbin/mke2fs"
-    if not os.path.exists(mke2fs):
-        raise DependencyError("mke2fs not found: install e2fsprogs (apt-get install e2fsprogs)")
-    with open(path, "wb") as f:
-        f.truncate(size_mib << 20)
-    # No journal: the disk is thrown away with the VM, crash consistency buys nothing.
-    r = subprocess.run(
-        [mke2fs, "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "matchlock-upper",
-         str(path)],
-        capture_output=True, text=True,
-    )
-    if r.returncode != 0:
-        raise VmStartError(f"cannot create the VM's writable disk: {r.stderr.strip()}")
-
-
 @dataclass(frozen=True, slots=True)
 class _Assets:
     accel: str
@@ -183,10 +168,18 @@ class Sandbox:
         self._stop_waiting = False
         self.stop_reason = ""  # why the VM stopped, for messages
         self._hub: EventHub | None = None
-        # The VFS's hook rules and file events (set rules before or after start).
-        self.vfs_hooks = HookEngine()
+        self._vfs_hooks: HookEngine | None = None
         self.vfs: SandboxMounts | None = None  # workspace, volumes and disks
         self.file_events = False  # publish every VFS operation as a `file` event
+
+    @property
+    def vfs_hooks(self) -> HookEngine:
+        """The VFS's hook rules and file events (set rules before or after start)."""
+        if self._vfs_hooks is None:
+            from matchlock.vfs._hooks import HookEngine
+
+            self._vfs_hooks = HookEngine()
+        return self._vfs_hooks
 
     @property
     def hub(self) -> EventHub:
@@ -322,7 +315,8 @@ class Sandbox:
         upper = self.dir / "upper.ext4"
         self.record(cleanup.UPPER_DISK, {"path": str(upper)})
         make_upper_disk(upper, cfg.disk_size_mib)
-        self.vfs = SandboxMounts(cfg.mounts, self.dir, self.vfs_hooks)
+        self.vfs = SandboxMounts(cfg.mounts, self.dir,
+                                 self.vfs_hooks if cfg.mounts.vfs else None)
         self.vfs.prepare()  # disk locks first: a disk in use fails before QEMU starts
 
         netcfg = cfg.net

@@ -3,7 +3,8 @@
 prepare() (before QEMU starts): disk locks, providers (a snapshot's private copy lives in
 the VM's directory), the VFS port's socket pair. start() (QEMU running): the VFS server.
 close(): the server, every handle and provider (snapshots deleted), the locks. Blocking
-calls throughout: the sandbox runs them in a worker thread.
+calls throughout: the sandbox runs them in a worker thread. The FUSE server, providers and
+disk locks load when a config uses them: a VM without mounts imports none of them.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matchlock.vfs._fs import FuseFilesystem, Mount
-from matchlock.vfs._hooks import HookEngine
-from matchlock.vfs._hostfs import HostFS
-from matchlock.vfs._memory import MemoryFS
-from matchlock.vfs._provider import Provider
-from matchlock.vfs._readonly import ReadOnly
-from matchlock.vfs._snapshot import SnapshotFS
 from matchlock.vfs._spec import MountConfig, MountSpec
-from matchlock.vfs._volumes import DiskLock
-from matchlock.vfs.server import VfsServer
+
+if TYPE_CHECKING:
+    from matchlock.vfs._fs import FuseFilesystem
+    from matchlock.vfs._hooks import HookEngine
+    from matchlock.vfs._provider import Provider
+    from matchlock.vfs._volumes import DiskLock
+    from matchlock.vfs.server import VfsServer
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ class DiskAttachment:
 
 
 def provider_for(spec: MountSpec, private_dir: Path, index: int) -> Provider:
+    from matchlock.vfs._hostfs import HostFS
+    from matchlock.vfs._memory import MemoryFS
+    from matchlock.vfs._readonly import ReadOnly
+    from matchlock.vfs._snapshot import SnapshotFS
+
     salt = (index + 1) << 56  # inode numbers of different mounts never collide
     single = None
     root = spec.host_path
@@ -60,7 +65,7 @@ class SandboxMounts:
                  hooks: HookEngine | None = None) -> None:
         self.config = config
         self.vm_dir = vm_dir
-        self.hooks = hooks or HookEngine()
+        self.hooks = hooks  # made with the VFS when None
         self.fs: FuseFilesystem | None = None
         self.server: VfsServer | None = None
         self._locks: list[DiskLock] = []
@@ -72,17 +77,28 @@ class SandboxMounts:
 
     def prepare(self) -> None:
         try:
-            for i, d in enumerate(self.config.disks):
-                self._locks.append(DiskLock(d.host_path, d.readonly))
-                self.disks.append(DiskAttachment(d.host_path, f"{DISK_SERIAL_PREFIX}{i}",
-                                                 d.readonly))
+            if self.config.disks:
+                self._lock_disks()
             if self.config.vfs:
                 self._prepare_vfs()
         except BaseException:
             self.close()
             raise
 
+    def _lock_disks(self) -> None:
+        from matchlock.vfs._volumes import DiskLock
+
+        for i, d in enumerate(self.config.disks):
+            self._locks.append(DiskLock(d.host_path, d.readonly))
+            self.disks.append(DiskAttachment(d.host_path, f"{DISK_SERIAL_PREFIX}{i}",
+                                             d.readonly))
+
     def _prepare_vfs(self) -> None:
+        from matchlock.vfs._fs import FuseFilesystem, Mount
+        from matchlock.vfs._hooks import HookEngine
+
+        if self.hooks is None:
+            self.hooks = HookEngine()
         ws = self.config.workspace
         private = self.vm_dir / "vfs"
         private.mkdir(mode=0o700, exist_ok=True)
@@ -123,6 +139,8 @@ class SandboxMounts:
             self._guest_sock.close()
             self._guest_sock = None
         if self.fs is not None and self._host_sock is not None:
+            from matchlock.vfs.server import VfsServer
+
             self.server = VfsServer(self.fs)
             sock, self._host_sock = self._host_sock, None
             self.server.start(sock)

@@ -655,16 +655,52 @@ def host_tsc_khz() -> int | None:
 
     Sources, best first: the kernel log's calibrated value ("tsc: Refined TSC clocksource
     calibration: N MHz", else "tsc: Detected N MHz"), then /proc/cpuinfo's "cpu MHz" when
-    the CPU has a constant TSC. x86 only.
+    the CPU has a constant TSC. x86 only. Kept under the cache dir per host boot.
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return None
+    sysfs = _sysfs_tsc_khz()
+    if sysfs:
+        return sysfs
+    boot = _boot_id()
+    cached = cache_dir() / "host-tsc-khz"
+    if boot:
+        # One `dmesg` per host boot, not per VM (~30 ms of every start): the rate is fixed
+        # for the boot, and the log that holds it may have rotated by the next VM.
+        try:
+            was_boot, _, khz = cached.read_text().partition(" ")
+            if was_boot == boot and khz.strip().isdigit():
+                return int(khz)
+        except OSError:
+            pass
+    khz = _measured_tsc_khz()
+    if boot and khz:
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{boot} {khz}\n")
+            os.replace(tmp, cached)
+        except OSError:
+            pass
+    return khz
+
+
+def _sysfs_tsc_khz() -> int | None:
     try:
         sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text().strip()
-        if sysfs.isdigit() and int(sysfs) > 0:
-            return int(sysfs)
     except OSError:
-        pass
+        return None
+    return int(sysfs) if sysfs.isdigit() and int(sysfs) > 0 else None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _measured_tsc_khz() -> int | None:
     log = _kernel_log()
     for pat in (
         r"Refined TSC clocksource calibration: ([\d.]+) MHz",

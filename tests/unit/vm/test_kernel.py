@@ -398,3 +398,41 @@ def test_default_kernel_debian_opts_out(monkeypatch, tmp_path):
     assert not kernel.prefer_built()
     monkeypatch.setattr(kernel, "best_built", lambda: pytest.fail("must not be consulted"))
     assert kernel.resolve_kernel() == "debian-kernel"
+
+
+def test_host_tsc_khz_is_measured_once_per_host_boot(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel, "_sysfs_tsc_khz", lambda: None)
+    boot = ["boot-a"]
+    monkeypatch.setattr(kernel, "_boot_id", lambda: boot[0])
+    measured = []
+
+    def measure() -> int:
+        measured.append(boot[0])
+        return 2_400_000 + len(measured)
+
+    monkeypatch.setattr(kernel, "_measured_tsc_khz", measure)
+    fresh = host_tsc_khz.__wrapped__
+    assert fresh() == 2_400_001
+    assert fresh() == 2_400_001  # from the cache file: no second dmesg
+    assert measured == ["boot-a"]
+    cached = tmp_path / "cache" / "host-tsc-khz"
+    assert cached.read_text() == "boot-a 2400001\n"
+    boot[0] = "boot-b"  # the host rebooted: measure again
+    assert fresh() == 2_400_002
+    assert measured == ["boot-a", "boot-b"]
+    cached.write_text("garbage")
+    assert fresh() == 2_400_003
+    assert cached.read_text() == "boot-b 2400003\n"
+
+
+def test_host_tsc_khz_without_a_writable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(blocker / "cache"))  # mkdir fails
+    monkeypatch.setattr(kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel, "_sysfs_tsc_khz", lambda: None)
+    monkeypatch.setattr(kernel, "_boot_id", lambda: "boot-a")
+    monkeypatch.setattr(kernel, "_measured_tsc_khz", lambda: 1_000_000)
+    assert host_tsc_khz.__wrapped__() == 1_000_000
