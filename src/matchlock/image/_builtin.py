@@ -7,7 +7,6 @@ import json
 import platform
 import struct
 import subprocess
-import tarfile
 from pathlib import Path
 
 from matchlock.errors import DependencyError
@@ -119,6 +118,7 @@ def _applets(busybox: Path) -> list[str]:
 
 def write_layer(busybox: Path, out: Path) -> None:
     """Write the built-in image's single layer (uncompressed tar) to `out`."""
+    import tarfile  # only when the image is (re)built, not on every boot
 
     def info(name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)

@@ -37,27 +37,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from matchlock.errors import MatchlockError, NotFoundError, UnreachableError, UsageError
 from matchlock.image import _builtin, _disk
-from matchlock.image._layers import NoSpaceError
 from matchlock.image._model import Image, ImageConfig
 from matchlock.image._names import normalize_name
 from matchlock.image._platform import Platform
-from matchlock.image._pull import (
-    LayerDesc,
-    LineProgress,
-    PullProgress,
-    Resolved,
-    fetch_layers,
-    resolve,
-    run_sync,
-    with_deadline,
-)
 from matchlock.image._reference import Reference, parse_reference
-from matchlock.image._tarball import Staged, StagedTarball
 from matchlock.paths import images_dir
+
+if TYPE_CHECKING:
+    # The pull machinery (registry client, layer fetch, tarball staging) loads when an
+    # image is pulled, imported or rebuilt: booting a stored image needs none of it.
+    from matchlock.image._pull import LayerDesc, PullProgress, Resolved
+    from matchlock.image._tarball import Staged
+
+    LayerList = list[tuple[Staged, str, str | None]]  # (blob, label, diff_id)
+
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +84,6 @@ _EXTRA_COLUMNS = {"digest": "TEXT NOT NULL DEFAULT ''", "platform": "TEXT NOT NU
 _STALE_TMP_S = 24 * 3600
 
 Progress = Callable[[str], None]
-LayerList = list[tuple[Staged, str, str | None]]  # (blob, label, diff_id)
 
 
 def _noop(_msg: str) -> None:
@@ -412,6 +408,8 @@ class ImageStore:
         return self.get(dst.name)
 
     def import_tar(self, name: str, stream: BinaryIO, progress: Progress | None = None) -> Image:
+        from matchlock.image._tarball import StagedTarball
+
         progress = progress or _noop
         ref = parse_reference(name)
         if ref.digest:
@@ -450,6 +448,8 @@ class ImageStore:
             cached = self._cached(norm, image_id)
             if cached is not None:
                 return cached
+            from matchlock.image._tarball import Staged
+
             with self._workdir() as work:
                 blob = work / "layer.tar"
                 _builtin.write_layer(busybox, blob)
@@ -530,6 +530,9 @@ class ImageStore:
 
     def _pull_locked(self, ref: Reference, want: Platform | None,
                      prog: PullProgress) -> PullResult:
+        from matchlock.image._pull import fetch_layers, resolve, run_sync, with_deadline
+        from matchlock.image._tarball import Staged
+
         t0 = time.perf_counter()
         with self._workdir() as work:
 
@@ -647,6 +650,8 @@ class ImageStore:
 
     def _rebuild(self, name: str, prog: PullProgress) -> PullResult | None:
         """Rebuild a lost disk from stored layers; None when some blob is missing too."""
+        from matchlock.image._tarball import Staged
+
         with self._name_lock(name), self._workdir() as work:
             row = self._row(name)
             if row is None:
@@ -841,6 +846,8 @@ class ImageStore:
 
     def _build_disk(self, work: Path, layers: LayerList, progress: Progress
                     ) -> tuple[Path, dict]:
+        from matchlock.image._layers import NoSpaceError
+
         out = work / "disk.ext4"
         estimate = _disk.unpack_estimate(
             [(st.size, _compressed(st.path)) for st, _, _ in layers]
@@ -917,6 +924,8 @@ def _platform_of(config: bytes) -> str:
 
 
 def _as_progress(progress: PullProgress | Progress | None) -> PullProgress:
+    from matchlock.image._pull import LineProgress, PullProgress
+
     if progress is None:
         return PullProgress()
     if isinstance(progress, PullProgress):

@@ -5,8 +5,7 @@ in `_command`) does not pay for QEMU, the network stack and the channel."""
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from matchlock._lazy import lazy_names
 
 _WHERE = {
     "ImageDefaults": "_command", "compose_argv": "_command", "compose_env": "_command",
@@ -22,10 +21,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'matchlock.sandbox' has no attribute {name!r}")
-    value = getattr(import_module(f"matchlock.sandbox.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE, globals())

@@ -10,8 +10,39 @@ pay for the FUSE server and its providers.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING
+
+from matchlock._lazy import lazy_names
+
+if TYPE_CHECKING:  # the names as type checkers see them
+    from matchlock.vfs._attach import SandboxMounts
+    from matchlock.vfs._fs import FuseFilesystem, Mount
+    from matchlock.vfs._hooks import FileEvent, FileOp, HookEngine, HookRule
+    from matchlock.vfs._hostfs import HostFS
+    from matchlock.vfs._memory import MemoryFS
+    from matchlock.vfs._readonly import ReadOnly
+    from matchlock.vfs._snapshot import SnapshotFS
+    from matchlock.vfs._spec import (
+        DEFAULT_WORKSPACE,
+        DiskSpec,
+        MountConfig,
+        MountSpec,
+        check_mounts,
+        mount_config,
+        parse_disk,
+        parse_volume,
+    )
+    from matchlock.vfs._volumes import (
+        DiskInUseError,
+        Volume,
+        copy_volume,
+        create_volume,
+        list_volumes,
+        remove_volume,
+        volumes_dir,
+    )
+    from matchlock.vfs.server import VfsServer
+
 
 _WHERE = {
     "SandboxMounts": "_attach",
@@ -28,13 +59,13 @@ _WHERE = {
     "VfsServer": "server",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "DEFAULT_WORKSPACE", "DiskInUseError", "DiskSpec", "FileEvent", "FileOp", "FuseFilesystem",
+    "HookEngine", "HookRule", "HostFS", "MemoryFS", "Mount", "MountConfig", "MountSpec",
+    "ReadOnly", "SandboxMounts", "SnapshotFS", "VfsServer", "Volume", "check_mounts",
+    "copy_volume", "create_volume", "list_volumes", "mount_config", "parse_disk",
+    "parse_volume", "remove_volume", "volumes_dir",
+]
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'matchlock.vfs' has no attribute {name!r}")
-    value = getattr(import_module(f"matchlock.vfs.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE, globals())

@@ -45,7 +45,6 @@ from pathlib import Path
 
 from matchlock.errors import DependencyError, MatchlockError, NotFoundError
 from matchlock.paths import cache_dir
-from matchlock.vm import _deb
 from matchlock.vm.kernel_build import BUILD_PREFIX
 
 log = logging.getLogger(__name__)
@@ -482,6 +481,8 @@ def unpack_kernel_deb(deb: Path, dest: Path, version: str) -> None:
             if name.startswith(p) and len(name) > len(p):
                 return "modules/" + name[len(p) :]
         return None
+
+    from matchlock.vm import _deb  # tarfile and the decompressors: only when fetching
 
     _deb.extract_deb(deb, dest, select)
     if not (dest / "vmlinuz").is_file():
