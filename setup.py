@@ -30,12 +30,12 @@ class BuildPyWithGuest(build_py):
 
         out = os.path.join(self.build_lib, "matchlock", "_guest", "matchlock-guest")
         build_guest(os.path.join(HERE, "guest"), out)
-        # The guest kernel's config fragments, for `matchlock kernel build`.
+        # The guest kernel's config fragments and source patches, for `matchlock kernel build`.
         kdir = os.path.join(self.build_lib, "matchlock", "_guest", "kernel")
         os.makedirs(kdir, exist_ok=True)
         src = os.path.join(HERE, "guest", "kernel")
         for name in sorted(os.listdir(src)):
-            if name.endswith(".config"):
+            if name.endswith((".config", ".patch")):
                 shutil.copyfile(os.path.join(src, name), os.path.join(kdir, name))
         info = os.path.join(self.build_lib, "matchlock", "_build_info.py")
         with open(info, "w") as f:

@@ -34,7 +34,7 @@ def bare_vm(tmp: Path, extra_cmdline: tuple[str, ...], memory_mib: int = 512,
     spec = VmSpec(
         kernel=kernel.image, initrd=initrd, memory_mib=memory_mib, vcpus=1, accel=accel,
         machine=machine, log_path=tmp / "console.log",
-        cmdline=(*base_cmdline(accel, tsc), *extra_cmdline),
+        cmdline=(*base_cmdline(accel, tsc, kernel), *extra_cmdline),
     )
     host, guest = socket.socketpair()
     argv = build_argv(spec, qemu_binary(), guest.fileno())

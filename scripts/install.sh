@@ -25,7 +25,7 @@ PKGS=(
   cpio mmdebstrap uidmap docker-registry tmux
   skopeo umoci                      # push test images to that registry; pull benchmark
   # `matchlock kernel build`: Debian's kernel source and what compiling it needs
-  linux-source-6.1 make bc flex bison libelf-dev libc6-dev xz-utils
+  linux-source-6.1 make bc flex bison libelf-dev libc6-dev xz-utils patch
 )
 # Every external command that src/, tests/ or bench/ runs, and the package it comes from
 # (tests/unit/test_install_script.py keeps this list complete).
@@ -37,7 +37,7 @@ TOOLS=(
   nft:nftables ip:iproute2 git:git cpio:cpio mmdebstrap:mmdebstrap tmux:tmux
   docker-registry:docker-registry skopeo:skopeo umoci:umoci dpkg-deb:dpkg apt-get:apt apt-cache:apt
   unshare:util-linux setpriv:util-linux runuser:util-linux dmesg:util-linux
-  make:make bc:bc flex:flex bison:bison xz:xz-utils dpkg-query:dpkg
+  make:make bc:bc flex:flex bison:bison xz:xz-utils dpkg-query:dpkg patch:patch
 )
 
 SUDO=""

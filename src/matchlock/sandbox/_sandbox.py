@@ -52,6 +52,7 @@ from matchlock.vfs._attach import SandboxMounts
 from matchlock.vm.accel import detect_accel
 from matchlock.vm.initramfs import build_initramfs
 from matchlock.vm.kernel import Kernel, host_tsc_khz, resolve_kernel
+from matchlock.vm.kernel_build import APIC_BUS_PATCH
 from matchlock.vm.qemu import QemuProcess, qemu_binary
 from matchlock.vm.spec import Disk, Nic, VmSpec, mac_for
 
@@ -72,7 +73,11 @@ CONSOLE_LOG = "vm.log"
 SUPERVISOR_LOG = "supervisor.log"
 
 
-def base_cmdline(accel: str, tsc_khz: int | None) -> list[str]:
+# QEMU's emulated local APIC counts at 1 GHz (TCG; KVM's in-kernel one too).
+QEMU_APIC_BUS_KHZ = 1_000_000
+
+
+def base_cmdline(accel: str, tsc_khz: int | None, kernel: Kernel | None = None) -> list[str]:
     """Kernel arguments every matchlock VM boots with (also used by bench/)."""
     args = [
         "console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t",
@@ -88,6 +93,10 @@ def base_cmdline(accel: str, tsc_khz: int | None) -> list[str]:
         if tsc_khz:
             # Without it a microvm under TCG hangs calibrating the TSC in most tries.
             args.append(f"tsc_early_khz={tsc_khz}")
+        if kernel is not None and APIC_BUS_PATCH in kernel.patches:
+            # TCG has no TSC-deadline timer, so the kernel would spend 0.2 s measuring the
+            # APIC timer's rate; our build takes it from here (guest/kernel/*.patch).
+            args.append(f"lapic_bus_khz={QEMU_APIC_BUS_KHZ}")
     if os.environ.get("MATCHLOCK_GUEST_DEBUG"):
         args.append("matchlock.debug=1")
     return args
@@ -321,7 +330,7 @@ class Sandbox:
 
         netcfg = cfg.net
         cmdline = [
-            *base_cmdline(a.accel, a.tsc),
+            *base_cmdline(a.accel, a.tsc, a.kernel),
             f"matchlock.hostname={cfg.hostname or self.id}",
             f"matchlock.root={ROOT_SERIAL}", f"matchlock.upper={UPPER_SERIAL}",
             f"matchlock.net={0 if netcfg.mode == 'none' else 1}",

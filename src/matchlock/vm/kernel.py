@@ -95,6 +95,7 @@ class Kernel:
     modules_dir: Path | None  # .../lib/modules/<version>; None: drivers are built in
     name: str = field(default="", compare=False)  # as `kernel ls` shows it; "" for a path
     kind: str = field(default="path", compare=False)  # "matchlock" | "debian" | "path"
+    patches: tuple[str, ...] = field(default=(), compare=False)  # a matchlock build's
 
     def module_path(self, name: str) -> Path | None:
         """The .ko file of module `name` ("virtio_blk" or "virtio-blk").
@@ -520,7 +521,7 @@ def _load_built(d: Path, arch: str) -> tuple[Kernel, dict] | None:
     if not image.is_file():
         return None
     k = Kernel(version=meta.get("version") or d.name, image=image, modules_dir=None,
-               name=d.name, kind="matchlock")
+               name=d.name, kind="matchlock", patches=tuple(meta.get("patches", ())))
     return k, meta
 
 

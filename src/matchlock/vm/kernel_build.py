@@ -3,6 +3,7 @@
 Recipe (all in a staging dir under ``cache_dir()/kernels``)::
 
     tar xf /usr/src/linux-source-6.1.tar.xz
+    patch -p1 < guest/kernel/{common,<arch>}-*.patch   (name order; in the config digest)
     make ARCH=<arch> tinyconfig
     cat guest/kernel/common.config guest/kernel/<arch>.config >> .config   (later lines win)
     make ARCH=<arch> olddefconfig
@@ -46,6 +47,8 @@ SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 ENV_SOURCE = "MATCHLOCK_KERNEL_SOURCE"
 BUILD_PREFIX = "matchlock-"
+# A build with this patch takes `lapic_bus_khz=` (no APIC timer calibration at boot).
+APIC_BUS_PATCH = "x86_64-apic-bus-khz.patch"
 _RECIPE = 1  # bump when the recipe above changes: it is part of the cache key
 
 # In a source checkout the fragments sit in guest/kernel; an installed package carries a
@@ -56,7 +59,7 @@ _PACKAGED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "_guest" / "kernel"
 # Commands the build runs, and the Debian package of each (checked before any work).
 _TOOLS = {"make": "make", "gcc": "gcc", "ld": "binutils", "bc": "bc", "flex": "flex",
           "bison": "bison", "tar": "tar", "xz": "xz-utils", "perl": "perl-base",
-          "nice": "coreutils"}
+          "nice": "coreutils", "patch": "patch"}
 # Headers the host-side build tools need (objtool: libelf; x86 only).
 _HEADERS = {"gelf.h": "libelf-dev"}
 
@@ -113,10 +116,19 @@ def config_fragments(arch: Arch) -> list[Path]:
     return frags
 
 
+def source_patches(arch: Arch) -> list[Path]:
+    """Our changes to Debian's source, applied in name order: `common-*.patch` and
+    `<arch>-*.patch` beside the config fragments (`patch -p1` from the source root)."""
+    d = config_dir()
+    return sorted((p for p in d.glob("*.patch")
+                   if p.name.startswith(("common-", f"{arch.name}-"))), key=lambda p: p.name)
+
+
 def config_digest(arch: Arch) -> str:
-    """Digest of everything that decides the kernel besides its source: recipe and config."""
+    """Digest of everything that decides the kernel besides its source: recipe, config
+    and patches."""
     h = hashlib.sha256(f"matchlock-kernel recipe={_RECIPE} arch={arch.name}\n".encode())
-    for f in config_fragments(arch):
+    for f in [*config_fragments(arch), *source_patches(arch)]:
         h.update(f.name.encode() + b"\n")
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
@@ -253,6 +265,7 @@ def build_kernel(progress: BuildProgress | None = None, jobs: int | None = None,
                 "source_version": source.version, "config_digest": digest,
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": round(time.monotonic() - t0, 1), "steps": steps,
+                "patches": [p.name for p in source_patches(arch)],
             }
             (tree / "kernel.json").write_text(json.dumps(meta, indent=1) + "\n")
             if final.exists():  # a forced rebuild, or an unusable leftover
@@ -322,6 +335,9 @@ def _build_in(staging: Path, source: Source, arch: Arch, jobs: int | None,
                    f"({source.tarball.stat().st_size / 1e6:.0f} MB)…")
     _run(["tar", "-xf", str(source.tarball), "-C", str(src), "--strip-components=1"],
          logf, "unpacking the kernel source")
+    for p in source_patches(arch):
+        _run(["patch", "-p1", "--forward", "--batch", "-d", str(src), "-i", str(p)],
+             logf, f"applying {p.name}")
     make = ["make", "-C", str(src), f"ARCH={arch.make_arch}",
             "KBUILD_BUILD_USER=matchlock", "KBUILD_BUILD_HOST=matchlock"]
     progress.phase("Configuring (tinyconfig + guest/kernel fragments)…")

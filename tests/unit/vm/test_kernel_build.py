@@ -40,6 +40,7 @@ vmlinux Image:
 	@sleep $${FAKE_BUILD_SLEEP:-0}
 	@echo built >> $(COUNTER)
 	@mkdir -p arch/arm64/boot; printf '\177ELF-fake-kernel' > vmlinux
+	@if [ -f patched.txt ]; then cat patched.txt >> vmlinux; fi
 	@cp vmlinux arch/arm64/boot/Image
 """
 
@@ -49,6 +50,18 @@ def _prefer_our_build(monkeypatch):
     test_default_kernel_debian_opts_out covers MATCHLOCK_DEFAULT_KERNEL=debian)."""
     monkeypatch.delenv("MATCHLOCK_DEFAULT_KERNEL", raising=False)
 
+
+
+def config_copy(dest: Path, patches: bool = False) -> Path:
+    if not dest.exists():
+        dest.mkdir()
+        for f in REAL_CONFIG_DIR.iterdir():
+            if f.suffix == ".config" or (patches and f.suffix == ".patch"):
+                (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+REAL_CONFIG_DIR = kernel_build.config_dir()
 
 
 @pytest.fixture()
@@ -62,6 +75,9 @@ def fake_source(tmp_path, monkeypatch) -> Path:
         tar.addfile(info, io.BytesIO(data))
     monkeypatch.setenv(kernel_build.ENV_SOURCE, str(tar_path))
     monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
+    # The real fragments, without the real patches (they need the real source tree).
+    cfg = config_copy(tmp_path / "kcfg")
+    monkeypatch.setattr(kernel_build, "config_dir", lambda: cfg)
     for var in (kernel.ENV_KERNEL, kernel.ENV_KERNEL_MODULES):
         monkeypatch.delenv(var, raising=False)
     return counter
@@ -162,7 +178,9 @@ def test_unknown_kernel_name_is_one_line(fake_source):
 def test_concurrent_builds_do_not_collide(fake_source, tmp_path):
     """Two builders at once: one builds, the other waits on the lock, then finds it."""
     env = {**os.environ, "FAKE_BUILD_SLEEP": "1.5"}
-    code = ("import json,sys; from matchlock.vm import kernel_build as kb\n"
+    code = ("import json, sys\nfrom pathlib import Path\n"
+            "from matchlock.vm import kernel_build as kb\n"
+            f"kb.config_dir = lambda: Path({str(tmp_path / 'kcfg')!r})\n"
             "class P(kb.BuildProgress):\n"
             "    def message(self, t): print('MSG', t, flush=True)\n"
             "r = kb.build_kernel(P())\n"
@@ -217,18 +235,70 @@ def test_failed_build_keeps_its_log(fake_source, tmp_path):
     assert not list((tmp_path / "cache" / "kernels").glob(".build-*"))
 
 
-def test_config_digest_follows_the_fragments(monkeypatch, tmp_path):
-    real = kernel_build.config_dir()
-    copy = tmp_path / "kcfg"
-    copy.mkdir()
-    for f in real.glob("*.config"):
-        (copy / f.name).write_bytes(f.read_bytes())
+def test_config_digest_follows_the_fragments_and_patches(monkeypatch, tmp_path):
+    copy = config_copy(tmp_path / "kcfg", patches=True)
     monkeypatch.setattr(kernel_build, "config_dir", lambda: copy)
     before = kernel_build.config_digest(ARCH)
     assert before == kernel_build.config_digest(ARCH)
     with open(copy / "common.config", "a") as f:
         f.write("CONFIG_EXAMPLE=y\n")
-    assert kernel_build.config_digest(ARCH) != before
+    after_config = kernel_build.config_digest(ARCH)
+    assert after_config != before
+    (copy / "common-9999-example.patch").write_text("--- a/x\n+++ b/x\n")
+    assert kernel_build.config_digest(ARCH) != after_config
+    other = "arm64" if ARCH.name == "x86_64" else "x86_64"
+    (copy / f"{other}-9999-example.patch").write_text("--- a/y\n+++ b/y\n")
+    names = [p.name for p in kernel_build.source_patches(ARCH)]
+    assert "common-9999-example.patch" in names
+    assert not [n for n in names if n.startswith(other)]
+    assert names == sorted(names)
+
+
+PATCH_NEW_FILE = """--- /dev/null
++++ b/patched.txt
+@@ -0,0 +1 @@
++PATCHED-BY-MATCHLOCK
+"""
+
+
+def test_patches_are_applied_before_the_build(fake_source, monkeypatch, tmp_path):
+    copy = config_copy(tmp_path / "kcfg2")
+    (copy / "common-0001-test.patch").write_text(PATCH_NEW_FILE)
+    monkeypatch.setattr(kernel_build, "config_dir", lambda: copy)
+    k = kernel_build.build_kernel()
+    assert b"PATCHED-BY-MATCHLOCK" in Path(k.image).read_bytes()
+
+
+def test_a_patch_that_does_not_apply_is_one_line(fake_source, monkeypatch, tmp_path):
+    copy = config_copy(tmp_path / "kcfg2")
+    (copy / "common-0001-stale.patch").write_text(
+        "--- a/Makefile\n+++ b/Makefile\n@@ -1,1 +1,1 @@\n-no such line\n+x\n")
+    monkeypatch.setattr(kernel_build, "config_dir", lambda: copy)
+    with pytest.raises(Exception) as ei:
+        kernel_build.build_kernel()
+    msg = str(ei.value)
+    assert "common-0001-stale.patch" in msg and "\n" not in msg
+    assert not list((tmp_path / "cache" / "kernels").glob(".build-*"))
+
+
+def test_our_patches_apply_to_debian_source(tmp_path):
+    """Against the real linux-source package (installed by scripts/install.sh): each patch's
+    files, extracted alone, take it cleanly."""
+    patches = kernel_build.source_patches(ARCH)
+    if not patches:
+        return
+    src = kernel_build.SOURCE_TARBALL
+    assert src.is_file(), f"{src} missing: apt-get install linux-source-6.1 (scripts/install.sh)"
+    top = subprocess.run(["tar", "-tf", str(src)], capture_output=True, text=True,
+                         check=True).stdout.split("\n", 1)[0].split("/")[0]
+    files = sorted({line[6:].split("\t")[0] for p in patches
+                    for line in p.read_text().splitlines() if line.startswith("+++ b/")})
+    subprocess.run(["tar", "-xf", str(src), "-C", str(tmp_path),
+                    *[f"{top}/{f}" for f in files]], check=True)
+    for p in patches:
+        r = subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(tmp_path / top),
+                            "-i", str(p)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{p.name}: {r.stdout}{r.stderr}"
 
 
 def test_fragments_are_all_built_in():
