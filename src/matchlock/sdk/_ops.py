@@ -110,20 +110,27 @@ def exec_(command: str, working_dir: str, user: str) -> Op[ExecResult]:
     return _wire.parse_exec(result)
 
 
+# Streamed output as raw payloads, not base64 (ours, rpc/_codec.py: base64 capped the
+# SDK's exec_stream at 0.7x of `matchlock run`). A server that does not know the field
+# (the reference's) ignores it and sends base64, which the client reads too.
+RAW = {"raw": True}
+
+
 def exec_stream(command: str, working_dir: str, user: str) -> Op[ExecStreamResult]:
-    result = yield Call("exec_stream", _wire.exec_params(command, working_dir, user))
+    result = yield Call("exec_stream", {**_wire.exec_params(command, working_dir, user), **RAW})
     return ExecStreamResult(*_wire.parse_exit(result, "exec_stream"))
 
 
 def exec_pipe(command: str, working_dir: str, user: str) -> Op[ExecPipeResult]:
-    result = yield Call("exec_pipe", _wire.exec_params(command, working_dir, user),
+    result = yield Call("exec_pipe", {**_wire.exec_params(command, working_dir, user), **RAW},
                         interactive=True)
     return ExecPipeResult(*_wire.parse_exit(result, "exec_pipe"))
 
 
 def exec_tty(command: str, working_dir: str, user: str, rows: int,
              cols: int) -> Op[ExecInteractiveResult]:
-    result = yield Call("exec_tty", _wire.tty_params(command, working_dir, user, rows, cols),
+    result = yield Call("exec_tty",
+                        {**_wire.tty_params(command, working_dir, user, rows, cols), **RAW},
                         interactive=True)
     return ExecInteractiveResult(*_wire.parse_exit(result, "exec_tty"))
 

@@ -264,13 +264,13 @@ def test_exec_interactive_rows_cols_and_resize(client: Client, fake: FakeServer)
     assert r.exit_code == 0
     assert out.getvalue().startswith("rows=40 cols=100\n")
     tty = fake.first("exec_tty")
-    assert tty["params"] == {"command": "cat", "rows": 40, "cols": 100}
+    assert tty["params"] == {"command": "cat", "rows": 40, "cols": 100, "raw": True}
     resizes = [m["params"] for m in fake.sent() if m["method"] == "exec_tty.resize"]
     assert resizes == [{"id": tty["id"], "rows": 50, "cols": 132},
                        {"id": tty["id"], "rows": 10, "cols": 20}]
     assert client.exec_tty("cat", rows=0, cols=0).exit_code == 0  # alias; 0 -> 24x80
     assert [m["params"] for m in fake.sent() if m["method"] == "exec_tty"][-1] == {
-        "command": "cat", "rows": 24, "cols": 80}
+        "command": "cat", "rows": 24, "cols": 80, "raw": True}
 
 
 def test_log_stream_until_timeout(client: Client, fake: FakeServer):

@@ -136,6 +136,58 @@ def test_ignored_lines():
     assert p.pending() == {1: "exec_stream"}
 
 
+def raw(method: str, rid: int, data: bytes) -> bytes:
+    """What our server sends for an exec that asked for `"raw": true` (rpc/_codec.py)."""
+    return (b'{"jsonrpc":"2.0","method":"%s","params":{"id":%d,"bytes":%d}}\n'
+            % (method.encode(), rid, len(data)) + data)
+
+
+def test_raw_payloads_under_every_chunking():
+    """Raw output is the exact bytes (newlines and JSON-looking bytes included), mixed
+    with base64 notifications and the response, however the stream is cut."""
+    p0: ClientProtocol[str] = ClientProtocol()
+    rid, _ = p0.request("exec_stream", {"raw": True}, "S")
+    tricky = b'x\n{"id": 1, "result": {}}\n\x00\xff'
+    data = b"".join([
+        raw("exec_stream.stdout", rid, tricky),
+        line({"jsonrpc": "2.0", "method": "exec_stream.stderr",
+              "params": {"id": rid, "data": b64(b"err")}}),
+        raw("exec_stream.stderr", rid, b""),
+        raw("exec_stream.stdout", rid, b"end"),
+        line({"jsonrpc": "2.0", "id": rid, "result": {"exit_code": 0}}),
+    ])
+    want = [Output("S", STDOUT, tricky), Output("S", STDERR, b"err"),
+            Output("S", STDERR, b""), Output("S", STDOUT, b"end"),
+            Completed("S", {"exit_code": 0}, None)]
+    for step in (1, 2, 3, 7, 64, len(data)):
+        p: ClientProtocol[str] = ClientProtocol()
+        p.request("exec_stream", {"raw": True}, "S")
+        got = []
+        for i in range(0, len(data), step):
+            got += p.receive_data(data[i:i + step])
+        assert got == want, step
+
+
+def test_raw_payload_for_no_one_is_skipped_whole():
+    """A payload for an unknown id or the wrong family is consumed, not parsed as lines."""
+    p: ClientProtocol[str] = ClientProtocol()
+    rid, _ = p.request("exec_stream", {}, "S")
+    fake_response = line({"jsonrpc": "2.0", "id": rid, "result": {"exit_code": 9}})
+    data = (raw("exec_stream.stdout", 99, fake_response)
+            + raw("exec_pipe.stdout", rid, fake_response)
+            + raw("log_stream.nope", rid, fake_response))
+    assert p.receive_data(data) == []
+    assert p.pending() == {rid: "exec_stream"}
+
+
+def test_raw_payload_larger_than_allowed_ends_the_session():
+    p: ClientProtocol[str] = ClientProtocol()
+    rid, _ = p.request("exec_stream", {}, "S")
+    with pytest.raises(ProtocolError):
+        p.receive_data(b'{"jsonrpc":"2.0","method":"exec_stream.stdout",'
+                       b'"params":{"id":%d,"bytes":%d}}\n' % (rid, 1 << 40))
+
+
 def test_crlf_and_trailing_partial_line():
     p: ClientProtocol[str] = ClientProtocol()
     rid, _ = p.request("x", {}, "X")
