@@ -107,6 +107,52 @@ func TestExecStreamDeliversChunksInOrderBeforeResult(t *testing.T) {
 	}
 }
 
+func TestExecStreamReadsRawPayloads(t *testing.T) {
+	c, f := newFake(t)
+	var so, se bytes.Buffer
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.ExecStream(context.Background(), "cmd", &so, &se)
+		done <- err
+	}()
+	m := f.next()
+	if m.Method != "exec_stream" || m.Params["raw"] != true {
+		t.Fatalf("exec_stream must ask for raw output: %v", m.raw)
+	}
+	tricky := "x\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\x00\xff"
+	f.rawOut("exec_stream.stdout", m.id(), tricky)
+	f.notify("exec_stream.stderr", map[string]any{"id": m.id(), "data": b64("E")}) // base64 still read
+	f.rawOut("exec_stream.stdout", m.id()+100, "stray\n")                          // no such request
+	f.rawOut("exec_pipe.stdout", m.id(), "")                                       // empty payload
+	f.rawOut("exec_stream.stderr", m.id(), "R")
+	f.result(m.id(), map[string]any{"exit_code": 0, "duration_ms": 1})
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if so.String() != tricky || se.String() != "ER" {
+		t.Fatalf("stdout %q stderr %q", so.String(), se.String())
+	}
+}
+
+func TestRawHeaderOnlyExactLayout(t *testing.T) {
+	for _, line := range []string{
+		`{"jsonrpc":"2.0","method":"exec_stream.stdout","params":{"id":1,"data":"eA=="}}` + "\n",
+		`{"jsonrpc":"2.0","method":"exec_stream.stdout","params":{"id":1,"bytes":-1}}` + "\n",
+		`{"jsonrpc":"2.0","method":"exec_stream.stdout","params":{"id":x,"bytes":1}}` + "\n",
+		`{"jsonrpc":"2.0","method":"a\"b","params":{"id":1,"bytes":1}}` + "\n",
+		`{"jsonrpc":"2.0","method":"exec_stream.stdout","params":{"id":1,"bytes":1}}`,
+		`{"jsonrpc": "2.0","method":"exec_stream.stdout","params":{"id":1,"bytes":1}}` + "\n",
+	} {
+		if _, _, _, ok := rawHeader([]byte(line)); ok {
+			t.Errorf("taken as a raw header: %q", line)
+		}
+	}
+	m, id, n, ok := rawHeader([]byte(`{"jsonrpc":"2.0","method":"exec_tty.stdout","params":{"id":7,"bytes":42}}` + "\n"))
+	if !ok || m != "exec_tty.stdout" || id != 7 || n != 42 {
+		t.Fatalf("header not parsed: %v %v %v %v", m, id, n, ok)
+	}
+}
+
 func TestExecPipeWaitsForReadyAndSendsNotifications(t *testing.T) {
 	c, f := newFake(t)
 	var so, se bytes.Buffer

@@ -59,6 +59,13 @@ type exitResult struct {
 	DurationMS int64 `json:"duration_ms"`
 }
 
+// rawOutput asks our server for output as raw payloads (protocol.go); a server that
+// does not know the field (the reference's) ignores it and sends base64.
+func rawOutput(p map[string]any) map[string]any {
+	p["raw"] = true
+	return p
+}
+
 func execParams(command, workingDir, user string) map[string]any {
 	p := map[string]any{"command": command}
 	if workingDir != "" {
@@ -68,17 +75,6 @@ func execParams(command, workingDir, user string) map[string]any {
 		p["user"] = user
 	}
 	return p
-}
-
-func decodeChunk(params json.RawMessage) ([]byte, bool) {
-	var chunk struct {
-		Data string `json:"data"`
-	}
-	if json.Unmarshal(params, &chunk) != nil {
-		return nil, false
-	}
-	b, err := base64.StdEncoding.DecodeString(chunk.Data)
-	return b, err == nil
 }
 
 // Exec runs command (as `sh -c`) and buffers its output. Cancelling ctx cancels
@@ -118,11 +114,7 @@ func (c *Client) ExecStream(ctx context.Context, command string, stdout, stderr 
 
 // ExecStreamWithDir is ExecStream in workingDir.
 func (c *Client) ExecStreamWithDir(ctx context.Context, command, workingDir string, stdout, stderr io.Writer) (*ExecStreamResult, error) {
-	onChunk := func(method string, params json.RawMessage) {
-		data, ok := decodeChunk(params)
-		if !ok {
-			return
-		}
+	onChunk := func(method string, data []byte) {
 		switch method {
 		case "exec_stream.stdout":
 			writeTo(stdout, data)
@@ -130,7 +122,7 @@ func (c *Client) ExecStreamWithDir(ctx context.Context, command, workingDir stri
 			writeTo(stderr, data)
 		}
 	}
-	raw, err := c.call(ctx, "exec_stream", execParams(command, workingDir, ""), onChunk)
+	raw, err := c.call(ctx, "exec_stream", rawOutput(execParams(command, workingDir, "")), onChunk)
 	if err != nil {
 		return nil, err
 	}
@@ -162,21 +154,17 @@ func (c *Client) ExecPipeWithDir(ctx context.Context, command, workingDir string
 func (c *Client) ExecPipeWithOptions(ctx context.Context, command string, opts ExecPipeOptions) (*ExecPipeResult, error) {
 	s := c.newSession(ctx, "exec_pipe")
 	go s.pumpInput(opts.Stdin)
-	onChunk := func(method string, params json.RawMessage) {
+	onChunk := func(method string, data []byte) {
 		switch method {
 		case "exec_pipe.ready":
 			s.markReady()
-		case "exec_pipe.stdout", "exec_pipe.stderr":
-			if data, ok := decodeChunk(params); ok {
-				if method == "exec_pipe.stdout" {
-					writeTo(opts.Stdout, data)
-				} else {
-					writeTo(opts.Stderr, data)
-				}
-			}
+		case "exec_pipe.stdout":
+			writeTo(opts.Stdout, data)
+		case "exec_pipe.stderr":
+			writeTo(opts.Stderr, data)
 		}
 	}
-	raw, err := c.callWithID(ctx, s.id, "exec_pipe", execParams(command, opts.WorkingDir, opts.User), onChunk, nil)
+	raw, err := c.callWithID(ctx, s.id, "exec_pipe", rawOutput(execParams(command, opts.WorkingDir, opts.User)), onChunk, nil)
 	s.finish()
 	if err != nil {
 		return nil, err
@@ -206,17 +194,15 @@ func (c *Client) ExecInteractive(ctx context.Context, command string, opts *Exec
 	s := c.newSession(ctx, "exec_tty")
 	go s.pumpInput(opts.Stdin)
 	go s.pumpResize(opts.Resize)
-	onChunk := func(method string, params json.RawMessage) {
+	onChunk := func(method string, data []byte) {
 		switch method {
 		case "exec_tty.ready":
 			s.markReady()
 		case "exec_tty.stdout":
-			if data, ok := decodeChunk(params); ok {
-				writeTo(opts.Stdout, data)
-			}
+			writeTo(opts.Stdout, data)
 		}
 	}
-	raw, err := c.callWithID(ctx, s.id, "exec_tty", params, onChunk, nil)
+	raw, err := c.callWithID(ctx, s.id, "exec_tty", rawOutput(params), onChunk, nil)
 	s.finish()
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"testing"
@@ -106,6 +107,16 @@ func (f *fake) fail(id uint64, code int, message string) {
 
 func (f *fake) notify(method string, params any) {
 	f.send(map[string]any{"jsonrpc": "2.0", "method": method, "params": params})
+}
+
+// rawOut sends output the way our server does for an exec that asked for "raw": true:
+// the exact header line, then the bytes as they are.
+func (f *fake) rawOut(method string, id uint64, data string) {
+	f.t.Helper()
+	head := fmt.Sprintf(`{"jsonrpc":"2.0","method":"%s","params":{"id":%d,"bytes":%d}}`+"\n", method, id, len(data))
+	if _, err := f.toClient.Write([]byte(head + data)); err != nil {
+		f.t.Fatalf("write to client: %v", err)
+	}
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }

@@ -28,10 +28,8 @@ func (c *Client) Log(ctx context.Context) (string, error) {
 
 // LogStream follows the VM log into w until ctx ends (then it returns ctx.Err()).
 func (c *Client) LogStream(ctx context.Context, w io.Writer) error {
-	_, err := c.call(ctx, "log_stream", nil, func(method string, params json.RawMessage) {
-		if data, ok := decodeChunk(params); ok {
-			writeTo(w, data)
-		}
+	_, err := c.call(ctx, "log_stream", nil, func(_ string, data []byte) {
+		writeTo(w, data)
 	})
 	return err
 }

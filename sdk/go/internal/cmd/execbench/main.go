@@ -1,5 +1,6 @@
-// execbench times Exec("true") through the Go SDK against a real VM and prints
-// {"p50_ms", "p99_ms", "calls"} (bench/sdk_go.py compares it with the Python SDK).
+// execbench times Exec("true") through the Go SDK against a real VM and, given a
+// size in MiB, ExecStream of that much stdout; it prints {"p50_ms", "p99_ms", "calls",
+// "stream_mb_s"} (bench/sdk_go.py compares it with the Python SDK).
 package main
 
 import (
@@ -15,9 +16,12 @@ import (
 )
 
 func main() {
-	image, calls := os.Args[1], 500
+	image, calls, mib := os.Args[1], 500, 0
 	if len(os.Args) > 2 {
 		calls, _ = strconv.Atoi(os.Args[2])
+	}
+	if len(os.Args) > 3 {
+		mib, _ = strconv.Atoi(os.Args[3])
 	}
 	c, err := sdk.NewClient(sdk.DefaultConfig())
 	if err != nil {
@@ -48,5 +52,47 @@ func main() {
 	}
 	sort.Float64s(lat)
 	pct := func(q float64) float64 { return lat[min(len(lat)-1, int(q*float64(len(lat))))] }
-	json.NewEncoder(os.Stdout).Encode(map[string]any{"p50_ms": pct(0.5), "p99_ms": pct(0.99), "calls": calls})
+	out := map[string]any{"p50_ms": pct(0.5), "p99_ms": pct(0.99), "calls": calls}
+	if mib > 0 {
+		rate, err := streamRate(ctx, c, mib)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		out["stream_mb_s"] = rate
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+
+// counter counts bytes from the first write to the last, as bench/sdk_vm.py's Counter.
+type counter struct {
+	n           int
+	first, last time.Time
+}
+
+func (w *counter) Write(p []byte) (int, error) {
+	if w.n == 0 {
+		w.first = time.Now()
+	}
+	w.n += len(p)
+	w.last = time.Now()
+	return len(p), nil
+}
+
+// streamRate is the median MB/s of three ExecStreams of `dd` writing mib MiB.
+func streamRate(ctx context.Context, c *sdk.Client, mib int) (float64, error) {
+	cmd := fmt.Sprintf("dd if=/dev/zero bs=65536 count=%d 2>/dev/null", mib*16)
+	rates := make([]float64, 0, 3)
+	for i := 0; i < 3; i++ {
+		w := &counter{}
+		if _, err := c.ExecStream(ctx, cmd, w, nil); err != nil {
+			return 0, err
+		}
+		if w.n != mib<<20 {
+			return 0, fmt.Errorf("stream got %d bytes, want %d", w.n, mib<<20)
+		}
+		rates = append(rates, float64(w.n)/1e6/w.last.Sub(w.first).Seconds())
+	}
+	sort.Float64s(rates)
+	return rates[1], nil
 }
