@@ -55,6 +55,7 @@ import {
   parseVolumeCreate,
   parseVolumeList,
   portForwardParams,
+  rawOutput,
   toBuffer,
   ttyParams,
   validateCreate,
@@ -315,9 +316,9 @@ export class Client {
   async execStream(command: string, options: ExecStreamOptions = {}): Promise<ExecStreamResult> {
     const out = new Sink(options.stdout);
     const err = new Sink(options.stderr);
-    const params = execParams(command, options.workingDir ?? "", options.user ?? "");
-    const result = await this.request("exec_stream", params, options, (method, p) => {
-      const data = b64decode(p.data, `${method} data`);
+    const params = rawOutput(execParams(command, options.workingDir ?? "", options.user ?? ""));
+    const result = await this.request("exec_stream", params, options, (method, p, raw) => {
+      const data = raw ?? b64decode(p.data, `${method} data`);
       (method === "exec_stream.stderr" ? err : out).write(data);
     });
     await Promise.all([out.done(), err.done()]);
@@ -380,12 +381,12 @@ export class Client {
     const ready = latch();
     let finished = false;
     const pumps: Promise<void>[] = [];
-    const onNote: NotificationHandler = (m, p) => {
+    const onNote: NotificationHandler = (m, p, raw) => {
       if (m === `${method}.ready`) {
         if (typeof p.id === "number") ready.set(p.id);
         return;
       }
-      const data = b64decode(p.data, `${m} data`);
+      const data = raw ?? b64decode(p.data, `${m} data`);
       (m === "exec_pipe.stderr" ? err : out).write(data);
     };
     const pumpInput = async (): Promise<void> => {
@@ -420,7 +421,7 @@ export class Client {
     pumps.push(pumpInput().catch(() => {}));
     if (resize) pumps.push(pumpResize().catch(() => {}));
     try {
-      const result = await conn.request(method, params, options, onNote);
+      const result = await conn.request(method, rawOutput(params), options, onNote);
       await Promise.all([out.done(), err.done()]);
       return parseExit(result, method);
     } finally {

@@ -6,7 +6,9 @@ import { MatchlockError, RPCError, TimeoutError } from "./errors.js";
 import type { RequestOptions } from "./types.js";
 import type { JSONObject, JSONValue } from "./wire.js";
 
-export type NotificationHandler = (method: string, params: JSONObject) => void;
+/** `data`: an output notification's bytes when they came as a raw payload (below);
+ * otherwise the handler decodes `params.data` (base64). */
+export type NotificationHandler = (method: string, params: JSONObject, data?: Buffer) => void;
 
 interface Pending {
   resolve: (result: JSONValue) => void;
@@ -28,6 +30,20 @@ const REQUEST_SCOPED = new Set([
 
 const STDERR_TAIL = 20;
 
+/** Raw payloads (our server's extension, docs/lifecycle.md): an exec sent with
+ * `raw: true` gets its output as exactly this header line followed by `bytes` raw
+ * bytes, not base64 in JSON. Any other spelling is an ordinary line. */
+const RAW_HEAD = '{"jsonrpc":"2.0","method":"';
+const RAW_HEADER = /^\{"jsonrpc":"2\.0","method":"([^"\\]*)","params":\{"id":(\d+),"bytes":(\d+)\}\}$/;
+const MAX_RAW = 10 << 20; // as the server (rpc/_codec.py MAX_RAW)
+
+interface RawPayload {
+  method: string;
+  id: number;
+  need: number;
+  parts: Buffer[];
+}
+
 export interface SpawnSpec {
   command: string;
   args: string[];
@@ -41,6 +57,8 @@ export class Connection {
   private readonly pending = new Map<number, Pending>();
   private nextID = 0;
   private chunks: Buffer[] = [];
+  private raw: RawPayload | null = null; // a raw header read, its payload still due
+  private broken = false;
   private stderrTail: string[] = [];
   private stderrPartial = "";
   private exited = false;
@@ -117,7 +135,19 @@ export class Connection {
 
   private onData(chunk: Buffer): void {
     let start = 0;
-    for (;;) {
+    while (!this.broken && start < chunk.length) {
+      const raw = this.raw;
+      if (raw) {
+        const take = Math.min(raw.need, chunk.length - start);
+        raw.parts.push(chunk.subarray(start, start + take));
+        raw.need -= take;
+        start += take;
+        if (raw.need === 0) {
+          this.raw = null;
+          this.deliver(raw.method, raw.id, {}, Buffer.concat(raw.parts));
+        }
+        continue;
+      }
       const nl = chunk.indexOf(0x0a, start);
       if (nl < 0) break;
       const part = chunk.subarray(start, nl);
@@ -126,14 +156,31 @@ export class Connection {
       start = nl + 1;
       this.onLine(line);
     }
-    if (start < chunk.length) {
+    if (!this.broken && start < chunk.length) {
       this.chunks.push(chunk.subarray(start));
     }
+  }
+
+  /** A raw-payload header: the payload that follows is read by onData. */
+  private rawHeader(text: string): boolean {
+    if (text.length > 200 || !text.startsWith(RAW_HEAD)) return false;
+    const m = RAW_HEADER.exec(text);
+    if (!m) return false;
+    const need = Number(m[3]);
+    if (need > MAX_RAW) {
+      this.broken = true; // the framing is lost: nothing after this can be trusted
+      this.failAll(new MatchlockError(`Matchlock sent a raw payload of ${need} bytes${this.why()}`));
+      return true;
+    }
+    if (need === 0) this.deliver(m[1], Number(m[2]), {}, Buffer.alloc(0));
+    else this.raw = { method: m[1], id: Number(m[2]), need, parts: [] };
+    return true;
   }
 
   private onLine(raw: Buffer): void {
     const text = raw.toString("utf8").trim();
     if (!text) return;
+    if (this.rawHeader(text)) return;
     let msg: Record<string, unknown>;
     try {
       const parsed: unknown = JSON.parse(text);
@@ -162,20 +209,24 @@ export class Connection {
     const p = msg.params;
     const params = (p && typeof p === "object" && !Array.isArray(p) ? p : {}) as JSONObject;
     if (REQUEST_SCOPED.has(method)) {
-      const id = params.id;
-      if (typeof id !== "number") return;
-      const handler = this.pending.get(id)?.onNotification;
-      if (handler) {
-        try {
-          handler(method, params);
-        } catch {
-          // a user's writer threw: the request itself goes on
-        }
-      }
+      if (typeof params.id === "number") this.deliver(method, params.id, params);
       return;
     }
     if (method === "event") {
       this.onEvent(params);
+    }
+  }
+
+  /** A request-scoped notification to the request it names, if still pending. */
+  private deliver(method: string, id: number, params: JSONObject, data?: Buffer): void {
+    if (!REQUEST_SCOPED.has(method)) return;
+    const handler = this.pending.get(id)?.onNotification;
+    if (handler) {
+      try {
+        handler(method, params, data);
+      } catch {
+        // a user's writer threw: the request itself goes on
+      }
     }
   }
 

@@ -328,6 +328,12 @@ export function parseCreate(result: JSONValue): string {
 
 // exec family
 
+/** Ask our server for streamed output as raw payloads (transport.ts), not base64; a
+ * server that does not know the field (the reference's) ignores it. */
+export function rawOutput(params: JSONObject): JSONObject {
+  return { ...params, raw: true };
+}
+
 export function execParams(command: string, workingDir = "", user = ""): JSONObject {
   const params: JSONObject = { command };
   if (workingDir) {

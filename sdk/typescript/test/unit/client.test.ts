@@ -292,7 +292,7 @@ test("execStream delivers chunks in order to streams and functions", async () =>
     stderr: { write: (c: Buffer) => { err.push(c.toString()); return true; } } as unknown as NodeJS.WritableStream,
   });
   const m = await fake.expect("exec_stream");
-  assert.deepEqual(m.params, { command: "x", working_dir: "/tmp", user: "1000" });
+  assert.deepEqual(m.params, { command: "x", working_dir: "/tmp", user: "1000", raw: true });
   fake.notify("exec_stream.stdout", { id: m.id, data: b64("one ") });
   fake.notify("exec_stream.stderr", { id: m.id, data: b64("e1") });
   fake.notify("exec_stream.stdout", { id: 4242, data: b64("not mine") });
@@ -301,6 +301,38 @@ test("execStream delivers chunks in order to streams and functions", async () =>
   assert.deepEqual(await p, { exitCode: 0, durationMs: 3 });
   assert.equal(Buffer.concat(out).toString(), "one two", "async writer finished before the result");
   assert.deepEqual(err, ["e1"]);
+  await finish(fake, client);
+});
+
+/** What our server sends for an exec that asked for `raw: true` (rpc/_codec.py). */
+function rawOut(method: string, id: number, data: Buffer): Buffer {
+  const head = `{"jsonrpc":"2.0","method":"${method}","params":{"id":${id},"bytes":${data.length}}}\n`;
+  return Buffer.concat([Buffer.from(head), data]);
+}
+
+test("raw output payloads: exact bytes under any chunking, mixed with base64", async () => {
+  const { fake, client } = await started();
+  const out: Buffer[] = [];
+  const err: Buffer[] = [];
+  const p = client.execStream("x", {
+    stdout: (c) => { out.push(c); },
+    stderr: (c) => { err.push(c); },
+  });
+  const m = await fake.expect("exec_stream");
+  assert.equal(m.params.raw, true);
+  const tricky = Buffer.concat([Buffer.from('x\n{"jsonrpc":"2.0","id":1,"result":{}}\n'), Buffer.from([0, 0xff, 0x0a])]);
+  const stream = Buffer.concat([
+    rawOut("exec_stream.stdout", m.id, tricky),
+    Buffer.from(`${JSON.stringify({ jsonrpc: "2.0", method: "exec_stream.stderr", params: { id: m.id, data: b64("E") } })}\n`),
+    rawOut("exec_stream.stdout", 4242, Buffer.from("not mine\n")),
+    rawOut("exec_stream.stderr", m.id, Buffer.alloc(0)),
+    rawOut("exec_stream.stderr", m.id, Buffer.from("R")),
+  ]);
+  for (let i = 0; i < stream.length; i += 3) fake.send(stream.subarray(i, i + 3)); // split everywhere
+  fake.result(m.id, { exit_code: 0, duration_ms: 1 });
+  assert.deepEqual(await p, { exitCode: 0, durationMs: 1 });
+  assert.deepEqual(Buffer.concat(out), tricky);
+  assert.equal(Buffer.concat(err).toString(), "ER");
   await finish(fake, client);
 });
 
@@ -318,7 +350,7 @@ test("execPipe sends stdin only after ready, then EOF", async () => {
     },
   });
   const m = await fake.expect("exec_pipe");
-  assert.deepEqual(m.params, { command: "cat" });
+  assert.deepEqual(m.params, { command: "cat", raw: true });
   await new Promise((r) => setTimeout(r, 50));
   assert.equal(fake.log.filter((x) => x.method === "exec_pipe.stdin").length, 0, "no input before ready");
   fake.notify("exec_pipe.ready", { id: m.id });
@@ -368,7 +400,7 @@ test("execInteractive: rows/cols, stdin and resize after ready", async () => {
     resize: [[50, 120], [0, 5], [30, 90]],
   });
   const m = await fake.expect("exec_tty");
-  assert.deepEqual(m.params, { command: "sh", rows: 40, cols: 100 });
+  assert.deepEqual(m.params, { command: "sh", rows: 40, cols: 100, raw: true });
   fake.notify("exec_tty.ready", { id: m.id });
   const got: Msg[] = [];
   for (let i = 0; i < 4; i++) got.push(await fake.next());
