@@ -64,6 +64,7 @@ async def measure(host_dir: Path, mib: int, files: int, mode: str, rounds: int) 
                 await sh(f"mkdir -p {d}")
                 counts0 = dict(server.fs.counts)
                 host0, work0 = server.host_seconds, server.worker_seconds
+                bounced0 = server.bounced
                 w = await sh(f"dd if=/dev/zero of={d}/big bs=1M count={mib} 2>/dev/null && sync")
                 await sh("sync; echo 3 > /proc/sys/vm/drop_caches")
                 r = await sh(f"dd if={d}/big of=/dev/null bs=1M 2>/dev/null")
@@ -79,12 +80,14 @@ async def measure(host_dir: Path, mib: int, files: int, mode: str, rounds: int) 
                     "write_s": w, "read_s": r, "create_s": mk, "stat_s": st, "delete_s": rm,
                     "host_s": server.host_seconds - host0,
                     "worker_s": server.worker_seconds - work0, "requests": counts,
+                    "bounced": server.bounced - bounced0,
                 })
         for where, rs in runs.items():
             out = {k: median([x[k] for x in rs]) for k in
                    ("write_s", "read_s", "create_s", "stat_s", "delete_s", "host_s",
                     "worker_s")}
             out["requests"] = rs[-1]["requests"]  # the last round's
+            out["bounced"] = rs[-1]["bounced"]
             results[where] = out
     finally:
         await sb.close()
@@ -148,6 +151,8 @@ def main() -> None:
     print(f"  host server: {vfs['host_s']:.2f} s on the VFS thread "
           f"({vfs['host_s'] / max(total, 1) * 1e6:.0f} us/request), "
           f"{vfs['worker_s']:.2f} s in workers (big reads/writes, fsync)")
+    print(f"  READ replies through the bounce disk: {vfs['bounced']} of "
+          f"{vfs['requests'].get('read', 0)}")
     print(f"  guest FUSE + channel: the rest, {wall - vfs['host_s'] - vfs['worker_s']:.1f} s")
     from matchlock.paths import state_dir
 

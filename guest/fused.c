@@ -14,6 +14,12 @@
  * size and times), and that GETATTR is answered here from the push, once. A push is taken
  * only if no request that could change the node's attributes was sent after the WRITE.
  *
+ * BOUNCE (guest HELLO flag VFS_FLAG_BOUNCE, when init found the bounce disk): a READ of at
+ * least BOUNCE_MIN goes out with fuse_read_in.padding = slot + 1 for a free slot of the
+ * disk; the host may answer VFS_BOUNCED {u32 length, u32 slot} once the data is in that
+ * slot, and it is read here with one O_DIRECT pread instead of coming through the port
+ * 4 KiB at a time (an interrupt and a read(2) each under TCG). Any reply frees the slot.
+ *
  * One poll loop, nonblocking fds. A request read from /dev/fuse goes straight to the port;
  * if the port is full, the rest waits in `outq` and /dev/fuse is not read until it drains
  * (the kernel then queues requests itself). Replies are written to /dev/fuse one whole
@@ -72,16 +78,107 @@ static void acache_drop(uint64_t nodeid)
         s->len = s->last = 0;
 }
 
+#define BOUNCE_MIN (16u << 10) /* smaller READs: the port's few steps cost less */
+#define BOUNCE_ALIGN 4096u     /* O_DIRECT: buffer, offset and length aligned */
+
 static struct {
-    int fuse, port;
+    int fuse, port, bounce;
+    unsigned char *bbuf;                /* BOUNCE_ALIGN + VFS_BOUNCE_SLOT, aligned */
+    uint64_t slot_unique[VFS_BOUNCE_SLOTS]; /* the READ each slot is lent to; 0: free */
+    unsigned slots_used;
     unsigned char *req;                 /* one request from /dev/fuse */
     unsigned char *outq;                /* unsent tail of requests for the port */
     size_t outq_off, outq_len;
     unsigned char *in;                  /* bytes from the port: replies, maybe partial */
     size_t in_len;
     int hello_seen;
-    unsigned long long requests, replies, local, pushed;
+    unsigned long long requests, replies, local, pushed, bounced;
 } V;
+
+/* A READ on its way to the host: lend it a slot if one is free (padding = slot + 1). */
+static void bounce_ask(unsigned char *req, size_t n)
+{
+    const struct fuse_in_header *h = (const void *)req;
+    struct fuse_read_in in;
+    if (V.bounce < 0 || h->opcode != FUSE_READ || n < sizeof *h + sizeof in ||
+        V.slots_used == VFS_BOUNCE_SLOTS)
+        return;
+    memcpy(&in, req + sizeof *h, sizeof in);
+    if (in.size < BOUNCE_MIN || in.size > VFS_BOUNCE_SLOT)
+        return;
+    for (unsigned i = 0; i < VFS_BOUNCE_SLOTS; i++) {
+        if (V.slot_unique[i])
+            continue;
+        V.slot_unique[i] = h->unique;
+        V.slots_used++;
+        in.padding = i + 1;
+        memcpy(req + sizeof *h, &in, sizeof in);
+        return;
+    }
+}
+
+/* The slot lent to `unique`, now free again; -1 if none was. */
+static int bounce_free(uint64_t unique)
+{
+    if (!V.slots_used || !unique)
+        return -1;
+    for (unsigned i = 0; i < VFS_BOUNCE_SLOTS; i++) {
+        if (V.slot_unique[i] == unique) {
+            V.slot_unique[i] = 0;
+            V.slots_used--;
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+static void fuse_write(const void *buf, size_t len)
+{
+    ssize_t w;
+    do
+        w = write(V.fuse, buf, len);
+    while (w < 0 && errno == EINTR);
+    /* ENOENT: the request was interrupted or aborted meanwhile; nothing to do. */
+    if (w < 0 && errno != ENOENT)
+        LOG_DEBUG("vfs: reply to /dev/fuse: %s", strerror(errno));
+}
+
+/* A VFS_BOUNCED reply: the data from its slot, to the kernel as the READ's reply. */
+static int bounce_deliver(const struct fuse_out_header *oh, int slot)
+{
+    uint32_t length, said;
+    const unsigned char *p = (const unsigned char *)(oh + 1);
+    if (oh->len != sizeof *oh + 8 || slot < 0) {
+        LOG_WARN("vfs: BOUNCED reply for a READ that has no slot");
+        return -1;
+    }
+    memcpy(&length, p, 4);
+    memcpy(&said, p + 4, 4);
+    if (said != (uint32_t)slot || length > VFS_BOUNCE_SLOT) {
+        LOG_WARN("vfs: BOUNCED reply: slot %u (lent %d), %u bytes", said, slot, length);
+        return -1;
+    }
+    unsigned char *data = V.bbuf + BOUNCE_ALIGN;
+    size_t want = (length + BOUNCE_ALIGN - 1) & ~(size_t)(BOUNCE_ALIGN - 1), got = 0;
+    off_t at = (off_t)slot * VFS_BOUNCE_SLOT;
+    while (got < length) {
+        ssize_t r = pread(V.bounce, data + got, want - got, at + (off_t)got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            LOG_WARN("vfs: bounce disk read: %s", r < 0 ? strerror(errno) : "short");
+            struct fuse_out_header err = {sizeof err, -EIO, oh->unique};
+            fuse_write(&err, sizeof err);
+            return 0;
+        }
+        got += (size_t)r;
+    }
+    struct fuse_out_header out = {(uint32_t)(sizeof out + length), 0, oh->unique};
+    memcpy(data - sizeof out, &out, sizeof out);
+    fuse_write(data - sizeof out, sizeof out + length);
+    V.bounced++;
+    return 0;
+}
 
 static void put_le16(unsigned char *p, unsigned v) { p[0] = v; p[1] = v >> 8; }
 static void put_le32(unsigned char *p, uint32_t v) { p[0] = v; p[1] = v >> 8; p[2] = v >> 16; p[3] = v >> 24; }
@@ -173,13 +270,13 @@ static int deliver_replies(void)
             off += len;
             continue;
         }
-        ssize_t w;
-        do
-            w = write(V.fuse, V.in + off, len);
-        while (w < 0 && errno == EINTR);
-        /* ENOENT: the request was interrupted or aborted meanwhile; nothing to do. */
-        if (w < 0 && errno != ENOENT)
-            LOG_DEBUG("vfs: reply to /dev/fuse: %s", strerror(errno));
+        int slot = bounce_free(oh->unique);
+        if (oh->error == VFS_BOUNCED) {
+            if (bounce_deliver(oh, slot) < 0)
+                return -1;
+        } else {
+            fuse_write(V.in + off, len);
+        }
         V.replies++;
         off += len;
     }
@@ -292,7 +389,8 @@ static int relay(void)
 {
     unsigned char hello[16] = {'M', 'L', 'V', 'F'};
     put_le16(hello + 4, VFS_PROTOCOL_VERSION);
-    put_le16(hello + 6, VFS_FLAG_ATTR_PUSH | VFS_FLAG_LOCAL_RELEASE);
+    put_le16(hello + 6, VFS_FLAG_ATTR_PUSH | VFS_FLAG_LOCAL_RELEASE |
+                            (V.bounce >= 0 ? VFS_FLAG_BOUNCE : 0));
     put_le32(hello + 8, VFS_MAX_MSG);
     put_le32(hello + 12, 0);
     if (port_send(hello, sizeof hello) < 0)
@@ -344,6 +442,7 @@ static int relay(void)
             if ((size_t)n >= sizeof(struct fuse_in_header)) {
                 acache_note(V.req, (size_t)n);
                 answer_release(V.req);
+                bounce_ask(V.req, (size_t)n);
             }
             if (port_send(V.req, (size_t)n) < 0)
                 return -1;
@@ -381,17 +480,23 @@ static void raise_readahead(const char *mountpoint)
 
 /* Mount `mountpoint` and serve it over `port`; reports readiness (mounted) by writing one
  * byte to ready_fd (-1: none). Returns the process exit code. */
-int fused_run(int port, const char *mountpoint, int ready_fd)
+int fused_run(int port, int bounce, const char *mountpoint, int ready_fd)
 {
     g_role = "fused";
     signal(SIGPIPE, SIG_IGN);
     V.port = port;
+    V.bounce = bounce;
     V.req = malloc(FUSE_BUF);
     V.outq = malloc(VFS_MAX_MSG * 3);
     V.in = malloc(PORT_BUF);
     if (!V.req || !V.outq || !V.in) {
         LOG_WARN("vfs: out of memory");
         return 1;
+    }
+    if (V.bounce >= 0 &&
+        posix_memalign((void **)&V.bbuf, BOUNCE_ALIGN, BOUNCE_ALIGN + VFS_BOUNCE_SLOT) != 0) {
+        close(V.bounce); /* READ data all through the port, then */
+        V.bounce = -1;
     }
     int fl = fcntl(port, F_GETFL);
     if (fl < 0 || fcntl(port, F_SETFL, fl | O_NONBLOCK) < 0) {
@@ -421,7 +526,7 @@ int fused_run(int port, const char *mountpoint, int ready_fd)
     }
     int rc = relay();
     LOG_DEBUG("vfs: relay ended (%llu requests, %llu replies, %llu answered here, %llu pushes "
-              "taken)", V.requests, V.replies, V.local, V.pushed);
+              "taken, %llu READs bounced)", V.requests, V.replies, V.local, V.pushed, V.bounced);
     close(V.fuse); /* aborts the FUSE connection: the workspace fails, it does not hang */
     return rc < 0 ? 1 : 0;
 }

@@ -70,12 +70,17 @@ void jb_str(struct jbuf *b, const char *s); /* quoted, escaped JSON string */
 #define VFS_FLAG_ATTR_PUSH 1  /* guest HELLO flag: it takes ATTR_PUSH messages */
 #define VFS_FLAG_LOCAL_RELEASE 2 /* guest HELLO flag: it answers RELEASE(DIR) itself */
 #define VFS_ATTR_PUSH 1000    /* fuse_out_header.error of an ATTR_PUSH (unique 0) */
+#define VFS_FLAG_BOUNCE 4     /* guest HELLO flag: it reads READ data from the bounce disk */
+#define VFS_BOUNCED 1001      /* fuse_out_header.error of a READ reply whose data is there */
+#define VFS_BOUNCE_SLOTS 16
+#define VFS_BOUNCE_SLOT (1u << 20) /* = max_read */
 
 /* ---- roles ---- */
 int init_main(void);                 /* init.c: PID 1; never returns */
 int agent_run(int port_fd, int pid1); /* agent.c: returns the exit code in --fd mode */
 void guest_poweroff(void) __attribute__((noreturn)); /* init.c: kill all, sync, power off */
 int install_ca(const char *pem, char *err, size_t errsz); /* trust.c */
-int fused_run(int port_fd, const char *mountpoint, int ready_fd); /* fused.c */
+/* fused.c; bounce_fd: the bounce disk opened O_RDONLY|O_DIRECT, or -1 */
+int fused_run(int port_fd, int bounce_fd, const char *mountpoint, int ready_fd);
 
 #endif

@@ -45,6 +45,7 @@ static struct {
     char ip[32], gw[32], dns[32]; /* matchlock.ip=A.B.C.D/N, .gw=, .dns= (set by the host) */
     int mtu;
     char workspace[256]; /* matchlock.workspace=: the FUSE mount point (empty: no VFS) */
+    char vfsbuf[32];     /* matchlock.vfsbuf=: serial of the VFS bounce disk (fused.c) */
     struct { char serial[32], path[256]; int ro; } disks[MAX_DISKS]; /* matchlock.disk= */
     int n_disks;
 } cfg = {.hostname = "matchlock", .net = 1};
@@ -188,6 +189,8 @@ static void parse_cmdline(void)
             copy_value(cfg.bench, sizeof cfg.bench, tok + 16);
         } else if (!strncmp(tok, "matchlock.workspace=", 20)) {
             copy_value(cfg.workspace, sizeof cfg.workspace, tok + 20);
+        } else if (!strncmp(tok, "matchlock.vfsbuf=", 17)) {
+            copy_value(cfg.vfsbuf, sizeof cfg.vfsbuf, tok + 17);
         } else if (!strncmp(tok, "matchlock.disk=", 15)) {
             /* SERIAL:PATH[:ro]; the host validated PATH (no ':' in it) */
             char *v = tok + 15, *c1 = strchr(v, ':'), *c2;
@@ -530,29 +533,35 @@ static int open_port(const char *port_name)
 
 static int open_channel(void) { return open_port(CTL_PORT_NAME); }
 
+/* /dev/vdX whose /sys/block/vdX/serial is `serial`, waiting up to 10 s; 0 or -1. */
+static int find_disk(const char *serial, char *dev, size_t size)
+{
+    dev[0] = 0;
+    for (int tries = 0; tries < WAIT_TRIES && !dev[0]; tries++) {
+        DIR *d = opendir("/sys/block");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[300], found[128];
+            if (strncmp(e->d_name, "vd", 2))
+                continue;
+            snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+            if (read_small(path, found, sizeof found) > 0 && !strcmp(found, serial))
+                snprintf(dev, size, "/dev/%s", e->d_name);
+        }
+        if (d)
+            closedir(d);
+        if (!dev[0])
+            sleep_ms(10);
+    }
+    return dev[0] ? 0 : -1;
+}
+
 /* --disk images: ext4 on virtio-blk, found by serial, mounted where the host said. */
 static void mount_disks(void)
 {
     for (int i = 0; i < cfg.n_disks; i++) {
-        char dev[300] = "";
-        for (int tries = 0; tries < WAIT_TRIES && !dev[0]; tries++) {
-            DIR *d = opendir("/sys/block");
-            struct dirent *e;
-            while (d && (e = readdir(d))) {
-                char path[300], serial[128];
-                if (strncmp(e->d_name, "vd", 2))
-                    continue;
-                snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
-                if (read_small(path, serial, sizeof serial) > 0 &&
-                    !strcmp(serial, cfg.disks[i].serial))
-                    snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
-            }
-            if (d)
-                closedir(d);
-            if (!dev[0])
-                sleep_ms(10);
-        }
-        if (!dev[0]) {
+        char dev[300];
+        if (find_disk(cfg.disks[i].serial, dev, sizeof dev) < 0) {
             errno = ENODEV;
             die("--disk device not found");
         }
@@ -563,10 +572,28 @@ static void mount_disks(void)
     }
 }
 
+/* The VFS bounce disk (fused.c): O_DIRECT, so every read sees what the host just wrote.
+ * -1 without one: READ data then all comes through the port. */
+static int open_bounce(void)
+{
+    char dev[300];
+    if (!cfg.vfsbuf[0])
+        return -1;
+    if (find_disk(cfg.vfsbuf, dev, sizeof dev) < 0) {
+        LOG_WARN("vfs: bounce disk %s not found", cfg.vfsbuf);
+        return -1;
+    }
+    int fd = open(dev, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0)
+        LOG_WARN("vfs: open %s: %s", dev, strerror(errno));
+    return fd;
+}
+
 /* The workspace: fork fused, which mounts it and relays it; wait until it is mounted. */
 static void start_fused(void)
 {
     int port = open_port(VFS_PORT_NAME);
+    int bounce = open_bounce();
     int ready[2];
     if (pipe2(ready, O_CLOEXEC) < 0)
         die("pipe");
@@ -575,9 +602,11 @@ static void start_fused(void)
         die("fork fused");
     if (pid == 0) {
         close(ready[0]);
-        _exit(fused_run(port, cfg.workspace, ready[1]));
+        _exit(fused_run(port, bounce, cfg.workspace, ready[1]));
     }
     close(port);
+    if (bounce >= 0)
+        close(bounce);
     close(ready[1]);
     struct pollfd p = {ready[0], POLLIN, 0};
     char c = 0;

@@ -363,7 +363,7 @@ class Sandbox:
             vcpus=self.vcpus, accel=a.accel, machine=a.machine,
             log_path=self.log_paths[0],
             disks=(Disk(a.image.disk, ROOT_SERIAL, readonly=True), Disk(upper, UPPER_SERIAL),
-                   *(Disk(Path(d.path), d.serial, d.readonly) for d in self.vfs.disks)),
+                   *(Disk(Path(d.path), d.serial, d.readonly) for d in self.vfs.attachments)),
             cmdline=tuple(cmdline), nic=nic, vfs_fd=self.vfs.guest_fd,
         )
         self._transition(Status.STARTING)

@@ -1,10 +1,12 @@
 """`SandboxMounts`: everything one sandbox's MountConfig takes on the host, with one owner.
 
 prepare() (before QEMU starts): disk locks, providers (a snapshot's private copy lives in
-the VM's directory), the VFS port's socket pair. start() (QEMU running): the VFS server.
-close(): the server, every handle and provider (snapshots deleted), the locks. Blocking
-calls throughout: the sandbox runs them in a worker thread. The FUSE server, providers and
-disk locks load when a config uses them: a VM without mounts imports none of them.
+the VM's directory), the VFS port's socket pair and the bounce file (READ data on its way
+to the guest, which sees it as a read-only disk: _wire.FLAG_BOUNCE). start() (QEMU
+running): the VFS server. close(): the server, every handle and provider (snapshots
+deleted), the bounce file, the locks. Blocking calls throughout: the sandbox runs them in
+a worker thread. The FUSE server, providers and disk locks load when a config uses them:
+a VM without mounts imports none of them.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class SandboxMounts:
         self._locks: list[DiskLock] = []
         self._host_sock: socket.socket | None = None
         self._guest_sock: socket.socket | None = None
-        self.disks: list[DiskAttachment] = []
+        self.disks: list[DiskAttachment] = []  # --disk images, in config order
+        self.bounce: DiskAttachment | None = None
+        self._bounce_fd: int | None = None
 
     # -- before the VM -------------------------------------------------------------------
 
@@ -115,6 +119,25 @@ class SandboxMounts:
             raise
         self._host_sock, self._guest_sock = socket.socketpair(socket.AF_UNIX,
                                                               socket.SOCK_STREAM)
+        self._make_bounce(private / "bounce.buf")
+
+    def _make_bounce(self, path: Path) -> None:
+        from matchlock.vfs._wire import BOUNCE_SERIAL, BOUNCE_SLOT, BOUNCE_SLOTS
+
+        # Sparse: only slots a READ used take host disk (page cache, mostly).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, BOUNCE_SLOTS * BOUNCE_SLOT)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._bounce_fd = fd
+        self.bounce = DiskAttachment(str(path), BOUNCE_SERIAL, True)
+
+    @property
+    def attachments(self) -> list[DiskAttachment]:
+        """Every disk QEMU attaches for the mounts: --disk images, then the bounce file."""
+        return [*self.disks, *([self.bounce] if self.bounce is not None else [])]
 
     @property
     def guest_fd(self) -> int | None:
@@ -126,6 +149,8 @@ class SandboxMounts:
                 for d, spec in zip(self.disks, self.config.disks, strict=True)]
         if self.config.vfs:
             args.append(f"matchlock.workspace={self.config.workspace}")
+        if self.bounce is not None:
+            args.append(f"matchlock.vfsbuf={self.bounce.serial}")
         return args
 
     def modules(self) -> tuple[str, ...]:
@@ -141,7 +166,7 @@ class SandboxMounts:
         if self.fs is not None and self._host_sock is not None:
             from matchlock.vfs.server import VfsServer
 
-            self.server = VfsServer(self.fs)
+            self.server = VfsServer(self.fs, self._bounce_fd)
             sock, self._host_sock = self._host_sock, None
             self.server.start(sock)
 
@@ -161,6 +186,14 @@ class SandboxMounts:
             log.warning("VFS shutdown failed: %s", e)
         self.server = None
         self.fs = None
+        if self._bounce_fd is not None:
+            os.close(self._bounce_fd)
+            self._bounce_fd = None
+        if self.bounce is not None:  # only in-flight READ data: nothing to keep
+            try:
+                os.unlink(self.bounce.path)
+            except OSError:
+                pass
         for lock in self._locks:
             lock.release()
         self._locks = []

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
+import os
 import socket
 import threading
 import time
@@ -24,12 +25,24 @@ from collections.abc import Callable
 from matchlock.vfs import _fuse as F
 from matchlock.vfs._fs import BIG_IO, FuseFilesystem
 from matchlock.vfs._fuse import FuseProtocolError, Request
-from matchlock.vfs._wire import FLAG_ATTR_PUSH, FLAG_LOCAL_RELEASE, VfsConnection, hello
+from matchlock.vfs._wire import (
+    BOUNCE_SLOT,
+    BOUNCE_SLOTS,
+    FLAG_ATTR_PUSH,
+    FLAG_BOUNCE,
+    FLAG_LOCAL_RELEASE,
+    VfsConnection,
+    bounced,
+    hello,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 16
 WORKERS = 4
+# READ data at least this big goes through the bounce file when the guest asks; below
+# it, a few 4 KiB steps through the port cost less than a block request.
+BOUNCE_MIN = 16 << 10
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -43,8 +56,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 class VfsServer:
     """Serve `fs` to the guest on a connected stream socket (the VFS port's host end)."""
 
-    def __init__(self, fs: FuseFilesystem) -> None:
+    def __init__(self, fs: FuseFilesystem, bounce_fd: int | None = None) -> None:
         self.fs = fs
+        self.bounce_fd = bounce_fd  # the bounce file, read-write (the guest's view is ro)
+        self.bounced = 0  # READ replies whose data went through it
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proto: _Protocol | None = None
@@ -127,6 +142,7 @@ class _Protocol(asyncio.Protocol):
         self._dead = False
         self._batch: list[bytes] | None = None
         self._quiet_release = False  # the guest answered RELEASE(DIR) already
+        self._bounce = False  # both ends have the bounce disk
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -154,6 +170,8 @@ class _Protocol(asyncio.Protocol):
             msgs = self.conn.receive_data(data)
             self.fs.push_attrs = bool(self.conn.guest_flags & FLAG_ATTR_PUSH)
             self._quiet_release = bool(self.conn.guest_flags & FLAG_LOCAL_RELEASE)
+            self._bounce = bool(self.conn.guest_flags & FLAG_BOUNCE) and \
+                self.server.bounce_fd is not None
             for msg in msgs:
                 self._dispatch(F.parse_request(memoryview(msg)))
         except FuseProtocolError as e:
@@ -200,7 +218,32 @@ class _Protocol(asyncio.Protocol):
         self.server.host_seconds += time.perf_counter() - t0
         if self._quiet_release and req.opcode in (F.RELEASE, F.RELEASEDIR):
             return
+        if req.opcode == F.READ and self._bounce:
+            out = self._bounced(req, out)
         self._send(out)
+
+    def _bounced(self, req: Request, out: bytes | list[bytes] | None) -> bytes | list[bytes] | None:
+        """A READ's data in the bounce slot the guest named (fuse_read_in.padding = slot
+        + 1), and the BOUNCED reply; the reply as it is when not asked or not worth it."""
+        if not isinstance(out, list) or len(out) != 2 or len(req.body) < F.READ_IN.size:
+            return out  # an error reply
+        slot = F.READ_IN.unpack_from(req.body, 0)[6] - 1
+        data = out[1]
+        if not 0 <= slot < BOUNCE_SLOTS or len(data) < BOUNCE_MIN or len(data) > BOUNCE_SLOT:
+            return out
+        fd, off, view = self.server.bounce_fd, slot * BOUNCE_SLOT, memoryview(data)
+        assert fd is not None
+        try:
+            while view:  # the host page cache, which QEMU reads the guest's view from
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+        except OSError as e:
+            log.warning("VFS bounce file: %s; sending READ data inline from now on", e)
+            self.server.bounce_fd = None
+            self._bounce = False
+            return out
+        self.server.bounced += 1
+        return bounced(req.unique, len(data), slot)
 
     def _offload(self, req: Request) -> None:
         fs = self.fs
@@ -246,6 +289,8 @@ class _Protocol(asyncio.Protocol):
                 out: bytes | list[bytes] = F.reply_error(req.unique, _errno(exc))
             elif req.opcode == F.READ:
                 out = fs.finish_read(req, f, fut.result())
+                if self._bounce:
+                    out = self._bounced(req, out)
             elif req.opcode == F.WRITE:
                 out = fs.finish_write(req, f, fut.result(), len(data), size, mutated)
             else:

@@ -34,15 +34,26 @@ def _mounted(path: Path) -> bool:
 @contextlib.contextmanager
 def fuse_mount(guest: Path, mountpoint: Path, mounts: list[Mount],
                hooks: HookEngine | None = None,
-               workspace: str = "/workspace") -> Iterator[FuseFilesystem]:
+               workspace: str = "/workspace",
+               bounce: Path | None = None) -> Iterator[FuseFilesystem]:
+    """`bounce`: a bounce file for READ data (the VM's bounce disk), shared by fused and
+    the server as in the VM."""
     if not os.path.exists("/dev/fuse"):
         pytest.fail("/dev/fuse is missing: load the fuse module (modprobe fuse)", False)
     fs = FuseFilesystem(workspace, mounts, hooks)
-    server = VfsServer(fs)
+    bounce_fd = None
+    extra: list[str] = []
+    if bounce is not None:
+        from matchlock.vfs._wire import BOUNCE_SLOT, BOUNCE_SLOTS
+
+        bounce_fd = os.open(bounce, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(bounce_fd, BOUNCE_SLOTS * BOUNCE_SLOT)
+        extra = ["--bounce", str(bounce)]
+    server = VfsServer(fs, bounce_fd)
     host, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     mountpoint.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([str(guest), "fused", "--fd", str(guest_end.fileno()), "--mount",
-                             str(mountpoint)], pass_fds=(guest_end.fileno(),))
+                             str(mountpoint), *extra], pass_fds=(guest_end.fileno(),))
     guest_end.close()
     server.start(host)
     try:
@@ -61,3 +72,5 @@ def fuse_mount(guest: Path, mountpoint: Path, mounts: list[Mount],
             proc.kill()
             proc.wait()
         server.stop()
+        if bounce_fd is not None:
+            os.close(bounce_fd)
