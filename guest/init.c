@@ -265,37 +265,30 @@ static void load_modules(void)
     fclose(f);
 }
 
-/* Find /dev/vdX whose /sys/block/vdX/serial matches; waits up to 10 s for both disks. */
-static void find_disks(char *rootdev, char *upperdev, size_t size)
+/* /dev/vdX whose /sys/block/vdX/serial is `serial`, waiting up to 10 s; 0 or -1. */
+static int find_disk(const char *serial, char *dev, size_t size)
 {
-    rootdev[0] = upperdev[0] = 0;
-    for (int tries = 0; tries < WAIT_TRIES; tries++) {
+    dev[0] = 0;
+    for (int tries = 0; tries < WAIT_TRIES && !dev[0]; tries++) {
         DIR *d = opendir("/sys/block");
         struct dirent *e;
         while (d && (e = readdir(d))) {
-            char path[300], serial[128], dev[300];
+            char path[300], found[128];
             if (strncmp(e->d_name, "vd", 2))
                 continue;
             snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
-            if (read_small(path, serial, sizeof serial) <= 0)
+            if (read_small(path, found, sizeof found) <= 0 || strcmp(found, serial))
                 continue;
-            snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
-            if (access(dev, F_OK) < 0)
-                continue;
-            if (!strcmp(serial, cfg.root_serial))
-                snprintf(rootdev, size, "%s", dev);
-            else if (cfg.upper_serial[0] && !strcmp(serial, cfg.upper_serial))
-                snprintf(upperdev, size, "%s", dev);
+            snprintf(path, sizeof path, "/dev/%s", e->d_name);
+            if (access(path, F_OK) == 0) /* devtmpfs may add the node a little later */
+                snprintf(dev, size, "%s", path);
         }
         if (d)
             closedir(d);
-        if (rootdev[0] && (upperdev[0] || !cfg.upper_serial[0]))
-            return;
-        sleep_ms(10);
+        if (!dev[0])
+            sleep_ms(10);
     }
-    errno = ENODEV;
-    die(rootdev[0] ? "upper disk (matchlock.upper) not found"
-                   : "root disk (matchlock.root) not found");
+    return dev[0] ? 0 : -1;
 }
 
 static void assemble_root(void)
@@ -305,7 +298,15 @@ static void assemble_root(void)
         errno = EINVAL;
         die("matchlock.root= missing from the kernel command line");
     }
-    find_disks(rootdev, upperdev, sizeof rootdev);
+    if (find_disk(cfg.root_serial, rootdev, sizeof rootdev) < 0) {
+        errno = ENODEV;
+        die("root disk (matchlock.root) not found");
+    }
+    upperdev[0] = 0;
+    if (cfg.upper_serial[0] && find_disk(cfg.upper_serial, upperdev, sizeof upperdev) < 0) {
+        errno = ENODEV;
+        die("upper disk (matchlock.upper) not found");
+    }
     LOG_DEBUG("root disk %s, upper disk %s", rootdev, upperdev[0] ? upperdev : "(tmpfs)");
     do_mount(rootdev, "/run/ml/lower", "ext4", MS_RDONLY, "noload", 1);
     if (upperdev[0])
@@ -532,29 +533,6 @@ static int open_port(const char *port_name)
 }
 
 static int open_channel(void) { return open_port(CTL_PORT_NAME); }
-
-/* /dev/vdX whose /sys/block/vdX/serial is `serial`, waiting up to 10 s; 0 or -1. */
-static int find_disk(const char *serial, char *dev, size_t size)
-{
-    dev[0] = 0;
-    for (int tries = 0; tries < WAIT_TRIES && !dev[0]; tries++) {
-        DIR *d = opendir("/sys/block");
-        struct dirent *e;
-        while (d && (e = readdir(d))) {
-            char path[300], found[128];
-            if (strncmp(e->d_name, "vd", 2))
-                continue;
-            snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
-            if (read_small(path, found, sizeof found) > 0 && !strcmp(found, serial))
-                snprintf(dev, size, "/dev/%s", e->d_name);
-        }
-        if (d)
-            closedir(d);
-        if (!dev[0])
-            sleep_ms(10);
-    }
-    return dev[0] ? 0 : -1;
-}
 
 /* --disk images: ext4 on virtio-blk, found by serial, mounted where the host said. */
 static void mount_disks(void)

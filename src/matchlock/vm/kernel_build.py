@@ -237,6 +237,7 @@ def build_kernel(progress: BuildProgress | None = None, jobs: int | None = None,
     t0 = time.monotonic()
     arch = host_arch()
     digest = config_digest(arch)
+    patches = source_patches(arch)  # once: what is applied is what kernel.json lists
     source = find_source()
     name = build_name(source, digest)
     root = kernels_dir()
@@ -256,7 +257,7 @@ def build_kernel(progress: BuildProgress | None = None, jobs: int | None = None,
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
-            dropped, steps = _build_in(staging, source, arch, jobs, progress,
+            dropped, steps = _build_in(staging, source, arch, patches, jobs, progress,
                                        _expected_steps(root, arch))
             tree = staging / "out"
             meta = {
@@ -265,7 +266,7 @@ def build_kernel(progress: BuildProgress | None = None, jobs: int | None = None,
                 "source_version": source.version, "config_digest": digest,
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": round(time.monotonic() - t0, 1), "steps": steps,
-                "patches": [p.name for p in source_patches(arch)],
+                "patches": [p.name for p in patches],
             }
             (tree / "kernel.json").write_text(json.dumps(meta, indent=1) + "\n")
             if final.exists():  # a forced rebuild, or an unusable leftover
@@ -326,8 +327,9 @@ def _build_lock(path: Path, progress: BuildProgress) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build_in(staging: Path, source: Source, arch: Arch, jobs: int | None,
-              progress: BuildProgress, expected: int) -> tuple[list[str], int]:
+def _build_in(staging: Path, source: Source, arch: Arch, patches: list[Path],
+              jobs: int | None, progress: BuildProgress,
+              expected: int) -> tuple[list[str], int]:
     logf = staging / "build.log"
     src = staging / "src"
     src.mkdir()
@@ -335,7 +337,7 @@ def _build_in(staging: Path, source: Source, arch: Arch, jobs: int | None,
                    f"({source.tarball.stat().st_size / 1e6:.0f} MB)…")
     _run(["tar", "-xf", str(source.tarball), "-C", str(src), "--strip-components=1"],
          logf, "unpacking the kernel source")
-    for p in source_patches(arch):
+    for p in patches:
         _run(["patch", "-p1", "--forward", "--batch", "-d", str(src), "-i", str(p)],
              logf, f"applying {p.name}")
     make = ["make", "-C", str(src), f"ARCH={arch.make_arch}",
