@@ -20,6 +20,16 @@
  * slot, and it is read here with one O_DIRECT pread instead of coming through the port
  * 4 KiB at a time (an interrupt and a read(2) each under TCG). Any reply frees the slot.
  *
+ * NEW_DIR (guest HELLO flag VFS_FLAG_NEW_DIR): before a MKDIR's reply, on mounts whose
+ * names change only through this guest (and with no before-hook that could answer a
+ * lookup otherwise), the host says the new directory's nodeid. Such a directory starts
+ * empty and every name that can appear in it comes by a request sent from here (CREATE,
+ * MKNOD, MKDIR, SYMLINK, LINK, RENAME), noted as it is sent: a LOOKUP in it of a name
+ * never noted is answered ENOENT here. That is the LOOKUP before each file a program
+ * creates (open(O_CREAT) asks first), one round trip of the three a small file costs.
+ * The tables only ever err towards asking the host: a slot collision forgets a directory,
+ * a name hash collision keeps a name, a full table forgets them all.
+ *
  * One poll loop, nonblocking fds. A request read from /dev/fuse goes straight to the port;
  * if the port is full, the rest waits in `outq` and /dev/fuse is not read until it drains
  * (the kernel then queues requests itself). Replies are written to /dev/fuse one whole
@@ -92,8 +102,192 @@ static struct {
     unsigned char *in;                  /* bytes from the port: replies, maybe partial */
     size_t in_len;
     int hello_seen;
-    unsigned long long requests, replies, local, pushed, bounced;
+    unsigned long long requests, replies, local, pushed, bounced, absent;
 } V;
+
+/* NEW_DIR: directories known complete (direct-mapped by nodeid: a collision forgets
+ * one), and a hash set of (directory, name) keys noted for creation in them. Insert-only:
+ * an unlinked name stays and its next LOOKUP just goes to the host. */
+#define NDIR_SLOTS 4096
+#define NAMES_MIN (1u << 12)
+#define NAMES_MAX (1u << 20) /* 8 MiB of keys; beyond, everything is forgotten */
+static uint64_t ND[NDIR_SLOTS];
+static struct {
+    uint64_t *keys;
+    size_t cap, used;
+} NM;
+
+static int ndir_known(uint64_t nodeid) { return nodeid && ND[nodeid % NDIR_SLOTS] == nodeid; }
+
+static void ndir_forget(uint64_t nodeid)
+{
+    if (ndir_known(nodeid))
+        ND[nodeid % NDIR_SLOTS] = 0;
+}
+
+static void ndir_forget_all(void)
+{
+    memset(ND, 0, sizeof ND);
+    free(NM.keys);
+    NM.keys = NULL;
+    NM.cap = NM.used = 0;
+}
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    return x ^ (x >> 33);
+}
+
+static uint64_t name_key(uint64_t dir, const char *name, size_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)name[i]) * 0x100000001b3ULL;
+    return mix64(h ^ mix64(dir)) | 1; /* 0 marks a free slot */
+}
+
+static int names_has(uint64_t key)
+{
+    if (!NM.cap)
+        return 0;
+    for (size_t i = mix64(key) & (NM.cap - 1);; i = (i + 1) & (NM.cap - 1)) {
+        if (NM.keys[i] == key)
+            return 1;
+        if (!NM.keys[i])
+            return 0;
+    }
+}
+
+static void names_put(uint64_t key)
+{
+    if ((NM.used + 1) * 2 > NM.cap) {
+        size_t cap = NM.cap ? NM.cap * 2 : NAMES_MIN;
+        uint64_t *keys = cap <= NAMES_MAX ? calloc(cap, sizeof *keys) : NULL;
+        if (!keys) {
+            ndir_forget_all(); /* no room to know: ask the host again */
+            return;
+        }
+        for (size_t j = 0; j < NM.cap; j++) {
+            if (!NM.keys[j])
+                continue;
+            size_t i = mix64(NM.keys[j]) & (cap - 1);
+            while (keys[i])
+                i = (i + 1) & (cap - 1);
+            keys[i] = NM.keys[j];
+        }
+        free(NM.keys);
+        NM.keys = keys;
+        NM.cap = cap;
+    }
+    size_t i = mix64(key) & (NM.cap - 1);
+    while (NM.keys[i] && NM.keys[i] != key)
+        i = (i + 1) & (NM.cap - 1);
+    if (!NM.keys[i]) {
+        NM.keys[i] = key;
+        NM.used++;
+    }
+}
+
+/* The NUL-terminated name at req[off], or NULL if it does not fit in n. */
+static const char *name_at(const unsigned char *req, size_t n, size_t off, size_t *len)
+{
+    if (off >= n)
+        return NULL;
+    const unsigned char *z = memchr(req + off, 0, n - off);
+    if (!z)
+        return NULL;
+    *len = (size_t)(z - (req + off));
+    return (const char *)req + off;
+}
+
+static void ndir_note_name(uint64_t dir, const unsigned char *req, size_t n, size_t off)
+{
+    if (!ndir_known(dir))
+        return;
+    size_t len;
+    const char *name = name_at(req, n, off, &len);
+    if (!name) {
+        ndir_forget(dir); /* cannot tell what it names: stop answering for it */
+        return;
+    }
+    names_put(name_key(dir, name, len));
+}
+
+/* A request on its way to the host: every name it may create in a known directory. */
+static void ndir_note(const unsigned char *req, size_t n)
+{
+    const struct fuse_in_header *h = (const void *)req;
+    size_t b = sizeof *h;
+    switch (h->opcode) {
+    case FUSE_CREATE:
+        ndir_note_name(h->nodeid, req, n, b + sizeof(struct fuse_create_in));
+        break;
+    case FUSE_MKNOD:
+        ndir_note_name(h->nodeid, req, n, b + sizeof(struct fuse_mknod_in));
+        break;
+    case FUSE_MKDIR:
+        ndir_note_name(h->nodeid, req, n, b + sizeof(struct fuse_mkdir_in));
+        break;
+    case FUSE_SYMLINK: /* name, then the target */
+        ndir_note_name(h->nodeid, req, n, b);
+        break;
+    case FUSE_LINK:
+        ndir_note_name(h->nodeid, req, n, b + sizeof(struct fuse_link_in));
+        break;
+    case FUSE_RENAME: case FUSE_RENAME2: { /* {newdir, ...}, old name, new name */
+        size_t in = h->opcode == FUSE_RENAME ? sizeof(struct fuse_rename_in)
+                                             : sizeof(struct fuse_rename2_in);
+        uint64_t newdir;
+        size_t len;
+        if (n < b + in || !name_at(req, n, b + in, &len)) {
+            ndir_forget(h->nodeid);
+            if (n >= b + 8) {
+                memcpy(&newdir, req + b, 8);
+                ndir_forget(newdir);
+            }
+            break;
+        }
+        memcpy(&newdir, req + b, 8);
+        ndir_note_name(h->nodeid, req, n, b + in); /* RENAME_EXCHANGE keeps both names */
+        ndir_note_name(newdir, req, n, b + in + len + 1);
+        break;
+    }
+    case FUSE_FORGET:
+        ndir_forget(h->nodeid);
+        break;
+    case FUSE_BATCH_FORGET: {
+        struct fuse_batch_forget_in bf;
+        if (n < b + sizeof bf)
+            break;
+        memcpy(&bf, req + b, sizeof bf);
+        size_t off = b + sizeof bf;
+        for (uint32_t i = 0; i < bf.count && off + sizeof(struct fuse_forget_one) <= n; i++) {
+            struct fuse_forget_one f;
+            memcpy(&f, req + off, sizeof f);
+            ndir_forget(f.nodeid);
+            off += sizeof f;
+        }
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+/* A LOOKUP in a known directory of a name never created there: ENOENT, here. */
+static int ndir_absent(const unsigned char *req, size_t n)
+{
+    const struct fuse_in_header *h = (const void *)req;
+    if (h->opcode != FUSE_LOOKUP || !ndir_known(h->nodeid))
+        return 0;
+    size_t len;
+    const char *name = name_at(req, n, sizeof *h, &len);
+    return name && !names_has(name_key(h->nodeid, name, len));
+}
 
 /* A READ on its way to the host: lend it a slot if one is free (padding = slot + 1). */
 static void bounce_ask(unsigned char *req, size_t n)
@@ -270,6 +464,18 @@ static int deliver_replies(void)
             off += len;
             continue;
         }
+        if (oh->unique == 0 && oh->error == VFS_NEW_DIR) {
+            uint64_t nodeid;
+            if (len != sizeof *oh + 8) {
+                LOG_WARN("vfs: NEW_DIR of %u bytes", len);
+                return -1;
+            }
+            memcpy(&nodeid, V.in + off + sizeof *oh, 8);
+            if (nodeid)
+                ND[nodeid % NDIR_SLOTS] = nodeid;
+            off += len;
+            continue;
+        }
         int slot = bounce_free(oh->unique);
         if (oh->error == VFS_BOUNCED) {
             if (bounce_deliver(oh, slot) < 0)
@@ -314,7 +520,10 @@ static int answer_locally(const unsigned char *req, size_t n)
         V.local++;
         return 1;
     }
-    if (h->opcode == FUSE_IOCTL) {
+    if (ndir_absent(req, n)) {
+        err = -ENOENT;
+        V.absent++;
+    } else if (h->opcode == FUSE_IOCTL) {
         err = -ENOTTY;
     } else if (h->opcode == FUSE_GETXATTR) {
         size_t off = sizeof *h + sizeof(struct fuse_getxattr_in);
@@ -389,7 +598,7 @@ static int relay(void)
 {
     unsigned char hello[16] = {'M', 'L', 'V', 'F'};
     put_le16(hello + 4, VFS_PROTOCOL_VERSION);
-    put_le16(hello + 6, VFS_FLAG_ATTR_PUSH | VFS_FLAG_LOCAL_RELEASE |
+    put_le16(hello + 6, VFS_FLAG_ATTR_PUSH | VFS_FLAG_LOCAL_RELEASE | VFS_FLAG_NEW_DIR |
                             (V.bounce >= 0 ? VFS_FLAG_BOUNCE : 0));
     put_le32(hello + 8, VFS_MAX_MSG);
     put_le32(hello + 12, 0);
@@ -441,6 +650,7 @@ static int relay(void)
                 continue;
             if ((size_t)n >= sizeof(struct fuse_in_header)) {
                 acache_note(V.req, (size_t)n);
+                ndir_note(V.req, (size_t)n);
                 answer_release(V.req);
                 bounce_ask(V.req, (size_t)n);
             }
@@ -526,7 +736,8 @@ int fused_run(int port, int bounce, const char *mountpoint, int ready_fd)
     }
     int rc = relay();
     LOG_DEBUG("vfs: relay ended (%llu requests, %llu replies, %llu answered here, %llu pushes "
-              "taken, %llu READs bounced)", V.requests, V.replies, V.local, V.pushed, V.bounced);
+              "taken, %llu READs bounced, %llu LOOKUPs answered absent)", V.requests, V.replies,
+              V.local, V.pushed, V.bounced, V.absent);
     close(V.fuse); /* aborts the FUSE connection: the workspace fails, it does not hang */
     return rc < 0 ? 1 : 0;
 }

@@ -72,6 +72,8 @@ void jb_str(struct jbuf *b, const char *s); /* quoted, escaped JSON string */
 #define VFS_ATTR_PUSH 1000    /* fuse_out_header.error of an ATTR_PUSH (unique 0) */
 #define VFS_FLAG_BOUNCE 4     /* guest HELLO flag: it reads READ data from the bounce disk */
 #define VFS_BOUNCED 1001      /* fuse_out_header.error of a READ reply whose data is there */
+#define VFS_FLAG_NEW_DIR 8    /* guest HELLO flag: it takes NEW_DIR messages */
+#define VFS_NEW_DIR 1002      /* fuse_out_header.error of a NEW_DIR (unique 0): u64 nodeid */
 #define VFS_BOUNCE_SLOTS 16
 #define VFS_BOUNCE_SLOT (1u << 20) /* = max_read */
 

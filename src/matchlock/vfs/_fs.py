@@ -28,7 +28,7 @@ from matchlock.vfs._fuse import Attr, FuseProtocolError, Request
 from matchlock.vfs._hooks import HookEngine
 from matchlock.vfs._memory import MemoryFS
 from matchlock.vfs._provider import DirEntry, Handle, Provider, SetAttr, fail, join
-from matchlock.vfs._wire import attr_push
+from matchlock.vfs._wire import attr_push, new_dir
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class FuseFilesystem:
         self.files: dict[int, OpenFile] = {}
         self.initialized = False
         self.push_attrs = False  # the guest takes ATTR_PUSH messages (_wire.FLAG_ATTR_PUSH)
+        self.push_new_dirs = False  # ... and NEW_DIR messages (_wire.FLAG_NEW_DIR)
         self.writeback_cache = False  # ask for it at INIT (bench/vfs.py --writeback)
         self.writeback = False
         self.minor = 0
@@ -524,12 +525,19 @@ class FuseFilesystem:
         self.hooks.after(op, gpath, req, attr=attr)
         return out
 
-    def _mkdir(self, req: Request) -> bytes:
+    def _mkdir(self, req: Request) -> bytes | list[bytes]:
         mode, _umask = F.need(req.body, F.MKDIR_IN)
         name = _name(req.body[F.MKDIR_IN.size:])
         parent = self._node(req.nodeid)
-        return self._new_entry(req, "mkdir", parent, name,
-                               lambda p, rel: p.mkdir(rel, mode & 0o7777, req.uid, req.gid))
+        out = self._new_entry(req, "mkdir", parent, name,
+                              lambda p, rel: p.mkdir(rel, mode & 0o7777, req.uid, req.gid))
+        # NEW_DIR: names appear in it only by this guest's requests, which fused sees; a
+        # before-hook could answer a lookup in it other than ENOENT, so not then.
+        node = self.nodes.get(F.ENTRY.unpack_from(out)[0])
+        if not self.push_new_dirs or self.hooks.active_before or node is None \
+                or not node.mount.provider.exclusive:
+            return out
+        return [new_dir(node.id), F.reply(req.unique, out)]
 
     def _mknod(self, req: Request) -> bytes:
         mode, rdev, _umask, _ = F.need(req.body, F.MKNOD_IN)

@@ -16,7 +16,11 @@ BOUNCE_SLOT bytes; a READ whose fuse_read_in.padding is slot + 1 may be answered
 BOUNCED (`bounced`) once the data is written at slot * BOUNCE_SLOT of that file, and the
 guest reads it from there with O_DIRECT: one block request per MiB instead of 256 trips
 of 4 KiB through the port (QEMU's chardev moves 4 KiB per step, each a guest interrupt
-and read(2) under TCG). The host's own HELLO flags stay 0.
+and read(2) under TCG). Guest flag FLAG_NEW_DIR: the guest takes NEW_DIR messages
+(`new_dir`), which the host sends before a MKDIR's reply on exclusive mounts with no
+before-hook: the new, empty directory's nodeid; the guest notes every name it sends for
+creation there and answers a LOOKUP of any other name ENOENT itself. The host's own HELLO
+flags stay 0.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ MAGIC = b"MLVF"
 FLAG_ATTR_PUSH = 1
 FLAG_LOCAL_RELEASE = 2  # the guest answers RELEASE/RELEASEDIR itself: the host sends no reply
 FLAG_BOUNCE = 4  # the guest reads READ data from the bounce disk when the host says so
-GUEST_FLAGS = FLAG_ATTR_PUSH | FLAG_LOCAL_RELEASE | FLAG_BOUNCE
+FLAG_NEW_DIR = 8  # the guest answers LOOKUPs of absent names in directories made empty
+GUEST_FLAGS = FLAG_ATTR_PUSH | FLAG_LOCAL_RELEASE | FLAG_BOUNCE | FLAG_NEW_DIR
 # A host -> guest message that is no FUSE reply: fuse_out_header{len, error=ATTR_PUSH,
 # unique=0} (unique 0 with a positive error is a FUSE notification; FUSE's own codes are
 # < 16), then u64 nodeid, u64 the WRITE's unique, fuse_attr_out.
@@ -45,6 +50,10 @@ _BOUNCED = struct.Struct("<IiQII")
 BOUNCE_SLOTS = 16
 BOUNCE_SLOT = MAX_WRITE  # a READ never asks for more (max_read)
 BOUNCE_SERIAL = "ml-vfsbuf"
+# A new, empty directory on an exclusive mount: fuse_out_header{len, error=NEW_DIR,
+# unique=0}, then u64 its nodeid; sent just before the MKDIR's reply.
+NEW_DIR = 1002
+_NEW_DIR = struct.Struct("<IiQQ")
 
 
 def bounced(unique: int, length: int, slot: int) -> bytes:
@@ -53,6 +62,10 @@ def bounced(unique: int, length: int, slot: int) -> bytes:
 
 def attr_push(nodeid: int, write_unique: int, attr_out: bytes) -> bytes:
     return _PUSH.pack(_PUSH.size + len(attr_out), ATTR_PUSH, 0, nodeid, write_unique) + attr_out
+
+
+def new_dir(nodeid: int) -> bytes:
+    return _NEW_DIR.pack(_NEW_DIR.size, NEW_DIR, 0, nodeid)
 
 
 def hello(max_message: int = MAX_REQUEST) -> bytes:

@@ -31,6 +31,7 @@ from matchlock.vfs._wire import (
     FLAG_ATTR_PUSH,
     FLAG_BOUNCE,
     FLAG_LOCAL_RELEASE,
+    FLAG_NEW_DIR,
     VfsConnection,
     bounced,
     hello,
@@ -169,6 +170,7 @@ class _Protocol(asyncio.Protocol):
         try:
             msgs = self.conn.receive_data(data)
             self.fs.push_attrs = bool(self.conn.guest_flags & FLAG_ATTR_PUSH)
+            self.fs.push_new_dirs = bool(self.conn.guest_flags & FLAG_NEW_DIR)
             self._quiet_release = bool(self.conn.guest_flags & FLAG_LOCAL_RELEASE)
             self._bounce = bool(self.conn.guest_flags & FLAG_BOUNCE) and \
                 self.server.bounce_fd is not None
