@@ -217,7 +217,8 @@ static void ndir_note_name(uint64_t dir, const unsigned char *req, size_t n, siz
     names_put(name_key(dir, name, len));
 }
 
-/* A request on its way to the host: every name it may create in a known directory. */
+/* A request on its way to the host: every name it may create in a known directory.
+ * (FORGETs drop known directories in acache_note.) */
 static void ndir_note(const unsigned char *req, size_t n)
 {
     const struct fuse_in_header *h = (const void *)req;
@@ -254,23 +255,6 @@ static void ndir_note(const unsigned char *req, size_t n)
         memcpy(&newdir, req + b, 8);
         ndir_note_name(h->nodeid, req, n, b + in); /* RENAME_EXCHANGE keeps both names */
         ndir_note_name(newdir, req, n, b + in + len + 1);
-        break;
-    }
-    case FUSE_FORGET:
-        ndir_forget(h->nodeid);
-        break;
-    case FUSE_BATCH_FORGET: {
-        struct fuse_batch_forget_in bf;
-        if (n < b + sizeof bf)
-            break;
-        memcpy(&bf, req + b, sizeof bf);
-        size_t off = b + sizeof bf;
-        for (uint32_t i = 0; i < bf.count && off + sizeof(struct fuse_forget_one) <= n; i++) {
-            struct fuse_forget_one f;
-            memcpy(&f, req + off, sizeof f);
-            ndir_forget(f.nodeid);
-            off += sizeof f;
-        }
         break;
     }
     default:
@@ -569,6 +553,7 @@ static void acache_note(const unsigned char *req, size_t n)
         return; /* none changes an inode's attributes */
     case FUSE_FORGET:
         acache_drop(h->nodeid); /* the host may reuse the nodeid */
+        ndir_forget(h->nodeid);
         return;
     case FUSE_BATCH_FORGET: {
         size_t off = sizeof *h + sizeof(struct fuse_batch_forget_in);
@@ -580,6 +565,7 @@ static void acache_note(const unsigned char *req, size_t n)
             struct fuse_forget_one f;
             memcpy(&f, req + off, sizeof f);
             acache_drop(f.nodeid);
+            ndir_forget(f.nodeid);
             off += sizeof f;
         }
         return;

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from matchlock.guest_build import build_guest
-from matchlock.vfs import FuseFilesystem, HookEngine, Mount, VfsServer
+from matchlock.vfs import (
+    FuseFilesystem,
+    HookEngine,
+    HostFS,
+    MemoryFS,
+    Mount,
+    SnapshotFS,
+    VfsServer,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -23,6 +31,17 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="session")
 def guest_binary(tmp_path_factory) -> Path:
     return build_guest(ROOT / "guest", tmp_path_factory.mktemp("guest") / "matchlock-guest")
+
+
+def provider(kind: str, tmp_path: Path):  # noqa: ANN201 - a Provider
+    """memory, host_fs over tmp_path/src, or overlay (a snapshot of tmp_path/src)."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    if kind == "memory":
+        return MemoryFS()
+    if kind == "host_fs":
+        return HostFS(src)
+    return SnapshotFS(src, tmp_path / "snap")
 
 
 def _mounted(path: Path) -> bool:

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 import pytest
-from tests.unit.vfs.conftest import fuse_mount
+from tests.unit.vfs.conftest import fuse_mount, provider
 
-from matchlock.vfs import HookEngine, HookRule, HostFS, MemoryFS, Mount, SnapshotFS
+from matchlock.vfs import HookEngine, HookRule, MemoryFS, Mount
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _mount(kind: str, tmp_path: Path):
-    src = tmp_path / "src"
-    src.mkdir(exist_ok=True)
-    if kind == "memory":
-        return MemoryFS()
-    if kind == "host_fs":
-        return HostFS(src)
-    return SnapshotFS(src, tmp_path / "snap")
 
 
 def _getattrs(fs) -> int:
@@ -34,7 +23,7 @@ def _getattrs(fs) -> int:
 
 @pytest.mark.parametrize("kind", ["memory", "overlay"])
 def test_stat_after_write_is_answered_in_the_guest(tmp_path, guest_binary, kind):
-    with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", _mount(kind, tmp_path))]) as fs:
+    with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", provider(kind, tmp_path))]) as fs:
         d = tmp_path / "mnt" / "w"
         for i in range(20):
             (d / f"f{i}").write_bytes(b"x" * (i + 1))
@@ -51,7 +40,7 @@ def test_stat_after_write_is_answered_in_the_guest(tmp_path, guest_binary, kind)
 
 def test_shared_mount_still_asks_the_host(tmp_path, guest_binary):
     """Positive control: host_fs may change under the guest, so nothing is pushed."""
-    prov = _mount("host_fs", tmp_path)
+    prov = provider("host_fs", tmp_path)
     with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", prov)]) as fs:
         d = tmp_path / "mnt" / "w"
         for i in range(5):
@@ -66,7 +55,7 @@ def test_shared_mount_still_asks_the_host(tmp_path, guest_binary):
 def test_pushed_attributes_never_go_stale(tmp_path, guest_binary, kind):
     """Each change after a write that a pushed answer would miss: the guest's stat agrees
     with the provider's own view."""
-    prov = _mount(kind, tmp_path)
+    prov = provider(kind, tmp_path)
     with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", prov)]):
         d = tmp_path / "mnt" / "w"
 
@@ -129,7 +118,7 @@ def test_release_answered_in_the_guest_still_reaches_the_host(tmp_path, guest_bi
     close every handle (else handles and host fds would leak for the VM's life)."""
     import time
 
-    with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", _mount(kind, tmp_path))]) as fs:
+    with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", provider(kind, tmp_path))]) as fs:
         d = tmp_path / "mnt" / "w"
         for i in range(30):
             (d / f"f{i}").write_bytes(b"x")

@@ -13,23 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.unit.vfs.conftest import fuse_mount
+from tests.unit.vfs.conftest import fuse_mount, provider
 
-from matchlock.vfs import HookEngine, HookRule, HostFS, MemoryFS, Mount, SnapshotFS
+from matchlock.vfs import HookEngine, HookRule, MemoryFS, Mount, SnapshotFS
 
 pytestmark = pytest.mark.timeout(120)
 
 N = 60
-
-
-def _provider(kind: str, tmp_path: Path):
-    src = tmp_path / "src"
-    src.mkdir(exist_ok=True)
-    if kind == "memory":
-        return MemoryFS()
-    if kind == "host_fs":
-        return HostFS(src)
-    return SnapshotFS(src, tmp_path / "snap")
 
 
 def _lookups(fs) -> int:
@@ -45,7 +35,7 @@ def _create_files(d: Path, n: int) -> None:
 @pytest.mark.parametrize("kind", ["memory", "overlay"])
 def test_creating_in_a_new_directory_asks_no_lookup(tmp_path, guest_binary, kind):
     with fuse_mount(guest_binary, tmp_path / "mnt",
-                    [Mount("w", _provider(kind, tmp_path))]) as fs:
+                    [Mount("w", provider(kind, tmp_path))]) as fs:
         d = tmp_path / "mnt" / "w" / "new"
         d.mkdir()
         before = _lookups(fs)
@@ -62,7 +52,7 @@ def test_lookups_still_reach_the_host_elsewhere(tmp_path, guest_binary, where):
     """Positive controls: host_fs may change under the guest, and a directory the guest
     did not make may hold names it never saw: there, every create asks the host first."""
     kind = "host_fs" if where == "host_fs" else "overlay"
-    prov = _provider(kind, tmp_path)
+    prov = provider(kind, tmp_path)
     (tmp_path / "src" / "old").mkdir()
     (tmp_path / "src" / "old" / "there").write_text("x")
     with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", prov)]) as fs:
@@ -88,7 +78,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> None:
 def test_every_way_a_name_appears_is_found(tmp_path, guest_binary, kind):
     """Entry timeouts 0: each stat below walks the path with a fresh LOOKUP, so a name
     `fused` failed to note would come back ENOENT."""
-    m = Mount("w", _provider(kind, tmp_path))
+    m = Mount("w", provider(kind, tmp_path))
     m.ttl = 0.0
     with fuse_mount(guest_binary, tmp_path / "mnt", [m]) as fs:
         w = tmp_path / "mnt" / "w"
@@ -166,7 +156,8 @@ def test_a_before_hook_keeps_lookups_on_the_host(tmp_path, guest_binary):
     """A stat rule can answer a lookup with its own errno: then nothing is answered in the
     guest (and the rule's errno is what the guest sees)."""
     hooks = HookEngine([HookRule(name="hide", phase="before", ops=["stat"],
-                                 path="/workspace/w/new/secret*", action="block", errno=errno.EACCES)])
+                                 path="/workspace/w/new/secret*", action="block",
+                                 errno=errno.EACCES)])
     with fuse_mount(guest_binary, tmp_path / "mnt", [Mount("w", MemoryFS())],
                     hooks=hooks) as fs:
         d = tmp_path / "mnt" / "w" / "new"
