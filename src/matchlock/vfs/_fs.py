@@ -533,7 +533,7 @@ class FuseFilesystem:
                               lambda p, rel: p.mkdir(rel, mode & 0o7777, req.uid, req.gid))
         # NEW_DIR: names appear in it only by this guest's requests, which fused sees; a
         # before-hook could answer a lookup in it other than ENOENT, so not then.
-        node = self.nodes.get(F.ENTRY.unpack_from(out)[0])
+        node = parent.children.get(name)
         if not self.push_new_dirs or self.hooks.active_before or node is None \
                 or not node.mount.provider.exclusive:
             return out
