@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from matchlock.guest import guest_binary  # noqa: E402
-from matchlock.sandbox._sandbox import base_cmdline, modules_for, pick_machine  # noqa: E402
+from matchlock.sandbox._launch import base_cmdline, modules_for, pick_machine  # noqa: E402
 from matchlock.vm.accel import detect_accel  # noqa: E402
 from matchlock.vm.initramfs import build_initramfs  # noqa: E402
 from matchlock.vm.kernel import host_tsc_khz, resolve_kernel  # noqa: E402

@@ -173,6 +173,34 @@ def test_sigterm_stops_within_5s(ml_env, qemu_present, state_home):
     assert residue(state_home) == NO_RESIDUE
 
 
+@pytest.mark.parametrize(("sig", "rc", "word"), [(signal.SIGINT, 130, b"interrupted"),
+                                                (signal.SIGTERM, 143, b"terminated")])
+def test_signal_before_the_vm_boots_ends_run_at_once(ml_env, qemu_present, state_home,
+                                                     sig, rc, word):
+    """`run` resolves its image and spawns QEMU before it starts an event loop: a signal
+    there (here: a pull from a registry that never answers) still ends it with one line
+    and leaves nothing behind."""
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        port = srv.getsockname()[1]
+        proc = subprocess.Popen(
+            [*matchlock_cmd(), "run", "--image", f"127.0.0.1:{port}/e2e/stall:1", "true"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env)
+        srv.settimeout(30)
+        conn, _ = srv.accept()  # the pull is under way: nothing answers it
+        with conn:
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert (proc.returncode, err.strip().splitlines()[-1]) == (rc, b"error: " + word), err
+    assert b"Traceback" not in err
+    assert residue(state_home) == NO_RESIDUE
+
+
 def test_twenty_sequential_runs_leave_no_residue(ml, qemu_present, state_home):
     mounts_before = Path("/proc/mounts").read_text()
     tmp_before = set(os.listdir("/tmp"))

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
+import time
+from typing import TYPE_CHECKING
 
 import click
 
 from matchlock.errors import UsageError
+
+if TYPE_CHECKING:
+    from matchlock.sandbox import SandboxConfig, VmLaunch
 
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -208,15 +214,77 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
                                                   "workdir": workdir}, timeout)
         click.echo(vm_id)
         return
+    t0 = time.monotonic()
+    try:
+        launch = prelaunch(config, list(command), entrypoint, rm)
+    except KeyboardInterrupt:  # click would word it "aborted"
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    # Only now the event loop, the channel and the supervisor: they load while QEMU boots.
     from matchlock._aio import run as aio_run
     from matchlock.cli._session import RunSession, exec_request
 
+    if timeout is not None:  # --timeout counts from the start, launch included
+        timeout = max(timeout - (time.monotonic() - t0), 1e-3)
     request = exec_request(list(command), entrypoint=entrypoint, workdir=workdir,
                            interactive=interactive, tty=tty)
-    session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress)
+    session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress,
+                         launch=launch)
     rc = aio_run(session.run())
     sys.stdout.flush()
     raise SystemExit(rc)
+
+
+def prelaunch(config: SandboxConfig, argv: list[str], entrypoint: str | None,
+              rm: bool) -> VmLaunch:
+    """Register the VM and spawn QEMU, before the rest of `run` is even imported: the
+    guest boots while Python loads asyncio, the channel and the supervisor. What this
+    took is released again if anything here fails (bad input, Ctrl-C, SIGTERM)."""
+    from matchlock.sandbox import VmLaunch
+    from matchlock.sandbox._command import compose_argv
+
+    launch = VmLaunch(config, _progress)
+    # Until the event loop takes over the signals: SIGTERM ends this like Ctrl-C does.
+    term = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        launch.create()
+        if rm and not compose_argv(launch.image_defaults(), argv, entrypoint):
+            raise UsageError("command required (or use --rm=false to start without a "
+                             "command)")
+        # No signal between the records and the spawn: they are delivered after it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            launch.spawn()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    except BaseException:
+        discard(launch)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, term)
+    return launch
+
+
+class _Terminated(BaseException):
+    """SIGTERM before the event loop runs (a BaseException: no `except Exception` on the
+    way up swallows it, as for KeyboardInterrupt)."""
+
+
+def _raise_terminated(_sig: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def discard(launch: VmLaunch) -> None:
+    """Release whatever a failed prelaunch took (nothing when it failed before the row)."""
+    if not launch.registered:
+        return
+    from matchlock._aio import run as aio_run
+    from matchlock.sandbox import Sandbox
+
+    aio_run(Sandbox(launch.config, launch=launch).remove())
 
 
 @click.command("_supervise", hidden=True)

@@ -29,6 +29,7 @@ from matchlock.sandbox import (
     Process,
     Sandbox,
     SandboxConfig,
+    VmLaunch,
     VmStopped,
     compose_request,
 )
@@ -185,12 +186,12 @@ class RunSession:
 
     def __init__(self, config: SandboxConfig, request: ExecRequest, *, rm: bool = True,
                  timeout: float | None = None, progress: Callable[[str], None] | None = None,
-                 ) -> None:
+                 launch: VmLaunch | None = None) -> None:
         self.config = config
         self.request = request
         self.rm = rm
         self.timeout = timeout
-        self.supervisor = Supervisor(config, progress)
+        self.supervisor = Supervisor(config, progress, launch=launch)
         self._main: asyncio.Task | None = None
         self._att: Attached | None = None
         self._signalled = 0

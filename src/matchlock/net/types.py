@@ -3,9 +3,11 @@ the DNS resolver, the policy and the proxy. Pure data, no I/O."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import asyncio  # annotations only: `run` parses its flags before asyncio is loaded
 
 NetworkMode = Literal["none", "open", "intercept"]
 

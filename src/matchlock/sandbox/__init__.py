@@ -10,12 +10,13 @@ from matchlock._lazy import lazy_names
 _WHERE = {
     "ImageDefaults": "_command", "compose_argv": "_command", "compose_env": "_command",
     "SandboxConfig": "_config", "check_exec_size": "_exec_limits",
-    "Binding": "_ports", "PortForwarder": "_ports", "PortForwardError": "_ports",
-    "PortSpec": "_ports", "PortSpecError": "_ports", "parse_addresses": "_ports",
-    "parse_port_spec": "_ports",
+    "Binding": "_portspec", "PortForwarder": "_ports", "PortForwardError": "_ports",
+    "PortSpec": "_portspec", "PortSpecError": "_portspec", "parse_addresses": "_portspec",
+    "parse_port_spec": "_portspec",
     "ExecRequest": "_exec", "ExecResult": "_exec", "Process": "_exec",
     "VmDefaults": "_exec", "VmStopped": "_exec", "compose_request": "_exec",
-    "CONSOLE_LOG": "_sandbox", "SUPERVISOR_LOG": "_sandbox", "Sandbox": "_sandbox",
+    "CONSOLE_LOG": "_launch", "SUPERVISOR_LOG": "_launch", "VmLaunch": "_launch",
+    "Sandbox": "_sandbox",
 }
 
 __all__ = sorted(_WHERE)

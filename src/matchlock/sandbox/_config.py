@@ -13,7 +13,7 @@ from typing import Any
 
 from matchlock.errors import ConfigError
 from matchlock.net.types import HookRule, NetworkConfig, PrivateException, Secret
-from matchlock.sandbox._ports import PortSpec
+from matchlock.sandbox._portspec import PortSpec
 from matchlock.vfs._spec import DiskSpec, MountConfig, MountSpec
 from matchlock.vm.spec import MIN_MEMORY_MIB, vcpus_for
 

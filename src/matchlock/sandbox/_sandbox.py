@@ -5,6 +5,9 @@ Data flows one way: supervisor -> Sandbox -> {image, vm, channel, net, state}.
     create()   image, kernel and initramfs resolved (bad input fails here, nothing is
                registered); then the row (`creating`) and the VM directory
     boot()     writable disk, network namespace, QEMU (`starting`), hello, CA (`running`)
+
+create() and the first half of boot() are `VmLaunch` (_launch), blocking code in a
+worker thread, or already done by the caller before any event loop existed.
     exec()     typed ExecRequest in, Process out (channel types stay in here)
     stop()     the recorded resources released newest first (`stopping` -> `stopped`)
     remove()   the directory and the rows too
@@ -17,14 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,109 +36,26 @@ from matchlock.errors import (
     VmNotRunning,
     VmStartError,
 )
-from matchlock.guest import guest_binary
-from matchlock.image import Image, ImageStore
-from matchlock.paths import vms_dir
+from matchlock.image import Image
 from matchlock.sandbox import _cleanup as cleanup
-from matchlock.sandbox._command import ImageDefaults, overlay_image
 from matchlock.sandbox._config import SandboxConfig
 from matchlock.sandbox._events import EventHub, network_event
 from matchlock.sandbox._exec import ExecRequest, Process, VmDefaults, compose_request
 from matchlock.sandbox._exec_limits import check_exec_size
-from matchlock.sandbox._upper import make_upper_disk
+from matchlock.sandbox._launch import Progress, VmLaunch
 from matchlock.state import InvalidTransition, StateDB, Status
 from matchlock.vfs._attach import SandboxMounts
-from matchlock.vm.accel import detect_accel
-from matchlock.vm.initramfs import build_initramfs
-from matchlock.vm.kernel import Kernel, host_tsc_khz, resolve_kernel
-from matchlock.vm.kernel_build import APIC_BUS_PATCH
-from matchlock.vm.qemu import QemuProcess, qemu_binary
-from matchlock.vm.spec import Disk, Nic, VmSpec, mac_for
+from matchlock.vm.qemu import QemuProcess
 
 if TYPE_CHECKING:
     from matchlock.vfs._hooks import HookEngine
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
-
 BOOT_TIMEOUT_S = float(os.environ.get("MATCHLOCK_BOOT_TIMEOUT", "90"))
 GUEST_CA_PATH = "/etc/ssl/certs/matchlock-ca.crt"  # written by the guest's install_ca
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
-ROOT_SERIAL = "ml-root"
-UPPER_SERIAL = "ml-upper"
 POWEROFF_REPLY_S = 2.0  # the guest answers poweroff at once; it then syncs and halts
-CONSOLE_LOG = "vm.log"
-SUPERVISOR_LOG = "supervisor.log"
-
-
-# QEMU's emulated local APIC counts at 1 GHz (TCG; KVM's in-kernel one too).
-QEMU_APIC_BUS_KHZ = 1_000_000
-
-
-def base_cmdline(accel: str, tsc_khz: int | None, kernel: Kernel | None = None) -> list[str]:
-    """Kernel arguments every matchlock VM boots with (also used by bench/)."""
-    args = [
-        "console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t",
-        # Boot-time work a disposable VM does not need (measured ~0.3 s under TCG).
-        "cryptomgr.notests", "nowatchdog", "audit=0", "lsm=capability",
-        # A built-in dummy driver (our kernel) makes dummy0 at boot; a guest's links are
-        # eth0 and lo only. Users can still `ip link add type dummy`.
-        "dummy.numdummies=0",
-    ]
-    if accel == "tcg":
-        # The emulated CPU does not speculate like hardware; mitigations only cost time.
-        args.append("mitigations=off")
-        if tsc_khz:
-            # Without it a microvm under TCG hangs calibrating the TSC in most tries.
-            args.append(f"tsc_early_khz={tsc_khz}")
-        if kernel is not None and APIC_BUS_PATCH in kernel.patches:
-            # TCG has no TSC-deadline timer, so the kernel would spend 0.2 s measuring the
-            # APIC timer's rate; our build takes it from here (guest/kernel/*.patch).
-            args.append(f"lapic_bus_khz={QEMU_APIC_BUS_KHZ}")
-    if os.environ.get("MATCHLOCK_GUEST_DEBUG"):
-        args.append("matchlock.debug=1")
-    return args
-
-
-def pick_machine(explicit: str | None, accel: str, tsc_khz: int | None) -> str:
-    machine = explicit or os.environ.get("MATCHLOCK_MACHINE") or ""
-    if machine:
-        return machine
-    # microvm boots fastest; under TCG it needs the TSC rate or it hangs calibrating.
-    return "microvm" if (accel != "tcg" or tsc_khz) else "q35"
-
-
-def modules_for(machine: str, networked: bool, vfs: bool = False) -> tuple[str, ...]:
-    """Only the modules this VM uses: each costs 5-35 ms of boot under TCG."""
-    bus = "virtio_mmio" if machine == "microvm" else "virtio_pci"
-    mods = [bus, "virtio_blk", "virtio_console", "overlay"]
-    if networked:
-        mods.append("virtio_net")
-    if vfs:
-        mods.append("fuse")
-    return tuple(mods)
-
-
-def new_vm_id() -> str:
-    return "vm-" + uuid.uuid4().hex[:8]
-
-
-def resolve_image(store: ImageStore, name: str, pull: bool = False,
-                  progress: Progress | None = None) -> Image:
-    # From the store (or built in), else pulled from its registry; always pulled with `pull`.
-    return store.resolve(name, pull=pull, progress=progress)
-
-
-@dataclass(frozen=True, slots=True)
-class _Assets:
-    accel: str
-    warning: str | None
-    image: Image
-    kernel: Kernel
-    tsc: int | None
-    machine: str
-    initrd: Path
 
 
 class Sandbox:
@@ -155,40 +71,62 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig, progress: Progress | None = None, *,
                  vm_id: str | None = None, db: StateDB | None = None,
-                 owner: ProcessId | None = None) -> None:
-        self.config = config
-        self.vcpus = config.validate()
-        self.progress = progress or (lambda msg: None)
-        self.id = vm_id or new_vm_id()
-        self.dir = vms_dir() / self.id
-        self.owner = owner or ProcessId.current()
-        self.image: Image | None = None
-        self.qemu: QemuProcess | None = None
+                 owner: ProcessId | None = None, launch: VmLaunch | None = None) -> None:
+        # `launch`: the blocking half, possibly done already (a foreground `run` spawns
+        # QEMU before it imports this module).
+        self.vm = launch or VmLaunch(config, progress, vm_id=vm_id, db=db, owner=owner)
+        self.vm.net_events = self._net_event
+        self.config = self.vm.config
         self.channel: GuestChannel | None = None
-        self.net = None  # NetworkStack when the VM has a NIC
-        self.timings: dict[str, float] = {}
-        self._db = db
-        self._registered = False
         self._running = False
-        self._assets: _Assets | None = None
         self._work: asyncio.Future | None = None  # blocking setup in flight (shielded)
         self._stop_task: asyncio.Task | None = None
         self._removed = False
         self._stop_waiting = False
         self.stop_reason = ""  # why the VM stopped, for messages
         self._hub: EventHub | None = None
-        self._vfs_hooks: HookEngine | None = None
-        self.vfs: SandboxMounts | None = None  # workspace, volumes and disks
         self.file_events = False  # publish every VFS operation as a `file` event
+
+    # What the launch took, read here and by the faces.
+    @property
+    def id(self) -> str:
+        return self.vm.id
+
+    @property
+    def dir(self) -> Path:
+        return self.vm.dir
+
+    @property
+    def owner(self) -> ProcessId:
+        return self.vm.owner
+
+    @property
+    def image(self) -> Image | None:
+        return self.vm.image
+
+    @property
+    def qemu(self) -> QemuProcess | None:
+        return self.vm.qemu
+
+    @property
+    def net(self):  # noqa: ANN201 - NetworkStack | None (imported only with a NIC)
+        return self.vm.net
+
+    @property
+    def vfs(self) -> SandboxMounts | None:
+        return self.vm.vfs
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.vm.timings
 
     @property
     def vfs_hooks(self) -> HookEngine:
         """The VFS's hook rules and file events (set rules before or after start)."""
-        if self._vfs_hooks is None:
-            from matchlock.vfs._hooks import HookEngine
+        return self.vm.vfs_hooks
 
-            self._vfs_hooks = HookEngine()
-        return self._vfs_hooks
+    def _net_event(self, event) -> None:  # noqa: ANN001 - NetEvent
+        self.hub.publish(network_event(event.kind, event.host, event.detail, event.fields))
 
     @property
     def hub(self) -> EventHub:
@@ -204,13 +142,11 @@ class Sandbox:
 
     @property
     def db(self) -> StateDB:
-        if self._db is None:
-            self._db = StateDB()
-        return self._db
+        return self.vm.db
 
     def record(self, kind: str, value: dict) -> None:
         """Write down a resource before taking it (also used by the supervisor)."""
-        self.db.take(self.id, kind, value)
+        self.vm.record(kind, value)
 
     def released(self, kind: str, error: str = "") -> None:
         try:
@@ -219,51 +155,24 @@ class Sandbox:
             log.warning("%s: cannot record the release of %s: %s", self.id, kind, e)
 
     def _transition(self, to: Status, detail: str = "", error: str | None = None) -> None:
-        if self._registered:
-            self.db.transition(self.id, to.value, detail=detail, error=error)
+        self.vm.transition(to, detail, error)
+
+    @property
+    def _registered(self) -> bool:
+        return self.vm.registered
 
     @property
     def log_paths(self) -> tuple[Path, Path]:
-        return self.dir / "logs" / CONSOLE_LOG, self.dir / "logs" / SUPERVISOR_LOG
+        return self.vm.log_paths
 
     # -- create --------------------------------------------------------------------------
 
     async def create(self) -> None:
         """Resolve the image, kernel and initramfs, then register the VM and make its dir."""
-        self._work = asyncio.ensure_future(asyncio.to_thread(self._create))
+        if self.vm.created:
+            return
+        self._work = asyncio.ensure_future(asyncio.to_thread(self.vm.create))
         await asyncio.shield(self._work)
-
-    def _create(self) -> None:
-        t0 = time.monotonic()
-        cfg = self.config
-        accel, warning = detect_accel(cfg.accel)
-        qemu_binary()  # fail on a missing QEMU before any other work
-        image = resolve_image(ImageStore(), cfg.image, cfg.pull, self.progress)
-        kernel = resolve_kernel(cfg.kernel, progress=self.progress)
-        tsc = host_tsc_khz()
-        machine = pick_machine(cfg.machine, accel, tsc)
-        initrd = build_initramfs(
-            kernel, guest_binary(),
-            modules_for(machine, networked=cfg.net.mode != "none", vfs=cfg.mounts.vfs))
-        self.image = image
-        self._assets = _Assets(accel, warning, image, kernel, tsc, machine, initrd)
-        if warning:
-            # Only once the input is known good, so a bad-input error stays one line.
-            self.progress(warning)
-        self.timings["prepare_assets"] = time.monotonic() - t0
-
-        public = cfg.public_view() | {"image": image.name}
-        while not self.db.create(self.id, image=image.name, config=public, owner=self.owner,
-                                 cpus=cfg.cpus, memory_mib=cfg.memory_mib,
-                                 ports=public["ports"]):
-            self.id = new_vm_id()  # 2^32 ids: a clash is rare, never fatal
-            self.dir = vms_dir() / self.id
-        self._registered = True
-        self.record(cleanup.VM_DIR, {"path": str(self.dir)})
-        self.dir.mkdir(parents=True, mode=0o700)
-        (self.dir / "logs").mkdir()
-        # Only the public view: secret values never reach the state directory.
-        (self.dir / "config.json").write_text(json.dumps(public, indent=2) + "\n")
 
     # -- boot ----------------------------------------------------------------------------
 
@@ -272,15 +181,18 @@ class Sandbox:
         await self.boot()
 
     async def boot(self) -> None:
-        if self._assets is None:
+        if not self.vm.created:
             raise VmStartError("create() must come before boot()", vm_id=self.id)
         t0 = time.monotonic()
         hub = self.hub  # made here, on the loop it delivers events on
         if self.file_events and self.config.mounts.vfs:
             self.vfs_hooks.subscribe(lambda ev: hub.publish(ev.to_wire()))
         # Shielded: a Ctrl-C mid-preparation must not leave a QEMU spawned behind stop().
-        self._work = asyncio.ensure_future(asyncio.to_thread(self._spawn))
-        host_sock = await asyncio.shield(self._work)
+        if not self.vm.spawned:
+            self._work = asyncio.ensure_future(asyncio.to_thread(self.vm.spawn))
+            await asyncio.shield(self._work)
+        host_sock, self.vm.host_sock = self.vm.host_sock, None
+        assert host_sock is not None
         if self.net is not None:
             # The sockets listen already; the guest's first packets wait in their queues.
             await self.net.start()
@@ -315,74 +227,6 @@ class Sandbox:
         self._running = True
         await asyncio.to_thread(self._transition, Status.RUNNING)
         log.debug("sandbox %s ready: %s", self.id, self.timings)
-
-    def _spawn(self) -> socket.socket:
-        """Blocking: writable disk, network, QEMU. Runs in a worker thread."""
-        assert self._assets is not None
-        a, cfg = self._assets, self.config
-        t0 = time.monotonic()
-        upper = self.dir / "upper.ext4"
-        self.record(cleanup.UPPER_DISK, {"path": str(upper)})
-        make_upper_disk(upper, cfg.disk_size_mib)
-        self.vfs = SandboxMounts(cfg.mounts, self.dir,
-                                 self.vfs_hooks if cfg.mounts.vfs else None)
-        self.vfs.prepare()  # disk locks first: a disk in use fails before QEMU starts
-
-        netcfg = cfg.net
-        cmdline = [
-            *base_cmdline(a.accel, a.tsc, a.kernel),
-            f"matchlock.hostname={cfg.hostname or self.id}",
-            f"matchlock.root={ROOT_SERIAL}", f"matchlock.upper={UPPER_SERIAL}",
-            f"matchlock.net={0 if netcfg.mode == 'none' else 1}",
-        ]
-        nic = None
-        if netcfg.mode != "none":
-            from matchlock.net.netns import ns_name_for
-            from matchlock.net.stack import NetworkStack
-
-            self.record(cleanup.NETNS, {"name": ns_name_for(self.id),
-                                        "privileged": os.geteuid() == 0})
-            hub = self.hub
-
-            class Stack(NetworkStack):
-                def emit(self, event) -> None:  # noqa: ANN001 - NetEvent
-                    super().emit(event)
-                    hub.publish(network_event(event.kind, event.host, event.detail,
-                                              event.fields))
-
-            self.net = Stack(self.id, self.dir, netcfg)
-            self.net.prepare()
-            cmdline += self.net.guest_cmdline()
-            nic = Nic(self.net.tap_fd, mac_for(self.id))
-            self.timings.update(self.net.timings)
-        else:
-            cmdline += [f"matchlock.add_host={h}:{ip}" for h, ip in netcfg.add_hosts]
-        cmdline += self.vfs.cmdline()
-        spec = VmSpec(
-            kernel=a.kernel.image, initrd=a.initrd, memory_mib=cfg.memory_mib,
-            vcpus=self.vcpus, accel=a.accel, machine=a.machine,
-            log_path=self.log_paths[0],
-            disks=(Disk(a.image.disk, ROOT_SERIAL, readonly=True), Disk(upper, UPPER_SERIAL),
-                   *(Disk(Path(d.path), d.serial, d.readonly) for d in self.vfs.attachments)),
-            cmdline=tuple(cmdline), nic=nic, vfs_fd=self.vfs.guest_fd,
-        )
-        self._transition(Status.STARTING)
-        # Recorded before the spawn: gc finds an unrecorded pid by the dir in QEMU's argv.
-        self.record(cleanup.QEMU, {"marker": str(self.dir)})
-        host_sock, guest_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.qemu = QemuProcess(spec, guest_sock.fileno(), self.dir / "qemu.err")
-        except BaseException:
-            host_sock.close()
-            raise
-        finally:
-            guest_sock.close()
-        pid = ProcessId.of(self.qemu.pid)
-        self.record(cleanup.QEMU, {"marker": str(self.dir), "pid": self.qemu.pid,
-                                   "start": pid.start if pid else ""})
-        self.vfs.start()
-        self.timings["qemu_spawned"] = time.monotonic() - t0
-        return host_sock
 
     def _wait_qemu_exit(self) -> int | None:
         assert self.qemu is not None
@@ -439,13 +283,9 @@ class Sandbox:
 
     @property
     def defaults(self) -> VmDefaults:
-        cfg = self.image.config if self.image is not None else None
-        image = ImageDefaults(env=cfg.env, entrypoint=cfg.entrypoint, cmd=cfg.cmd,
-                              working_dir=cfg.working_dir, user=cfg.user) if cfg \
-            else ImageDefaults()
-        image = overlay_image(image, self.config)
-        return VmDefaults(image=image, env=self.config.env, user=self.config.user,
-                          extra_env=self._extra_env(), cwd=self.config.mounts.workspace)
+        return VmDefaults(image=self.vm.image_defaults(), env=self.config.env,
+                          user=self.config.user, extra_env=self._extra_env(),
+                          cwd=self.config.mounts.workspace)
 
     def _extra_env(self) -> dict[str, str]:
         """Variables every exec gets on top of the user's: CA paths, secret placeholders."""
@@ -539,9 +379,10 @@ class Sandbox:
         if self._work is not None and not self._work.done():
             # Setup in a worker thread: let it finish so that what it took is known.
             with contextlib.suppress(BaseException):
-                res = await self._work
-                if isinstance(res, socket.socket) and self.channel is None:
-                    res.close()
+                await self._work
+        if self.vm.host_sock is not None:  # spawned, never booted
+            self.vm.host_sock.close()
+            self.vm.host_sock = None
         qemu_alive = self.qemu is not None and self.qemu.poll() is None
         if graceful and qemu_alive and self.channel is not None and self._running:
             # Kept VMs get a clean guest shutdown (sync, unmount) before QEMU goes.

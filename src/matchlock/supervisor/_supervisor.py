@@ -23,10 +23,18 @@ from typing import Any
 from matchlock._aio import spawn
 from matchlock.errors import MatchlockError, NotAvailable, VmNotRunning
 from matchlock.rpc.server import serve_stream
-from matchlock.sandbox import ExecRequest, PortSpec, Process, Sandbox, SandboxConfig
+from matchlock.sandbox import (
+    ExecRequest,
+    PortSpec,
+    Process,
+    Sandbox,
+    SandboxConfig,
+    VmLaunch,
+)
 from matchlock.sandbox import _cleanup as cleanup
 from matchlock.sandbox import _files as files
-from matchlock.sandbox._ports import Binding, PortForwarder
+from matchlock.sandbox._ports import PortForwarder
+from matchlock.sandbox._portspec import Binding
 from matchlock.supervisor._socket import CONTROL_SOCKET, bind_unix
 
 log = logging.getLogger(__name__)
@@ -36,8 +44,8 @@ CLIENT_FLUSH_S = 2.0  # after the VM stopped, how long clients get to read their
 
 class Supervisor:
     def __init__(self, config: SandboxConfig, progress=None, *,  # noqa: ANN001
-                 vm_id: str | None = None) -> None:
-        self.sandbox = Sandbox(config, progress, vm_id=vm_id)
+                 vm_id: str | None = None, launch: VmLaunch | None = None) -> None:
+        self.sandbox = Sandbox(config, progress, vm_id=vm_id, launch=launch)
         self.config = config
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matchlock.sandbox._sandbox import QEMU_APIC_BUS_KHZ, base_cmdline
+from matchlock.sandbox._launch import QEMU_APIC_BUS_KHZ, base_cmdline
 from matchlock.vm.kernel import Kernel
 from matchlock.vm.kernel_build import APIC_BUS_PATCH
 
