@@ -134,6 +134,26 @@ static void write_file(const char *path, const char *content)
     close(fd);
 }
 
+/* /etc/hosts, /etc/hostname, /etc/resolv.conf: written to the /run tmpfs and bind-mounted
+ * over the image's file, as Docker does, so that /etc is not copied up to the upper disk
+ * at every boot (~10 ms under TCG). Where the image has no regular file there (none, or
+ * a symlink such as systemd-resolved's), the file itself is written instead. */
+static void place_file(const char *path, const char *content)
+{
+    struct stat st;
+    char src[128];
+    const char *base = strrchr(path, '/');
+    if (lstat(path, &st) == 0 && S_ISREG(st.st_mode) && base) {
+        snprintf(src, sizeof src, "/run/matchlock/etc%s", base);
+        write_file(src, content);
+        if (mount(src, path, NULL, MS_BIND, NULL) == 0)
+            return;
+        LOG_DEBUG("bind %s: %s", path, strerror(errno));
+        unlink(src);
+    }
+    write_file(path, content);
+}
+
 /* ------------------------------------------------------------------ steps */
 
 static void mount_early(void)
@@ -334,6 +354,7 @@ static void assemble_root(void)
      * still reach it (to remount it read-only) once the initramfs is hidden. */
     do_mount("tmpfs", NEWROOT "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 1);
     make_dir(NEWROOT "/run/matchlock", 0700);
+    make_dir(NEWROOT "/run/matchlock/etc", 0755);
     make_dir(NEWROOT UPPER_KEEP, 0700);
     if (mount("/run/ml/upperfs", NEWROOT UPPER_KEEP, NULL, MS_MOVE, NULL) < 0)
         LOG_WARN("move upper fs: %s", strerror(errno));
@@ -376,14 +397,14 @@ static void setup_identity(void)
     if (sethostname(cfg.hostname, strlen(cfg.hostname)) < 0)
         LOG_WARN("sethostname: %s", strerror(errno));
     jb_raw(&b, "%s\n", cfg.hostname);
-    write_file("/etc/hostname", buf);
+    place_file("/etc/hostname", buf);
     b.len = 0;
     jb_raw(&b, "127.0.0.1 localhost localhost.localdomain %s\n", cfg.hostname);
     for (int i = 0; i < cfg.n_hosts; i++)
         jb_raw(&b, "%s %s\n", cfg.hosts[i][1], cfg.hosts[i][0]);
     jb_raw(&b, "::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n"
                "ff02::2 ip6-allrouters\n");
-    write_file("/etc/hosts", buf);
+    place_file("/etc/hosts", buf);
 }
 
 static int set_flags_up(int s, const char *name)
@@ -482,7 +503,7 @@ static void setup_nic(int s)
     if (inet_pton(AF_INET, cfg.dns, &dns) == 1) {
         char line[64];
         snprintf(line, sizeof line, "nameserver %s\n", cfg.dns);
-        write_file("/etc/resolv.conf", line); /* replaces a symlink too */
+        place_file("/etc/resolv.conf", line); /* replaces a symlink too */
     }
     LOG_DEBUG("%s: %s/%d via %s mtu %d", nic, ipbuf, prefix, cfg.gw, cfg.mtu);
 }
