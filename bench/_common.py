@@ -7,6 +7,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def bare_vm(tmp: Path, extra_cmdline: tuple[str, ...], memory_mib: int = 512,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     guest.close()
     return proc, host
+
+
+def wait_exact(proc: subprocess.Popen, timeout: float) -> int:
+    """Exit status of `proc`, returned as soon as it exits. `Popen.wait(timeout)` polls
+    with sleeps of up to 50 ms, which rounds a measured boot up by as much (floors came out
+    in 50 ms steps); this blocks in waitpid, and a timer kills a VM that hangs."""
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        return proc.wait()
+    finally:
+        timer.cancel()
 
 
 def median(xs: list[float]) -> float:

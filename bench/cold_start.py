@@ -14,13 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import bare_vm, env, matchlock_cmd, median
+from _common import bare_vm, env, matchlock_cmd, median, wait_exact
 
 
 def floor_once(tmp: Path) -> float:
     t0 = time.perf_counter()
     proc, sock = bare_vm(tmp, ("matchlock.bench=poweroff",))
-    rc = proc.wait(120)
+    rc = wait_exact(proc, 120)
     sock.close()
     if rc != 0:
         raise SystemExit(f"bare VM exited {rc}")

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import bare_vm, env, matchlock_cmd, median
+from _common import bare_vm, env, matchlock_cmd, median, wait_exact
 
 from matchlock.vm.kernel import best_built, debian_kernel
 
@@ -27,7 +27,7 @@ from matchlock.vm.kernel import best_built, debian_kernel
 def floor_once(tmp: Path, kernel: str) -> float:
     t0 = time.perf_counter()
     proc, sock = bare_vm(tmp, ("matchlock.bench=poweroff",), kernel_name=kernel)
-    rc = proc.wait(120)
+    rc = wait_exact(proc, 120)
     sock.close()
     if rc != 0:
         raise SystemExit(f"bare VM with kernel {kernel} exited {rc}")
