@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import matchlock_cmd
-from tests.e2e.conftest import NO_RESIDUE, busybox_rootfs_layer, make_docker_save, residue
+from tests.e2e.conftest import (
+    NO_RESIDUE,
+    busybox_rootfs_layer,
+    make_docker_save,
+    qemu_pids,
+    residue,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -198,6 +204,28 @@ def test_signal_before_the_vm_boots_ends_run_at_once(ml_env, qemu_present, state
     assert time.monotonic() - t0 < 5
     assert (proc.returncode, err.strip().splitlines()[-1]) == (rc, b"error: " + word), err
     assert b"Traceback" not in err
+    assert residue(state_home) == NO_RESIDUE
+
+
+def test_qemu_starts_with_sigint_and_sigterm_unblocked(ml_env, qemu_present, state_home):
+    """`run` blocks SIGINT/SIGTERM from QEMU's spawn until its event loop handles them;
+    QEMU must not inherit that mask (it would ignore the SIGTERM of a graceful stop)."""
+    proc = subprocess.Popen(
+        [*matchlock_cmd(), "run", "--image", BB, "--", "sh", "-c", "echo started; sleep 1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        (pid,) = qemu_pids(state_home)
+        status = Path(f"/proc/{pid}/status").read_text()
+        blocked = next(line.split()[1] for line in status.splitlines()
+                       if line.startswith("SigBlk:"))
+        # QEMU blocks SIGBUS, SIGUSR1, SIGALRM and SIGIO itself (it reads them elsewhere).
+        mask = int(blocked, 16)
+        assert not mask & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1)), status
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 130
     assert residue(state_home) == NO_RESIDUE
 
 

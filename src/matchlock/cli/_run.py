@@ -16,6 +16,7 @@ from matchlock.errors import UsageError
 if TYPE_CHECKING:
     from matchlock.sandbox import SandboxConfig, VmLaunch
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -218,21 +219,25 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
     try:
         launch = prelaunch(config, list(command), entrypoint, rm)
     except KeyboardInterrupt:  # click would word it "aborted"
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
-    except _Terminated:
-        print("error: terminated", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
-    # Only now the event loop, the channel and the supervisor: they load while QEMU boots.
-    from matchlock._aio import run as aio_run
-    from matchlock.cli._session import RunSession, exec_request
+        sig = _signalled[-1] if _signalled else signal.SIGINT
+        print("error: " + ("terminated" if sig == signal.SIGTERM else "interrupted"),
+              file=sys.stderr)
+        raise SystemExit(128 + sig) from None
+    # SIGINT/SIGTERM stay blocked until the session's loop handles them (RunSession.run).
+    try:
+        # Only now the event loop, the channel and the supervisor: they load while QEMU
+        # boots.
+        from matchlock._aio import run as aio_run
+        from matchlock.cli._session import RunSession, exec_request
 
-    if timeout is not None:  # --timeout counts from the start, launch included
-        timeout = max(timeout - (time.monotonic() - t0), 1e-3)
-    request = exec_request(list(command), entrypoint=entrypoint, workdir=workdir,
-                           interactive=interactive, tty=tty)
-    session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress,
-                         launch=launch)
+        request = exec_request(list(command), entrypoint=entrypoint, workdir=workdir,
+                               interactive=interactive, tty=tty)
+        session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress,
+                             launch=launch, spent=time.monotonic() - t0)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        discard(launch)
+        raise
     rc = aio_run(session.run())
     sys.stdout.flush()
     raise SystemExit(rc)
@@ -247,20 +252,19 @@ def prelaunch(config: SandboxConfig, argv: list[str], entrypoint: str | None,
     from matchlock.sandbox._command import compose_argv
 
     launch = VmLaunch(config, _progress)
-    # Until the event loop takes over the signals: SIGTERM ends this like Ctrl-C does.
-    term = signal.signal(signal.SIGTERM, _raise_terminated)
+    # While the image is resolved (maybe pulled): SIGTERM ends this like Ctrl-C does.
+    term = signal.signal(signal.SIGTERM, _term_as_int)
     try:
         launch.create()
         if rm and not compose_argv(launch.image_defaults(), argv, entrypoint):
             raise UsageError("command required (or use --rm=false to start without a "
                              "command)")
-        # No signal between the records and the spawn: they are delivered after it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            launch.spawn()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        # From the first record of the spawn on, a signal waits (blocked, pending) for the
+        # event loop's handlers, which tear down what was taken (RunSession.run).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        launch.spawn()
     except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         discard(launch)
         raise
     finally:
@@ -268,13 +272,15 @@ def prelaunch(config: SandboxConfig, argv: list[str], entrypoint: str | None,
     return launch
 
 
-class _Terminated(BaseException):
-    """SIGTERM before the event loop runs (a BaseException: no `except Exception` on the
-    way up swallows it, as for KeyboardInterrupt)."""
+_signalled: list[int] = []
 
 
-def _raise_terminated(_sig: int, _frame: object) -> None:
-    raise _Terminated
+def _term_as_int(sig: int, _frame: object) -> None:
+    """SIGTERM while the image is resolved: handled as a Ctrl-C, which an event loop
+    running a pull turns into a clean cancellation (an exception raised here could land
+    inside the loop's own callbacks)."""
+    _signalled.append(sig)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def discard(launch: VmLaunch) -> None:

@@ -186,11 +186,12 @@ class RunSession:
 
     def __init__(self, config: SandboxConfig, request: ExecRequest, *, rm: bool = True,
                  timeout: float | None = None, progress: Callable[[str], None] | None = None,
-                 launch: VmLaunch | None = None) -> None:
+                 launch: VmLaunch | None = None, spent: float = 0.0) -> None:
         self.config = config
         self.request = request
         self.rm = rm
         self.timeout = timeout
+        self.spent = spent  # of the timeout, before this session (`launch` was made)
         self.supervisor = Supervisor(config, progress, launch=launch)
         self._main: asyncio.Task | None = None
         self._att: Attached | None = None
@@ -238,9 +239,13 @@ class RunSession:
         self._main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # `run` keeps them blocked from QEMU's spawn until here (cli/_run.prelaunch): one
+        # that came meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         sup = self.supervisor
+        left = None if self.timeout is None else max(self.timeout - self.spent, 0.0)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(left):
                 return await self._run(sup)
         except TimeoutError:
             if self._keeping:

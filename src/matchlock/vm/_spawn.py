@@ -26,6 +26,9 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with(parent: int) -> Callable[[], None]:
     def setup() -> None:  # runs in the child between fork and exec
+        # A child starts with no signal blocked, whatever the forking thread held back
+        # (`run` blocks SIGINT/SIGTERM while it spawns QEMU; threads inherit the mask).
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
