@@ -5,12 +5,12 @@ Data flows one way: supervisor -> Sandbox -> {image, vm, channel, net, state}.
     create()   image, kernel and initramfs resolved (bad input fails here, nothing is
                registered); then the row (`creating`) and the VM directory
     boot()     writable disk, network namespace, QEMU (`starting`), hello, CA (`running`)
-
-create() and the first half of boot() are `VmLaunch` (_launch), blocking code in a
-worker thread, or already done by the caller before any event loop existed.
     exec()     typed ExecRequest in, Process out (channel types stay in here)
     stop()     the recorded resources released newest first (`stopping` -> `stopped`)
     remove()   the directory and the rows too
+
+create() and the first half of boot() are `VmLaunch` (_launch): blocking code run in a
+worker thread, or done already by the caller before any event loop existed.
 
 Each resource is written to the state DB before it is taken and marked when released, so
 `gc` can finish the job from the records if this process dies (see _cleanup).
