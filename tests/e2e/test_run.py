@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -186,8 +187,6 @@ def test_signal_before_the_vm_boots_ends_run_at_once(ml_env, qemu_present, state
     """`run` resolves its image and spawns QEMU before it starts an event loop: a signal
     there (here: a pull from a registry that never answers) still ends it with one line
     and leaves nothing behind."""
-    import socket
-
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(4)

@@ -235,7 +235,6 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
         session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress,
                              launch=launch, spent=time.monotonic() - t0)
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         discard(launch)
         raise
     rc = aio_run(session.run())
@@ -264,7 +263,6 @@ def prelaunch(config: SandboxConfig, argv: list[str], entrypoint: str | None,
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         launch.spawn()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         discard(launch)
         raise
     finally:
@@ -284,7 +282,9 @@ def _term_as_int(sig: int, _frame: object) -> None:
 
 
 def discard(launch: VmLaunch) -> None:
-    """Release whatever a failed prelaunch took (nothing when it failed before the row)."""
+    """Release whatever a failed prelaunch took (nothing when it failed before the row),
+    with SIGINT/SIGTERM unblocked again."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if not launch.registered:
         return
     from matchlock._aio import run as aio_run

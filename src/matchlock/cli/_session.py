@@ -186,7 +186,7 @@ class RunSession:
 
     def __init__(self, config: SandboxConfig, request: ExecRequest, *, rm: bool = True,
                  timeout: float | None = None, progress: Callable[[str], None] | None = None,
-                 launch: VmLaunch | None = None, spent: float = 0.0) -> None:
+                 launch: VmLaunch, spent: float = 0.0) -> None:
         self.config = config
         self.request = request
         self.rm = rm
@@ -212,16 +212,6 @@ class RunSession:
             self._att.on_signal(sig)
         else:
             self._force()
-
-    def _check_command(self, sup: Supervisor) -> None:
-        """Before boot: a --rm run needs a command (args, or the image's)."""
-        if self.request.argv or not self.rm:
-            return
-        try:
-            compose_request(sup.sandbox.defaults, self.request)
-        except UsageError:
-            raise UsageError("command required (or use --rm=false to start without a "
-                             "command)") from None
 
     def _killed(self) -> bool:
         sup = self.supervisor
@@ -270,7 +260,7 @@ class RunSession:
             self._dump_timings()
 
     async def _run(self, sup: Supervisor) -> int:
-        await sup.start(before_boot=self._check_command)
+        await sup.start()
         if not self.rm:
             print(f"Sandbox {sup.id} is running\n  Connect: matchlock exec {sup.id} -it sh\n"
                   f"  Stop:    matchlock kill {sup.id}", file=sys.stderr)
