@@ -371,11 +371,11 @@ class SnapshotFS(Provider):
 
     def _upper_dir(self, path: str) -> None:
         """Make directory `path` exist in the upper layer (a memory file needs no host call
-        that would refuse a parent that is not a directory: this checks it)."""
-        self._copy_up(path)
-        st = self._up(path)
-        if st is None or not stat.S_ISDIR(st.st_mode):
+        that would refuse a parent that is not a directory: this checks it, before a
+        copy-up that would be wasted)."""
+        if not stat.S_ISDIR(self._find(path)[1].st_mode):
             raise fail(errno.ENOTDIR, path)
+        self._copy_up(path)
 
     def _to_disk(self, path: str) -> None:
         """Before an operation that needs a name on the host (hard link, xattr)."""
@@ -532,7 +532,7 @@ class SnapshotFS(Provider):
     def _prepare_new(self, path: str) -> None:
         if self._exists(path) is not None:
             raise fail(errno.EEXIST, path)
-        self._copy_up(split(path)[0])
+        self._upper_dir(split(path)[0])
 
     def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> tuple[Handle, Attr]:
         if self._exists(path) is not None:
@@ -653,7 +653,7 @@ class SnapshotFS(Provider):
             self._copy_up_tree(old)  # the upper copy becomes complete: opaque at `new`
         else:
             self._copy_up(old)
-        self._copy_up(split(new)[0])
+        self._upper_dir(split(new)[0])
         if dst is not None and stat.S_ISDIR(dst.st_mode) and self._up(new) is None:
             self.upper.mkdir(new, 0o700)  # an empty lower dir: replace it in the upper layer
         elif dst is not None and not is_dir:
@@ -727,6 +727,8 @@ class SnapshotFS(Provider):
         with self.mem_lock:
             for m in list(self._mem.values()):
                 self._mem_unlink(m)
+                for h in list(m.handles):  # their fds go with them; their bytes go back now
+                    self.mem_closed(m, h)
         for t in (self.lower, self.upper, self.work):
             t.close()
         shutil.rmtree(self.private_dir, ignore_errors=True)
