@@ -638,17 +638,18 @@ class SnapshotFS(Provider):
         if new.startswith(old + "/"):
             raise fail(errno.EINVAL, new)
         if not is_dir and old in self._mem:
-            self._upper_dir(split(new)[0])
-            if dst is not None and self._up(new) is not None and not self._drop_target(new):
-                self.upper.unlink(new)
-            with self.mem_lock:
+            with self.mem_lock:  # a write on a worker must not move `old` to disk meanwhile
                 m = self._mem.get(old)
                 if m is not None:
+                    self._upper_dir(split(new)[0])
+                    if dst is not None and self._up(new) is not None and \
+                            not self._drop_target(new):
+                        self.upper.unlink(new)
                     self._mem_index(m, new)
-            if self._low(old) is not None:
-                self._hide(old)
-            self.owners.move(old, new)
-            return
+                    if self._low(old) is not None:
+                        self._hide(old)
+                    self.owners.move(old, new)
+                    return
         if is_dir:
             self._copy_up_tree(old)  # the upper copy becomes complete: opaque at `new`
         else:
