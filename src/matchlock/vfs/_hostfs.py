@@ -63,9 +63,14 @@ class Owners:
             self._map[new + k[len(old):]] = self._map.pop(k)
 
 
+def ino_of(st: os.stat_result, salt: int) -> int:
+    """The inode number the guest sees for a host file."""
+    return ((st.st_ino ^ (st.st_dev << 40)) + salt) & _INO_MASK or 2
+
+
 def attr_from_stat(st: os.stat_result, owner: tuple[int, int], salt: int) -> Attr:
     return Attr(
-        ino=((st.st_ino ^ (st.st_dev << 40)) + salt) & _INO_MASK or 2,
+        ino=ino_of(st, salt),
         mode=st.st_mode, nlink=st.st_nlink, uid=owner[0], gid=owner[1], size=st.st_size,
         blocks=st.st_blocks, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns, rdev=0, blksize=4096,
@@ -74,6 +79,22 @@ def attr_from_stat(st: os.stat_result, owner: tuple[int, int], salt: int) -> Att
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def setattr_fd(fd: int, change: SetAttr) -> None:
+    """Apply `change` (but owners: those are virtual) to the open file `fd`."""
+    if change.mode is not None:
+        os.fchmod(fd, change.mode & SAFE_MODE_BITS)
+    if change.size is not None:
+        os.ftruncate(fd, change.size)
+    if change.atime_ns is not None or change.mtime_ns is not None:
+        st = os.fstat(fd)
+        now = now_ns()
+        a = st.st_atime_ns if change.atime_ns is None else \
+            now if change.atime_ns == "now" else int(change.atime_ns)
+        m = st.st_mtime_ns if change.mtime_ns is None else \
+            now if change.mtime_ns == "now" else int(change.mtime_ns)
+        os.utime(fd, ns=(a, m))
 
 
 class HostHandle(Handle):
@@ -103,18 +124,7 @@ class HostHandle(Handle):
         return self._attr(os.fstat(self.fd))
 
     def setattr(self, change: SetAttr) -> Attr:
-        if change.mode is not None:
-            os.fchmod(self.fd, change.mode & SAFE_MODE_BITS)
-        if change.size is not None:
-            os.ftruncate(self.fd, change.size)
-        if change.atime_ns is not None or change.mtime_ns is not None:
-            st = os.fstat(self.fd)
-            now = now_ns()
-            a = st.st_atime_ns if change.atime_ns is None else \
-                now if change.atime_ns == "now" else int(change.atime_ns)
-            m = st.st_mtime_ns if change.mtime_ns is None else \
-                now if change.mtime_ns == "now" else int(change.mtime_ns)
-            os.utime(self.fd, ns=(a, m))
+        setattr_fd(self.fd, change)
         return self.getattr()
 
     def release(self) -> None:

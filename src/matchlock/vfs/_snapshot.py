@@ -38,6 +38,8 @@ from matchlock.vfs._hostfs import (
     apply_setattr,
     attr_from_stat,
     create_file,
+    ino_of,
+    setattr_fd,
     statfs_of,
     xattr_get,
     xattr_list,
@@ -96,12 +98,15 @@ class _MemBudget:
 
 
 _budget: _MemBudget | None = None
+_budget_lock = threading.Lock()
 
 
 def _mem_budget() -> _MemBudget:
     global _budget
     if _budget is None:
-        _budget = _MemBudget()
+        with _budget_lock:  # VFS threads of several VMs may ask first at once
+            if _budget is None:
+                _budget = _MemBudget()
     return _budget
 
 
@@ -127,39 +132,30 @@ class _SnapHandle(HostHandle):
     def fsync(self, datasync: bool) -> None:
         return None  # the upper layer is thrown away with the VM: nothing to make durable
 
-    # Writes to a memory file are serialised with its move to disk (READ/WRITE run on
+    # Changes to a memory file are serialised with its move to disk (READ/WRITE run on
     # worker threads too): a write to the memfd during the copy would be lost.
-    def write(self, offset: int, data: bytes | memoryview) -> int:
+    def _locked(self, size: int | None, grow_only: bool, op, *args):  # noqa: ANN202
+        """op(*args), for a memory file under mem_lock after accounting for it becoming
+        `size` bytes (None: no change of size)."""
         if self.mem is None or self.fs is None:
-            return super().write(offset, data)
+            return op(*args)
         with self.fs.mem_lock:
-            if self.mem is not None:
-                self.fs.mem_resize(self.mem, offset + len(data), grow_only=True)
-            return super().write(offset, data)
+            if self.mem is not None and size is not None:
+                self.fs.mem_resize(self.mem, size, grow_only)
+            return op(*args)
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        return self._locked(offset + len(data), True, super().write, offset, data)
 
     def truncate(self, size: int) -> None:
-        if self.mem is None or self.fs is None:
-            return super().truncate(size)
-        with self.fs.mem_lock:
-            if self.mem is not None:
-                self.fs.mem_resize(self.mem, size)
-            return super().truncate(size)
+        self._locked(size, False, super().truncate, size)
 
     def allocate(self, offset: int, length: int, mode: int) -> None:
-        if self.mem is None or self.fs is None:
-            return super().allocate(offset, length, mode)
-        with self.fs.mem_lock:
-            if self.mem is not None and not mode:
-                self.fs.mem_resize(self.mem, offset + length, grow_only=True)
-            return super().allocate(offset, length, mode)
+        self._locked(None if mode else offset + length, True, super().allocate, offset, length,
+                     mode)
 
     def setattr(self, change: SetAttr) -> Attr:
-        if self.mem is None or self.fs is None or change.size is None:
-            return super().setattr(change)
-        with self.fs.mem_lock:
-            if self.mem is not None:
-                self.fs.mem_resize(self.mem, change.size)
-            return super().setattr(change)
+        return self._locked(change.size, False, super().setattr, change)
 
     def release(self) -> None:
         if self.fs is not None:
@@ -356,7 +352,7 @@ class SnapshotFS(Provider):
                 self.upper.unlink(m.path)
             raise
         if m.path is not None:
-            self._inos[os.fstat(fd).st_ino] = attr_from_stat(st, (0, 0), self.salt).ino
+            self._inos[os.fstat(fd).st_ino] = ino_of(st, self.salt)
         os.close(fd)
         for h in m.handles:
             h.mem = None
@@ -679,7 +675,7 @@ class SnapshotFS(Provider):
                     self.mem_resize(m, change.size)
                     m = self._mem.get(path)
                 if m is not None:
-                    self._handle(m.fd, path, True).setattr(change)  # type: ignore[arg-type]
+                    setattr_fd(m.fd, change)  # type: ignore[arg-type]
                     if change.uid is not None or change.gid is not None:
                         self.owners.set(path, change.uid, change.gid)
                     return self.getattr(path)
