@@ -114,11 +114,13 @@ class _MemFile:
     """A created file still in memory: `fd` its memfd (None once unlinked), `size` the bytes
     it holds of the budget, `handles` the open handles on it."""
 
-    __slots__ = ("path", "fd", "size", "handles")
+    __slots__ = ("path", "fd", "key", "size", "handles")
 
     def __init__(self, fd: int) -> None:
         self.path: str | None = None
         self.fd: int | None = fd
+        st = os.fstat(fd)
+        self.key = (st.st_dev, st.st_ino)
         self.size = 0
         self.handles: set[_SnapHandle] = set()
 
@@ -197,6 +199,7 @@ class SnapshotFS(Provider):
         self._mem_on = single is None
         self._upper_dev = os.fstat(self.upper.rootfd).st_dev
         self._inos: dict[int, int] = {}  # upper inode -> the number it had in memory
+        self._linked: set[tuple[int, int]] = set()  # (dev, ino) of memfds that have a name
 
     # -- layers --------------------------------------------------------------------------
 
@@ -251,7 +254,8 @@ class SnapshotFS(Provider):
     def _attr(self, path: str, st: os.stat_result) -> Attr:
         a = attr_from_stat(st, self.owners.get(path), self.salt)
         if not st.st_nlink:
-            a.nlink = 1  # a memfd (or a file open after its unlink: it had one name)
+            if (st.st_dev, st.st_ino) in self._linked:
+                a.nlink = 1  # a memfd never has a name on the host; the guest's file has one
         elif self._inos and st.st_dev == self._upper_dev:
             a.ino = self._inos.get(st.st_ino, a.ino)
         return a
@@ -285,6 +289,7 @@ class SnapshotFS(Provider):
             raise
         m = _MemFile(fd)
         self._mem_index(m, path)
+        self._linked.add(m.key)
         return m
 
     def _mem_open(self, m: _MemFile, flags: int) -> _SnapHandle:
@@ -300,6 +305,7 @@ class SnapshotFS(Provider):
 
     def _mem_unlink(self, m: _MemFile) -> None:
         self._mem_index(m, None)
+        self._linked.discard(m.key)
         fd, m.fd = m.fd, None
         if fd is not None:
             os.close(fd)
@@ -362,6 +368,7 @@ class SnapshotFS(Provider):
             m.fd = None
             _mem_budget().give(1, 0)
         self._mem_index(m, None)
+        self._linked.discard(m.key)
         _mem_budget().give(0, m.size)
         m.size = 0
 

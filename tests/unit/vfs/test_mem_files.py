@@ -207,6 +207,19 @@ def test_unlinked_while_open_then_grown(fs):
     h.release()
 
 
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_open_file_after_its_unlink_has_no_links(fs, monkeypatch, where):
+    p, snap = fs
+    if where == "disk":
+        monkeypatch.setattr(_snapshot._mem_budget(), "fds", 0)
+    h = _new(p, "f", b"x")
+    assert h.getattr().nlink == 1, "positive control: one name"
+    assert _upper(snap) == ([] if where == "memory" else ["f"])
+    p.unlink("f")
+    assert h.getattr().nlink == 0, "fstat after unlink says 0, as on any file system"
+    h.release()
+
+
 def test_hard_link_moves_to_disk(fs):
     p, snap = fs
     _new(p, "a", b"linked").release()
