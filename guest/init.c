@@ -651,7 +651,9 @@ int init_main(void)
     assemble_root();
     mount_runtime();
     setup_identity();
+    LOG_DEBUG("identity set");
     setup_network();
+    LOG_DEBUG("network set");
     mount_disks();
     if (cfg.workspace[0])
         start_fused();

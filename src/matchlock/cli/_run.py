@@ -218,6 +218,7 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
     t0 = time.monotonic()
     try:
         launch = prelaunch(config, list(command), entrypoint, rm)
+        launch.marks["cli_start"] = t0
     except KeyboardInterrupt:  # click would word it "aborted"
         sig = _signalled[-1] if _signalled else signal.SIGINT
         print("error: " + ("terminated" if sig == signal.SIGTERM else "interrupted"),

@@ -17,6 +17,7 @@ import signal
 import sys
 import termios
 import threading
+import time
 import tty as ttymod
 from collections.abc import Callable, Iterator
 
@@ -257,6 +258,7 @@ class RunSession:
             else:
                 await asyncio.shield(sup.stop(graceful=True, reason="run ended"))
                 await asyncio.shield(sup.finish_clients())
+            self.sandbox.marks["torn_down"] = time.monotonic()
             self._dump_timings()
 
     async def _run(self, sup: Supervisor) -> int:
@@ -267,8 +269,10 @@ class RunSession:
         code = 0
         if self.rm or self._has_command():
             try:
+                self.sandbox.marks["exec_sent"] = time.monotonic()
                 result = await run_attached(self.sandbox, self.request, self._force,
                                             lambda a: setattr(self, "_att", a))
+                self.sandbox.marks["exec_done"] = time.monotonic()
             except VmStopped:
                 if not self._killed():
                     raise
@@ -296,4 +300,4 @@ class RunSession:
             import json
 
             with open(path, "w") as f:
-                json.dump(self.sandbox.timings, f)
+                json.dump({**self.sandbox.timings, "marks": self.sandbox.marks}, f)

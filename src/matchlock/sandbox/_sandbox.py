@@ -121,6 +121,10 @@ class Sandbox:
         return self.vm.timings
 
     @property
+    def marks(self) -> dict[str, float]:
+        return self.vm.marks
+
+    @property
     def vfs_hooks(self) -> HookEngine:
         """The VFS's hook rules and file events (set rules before or after start)."""
         return self.vm.vfs_hooks
@@ -212,7 +216,8 @@ class Sandbox:
         if not (hello_task in done and hello_task.exception() is None):
             raise VmStartError(self._boot_failure(elapsed=time.monotonic() - t0), vm_id=self.id)
         hello = hello_task.result()
-        self.timings["ready"] = time.monotonic() - t0
+        self.vm.marks["ready"] = time.monotonic()
+        self.timings["ready"] = self.vm.marks["ready"] - t0
         if hello.uptime_ns:
             self.timings["guest_uptime_at_ready"] = hello.uptime_ns / 1e9
         if self.net is not None and self.net.ca is not None:
