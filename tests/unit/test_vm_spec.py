@@ -88,3 +88,12 @@ def test_tcg_translation_buffer_is_capped(tmp_path, monkeypatch):
     monkeypatch.setenv("MATCHLOCK_TCG_TB_MIB", "0")
     with pytest.raises(ConfigError, match="MATCHLOCK_TCG_TB_MIB"):
         build_argv(spec, "qemu", 3)
+
+
+def test_qmp_socket_only_when_profiling(tmp_path, monkeypatch):
+    spec = _spec(tmp_path)
+    monkeypatch.delenv("MATCHLOCK_QEMU_QMP", raising=False)
+    assert "-qmp" not in build_argv(spec, "qemu", 3)
+    monkeypatch.setenv("MATCHLOCK_QEMU_QMP", str(tmp_path / "q.sock"))
+    argv = build_argv(spec, "qemu", 3)
+    assert argv[argv.index("-qmp") + 1] == f"unix:{tmp_path / 'q.sock'},server=on,wait=off"

@@ -78,6 +78,10 @@ def build_argv(spec: VmSpec, qemu: str, channel_fd: int) -> list[str]:
     ]
     if spec.accel in ("kvm", "hvf"):
         argv += ["-cpu", "host"]
+    qmp = os.environ.get("MATCHLOCK_QEMU_QMP")
+    if qmp:
+        # Profiling only (bench/guest_profile.py samples the guest's RIP through it).
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     for i, disk in enumerate(spec.disks):
         ro = ",readonly=on" if disk.readonly else ""
         argv += [
