@@ -30,7 +30,7 @@ PKGS=(
 # Every external command that src/, tests/ or bench/ runs, and the package it comes from
 # (tests/unit/test_install_script.py keeps this list complete).
 TOOLS=(
-  "$QEMU_BIN:$QEMU_PKG" musl-gcc:musl-tools gcc:gcc strip:binutils
+  "$QEMU_BIN:$QEMU_PKG" musl-gcc:musl-tools gcc:gcc strip:binutils nm:binutils
   mke2fs:e2fsprogs mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs resize2fs:e2fsprogs
   dumpe2fs:e2fsprogs tar:tar mount:mount umount:mount
   fakeroot:fakeroot busybox:busybox-static zstd:zstd
