@@ -207,8 +207,9 @@ def test_signal_before_the_vm_boots_ends_run_at_once(ml_env, qemu_present, state
 
 
 def test_qemu_starts_with_sigint_and_sigterm_unblocked(ml_env, qemu_present, state_home):
-    """`run` blocks SIGINT/SIGTERM from QEMU's spawn until its event loop handles them;
-    QEMU must not inherit that mask (it would ignore the SIGTERM of a graceful stop)."""
+    """`run` holds SIGINT/SIGTERM back from QEMU's spawn until its event loop handles them
+    (once with a blocked mask); QEMU must never start with them blocked (it would ignore
+    the SIGTERM of a graceful stop)."""
     proc = subprocess.Popen(
         [*matchlock_cmd(), "run", "--image", BB, "--", "sh", "-c", "echo started; sleep 1000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env)

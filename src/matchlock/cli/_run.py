@@ -224,7 +224,8 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
         print("error: " + ("terminated" if sig == signal.SIGTERM else "interrupted"),
               file=sys.stderr)
         raise SystemExit(128 + sig) from None
-    # SIGINT/SIGTERM stay blocked until the session's loop handles them (RunSession.run).
+    # A SIGINT/SIGTERM from here on is only written down until the session's loop acts
+    # on it (RunSession.run).
     try:
         # Only now the event loop, the channel and the supervisor: they load while QEMU
         # boots.
@@ -234,7 +235,8 @@ def run(image: str, pull: bool, interactive: bool, tty: bool, detach: bool, env:
         request = exec_request(list(command), entrypoint=entrypoint, workdir=workdir,
                                interactive=interactive, tty=tty)
         session = RunSession(config, request, rm=rm, timeout=timeout, progress=_progress,
-                             launch=launch, spent=time.monotonic() - t0)
+                             launch=launch, spent=time.monotonic() - t0,
+                             early_signals=_deferred)
     except BaseException:
         discard(launch)
         raise
@@ -252,26 +254,29 @@ def prelaunch(config: SandboxConfig, argv: list[str], entrypoint: str | None,
     from matchlock.sandbox._command import compose_argv
 
     launch = VmLaunch(config, _progress)
+    _saved.update({s: signal.getsignal(s) for s in _STOP_SIGNALS})
     # While the image is resolved (maybe pulled): SIGTERM ends this like Ctrl-C does.
-    term = signal.signal(signal.SIGTERM, _term_as_int)
+    signal.signal(signal.SIGTERM, _term_as_int)
     try:
         launch.create()
         if rm and not compose_argv(launch.image_defaults(), argv, entrypoint):
             raise UsageError("command required (or use --rm=false to start without a "
                              "command)")
-        # From the first record of the spawn on, a signal waits (blocked, pending) for the
-        # event loop's handlers, which tear down what was taken (RunSession.run).
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        # From the first record of the spawn on, a stop signal is only written down: the
+        # event loop's handlers act on it (RunSession.run) and tear down what was taken.
+        # Not a blocked mask: every child would inherit it (QEMU deaf to SIGTERM).
+        for s in _STOP_SIGNALS:
+            signal.signal(s, _defer)
         launch.spawn()
     except BaseException:
         discard(launch)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, term)
     return launch
 
 
-_signalled: list[int] = []
+_signalled: list[int] = []  # SIGTERM while the image was resolved
+_deferred: list[int] = []  # stop signals between QEMU's spawn and the session's loop
+_saved: dict[int, object] = {}  # the handlers prelaunch replaced
 
 
 def _term_as_int(sig: int, _frame: object) -> None:
@@ -282,10 +287,15 @@ def _term_as_int(sig: int, _frame: object) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
+def _defer(sig: int, _frame: object) -> None:
+    _deferred.append(sig)
+
+
 def discard(launch: VmLaunch) -> None:
     """Release whatever a failed prelaunch took (nothing when it failed before the row),
-    with SIGINT/SIGTERM unblocked again."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    with the SIGINT/SIGTERM handlers it replaced back in place."""
+    for s, handler in _saved.items():
+        signal.signal(s, handler)  # type: ignore[arg-type]
     if not launch.registered:
         return
     from matchlock._aio import run as aio_run

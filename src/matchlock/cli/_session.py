@@ -187,13 +187,16 @@ class RunSession:
 
     def __init__(self, config: SandboxConfig, request: ExecRequest, *, rm: bool = True,
                  timeout: float | None = None, progress: Callable[[str], None] | None = None,
-                 launch: VmLaunch, spent: float = 0.0) -> None:
+                 launch: VmLaunch, spent: float = 0.0,
+                 early_signals: list[int] | None = None) -> None:
         self.config = config
         self.request = request
         self.rm = rm
         self.timeout = timeout
         self.spent = spent  # of the timeout, before this session (`launch` was made)
         self.supervisor = Supervisor(config, progress, launch=launch)
+        # SIGINT/SIGTERM that came before the loop ran (cli/_run.prelaunch wrote them down).
+        self._early = early_signals if early_signals is not None else []
         self._main: asyncio.Task | None = None
         self._att: Attached | None = None
         self._signalled = 0
@@ -230,9 +233,9 @@ class RunSession:
         self._main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        # `run` keeps them blocked from QEMU's spawn until here (cli/_run.prelaunch): one
-        # that came meanwhile is handled now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        # One that came since QEMU's spawn is handled now, as if it came now.
+        while self._early:
+            loop.call_soon(self._on_signal, self._early.pop(0))
         sup = self.supervisor
         left = None if self.timeout is None else max(self.timeout - self.spent, 0.0)
         try:

@@ -36,13 +36,22 @@ NETNS = "netns"  # {"name", "privileged"}
 QEMU = "qemu"  # {"pid", "start", "marker"}: marker is a string only its argv holds
 
 
+def is_qemu(argv: list[str]) -> bool:
+    """QEMU's command line, or the `setpriv ... -- qemu-system-*` that execs it
+    (vm/_spawn), which is what a just-spawned QEMU still looks like for a moment."""
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "setpriv" and "--" in argv:
+        argv = argv[argv.index("--") + 1:]
+    return bool(argv) and os.path.basename(argv[0]).startswith("qemu-system")
+
+
 def qemu_processes(marker: str) -> list[int]:
     """PIDs of QEMU processes whose command line contains `marker` (the VM's directory)."""
     found = []
     for pid in _proc.pids():
         argv = _proc.cmdline(pid)
-        if argv and os.path.basename(argv[0]).startswith("qemu-system") and \
-                any(marker in a for a in argv):
+        if is_qemu(argv) and any(marker in a for a in argv):
             found.append(pid)
     return found
 
@@ -173,7 +182,7 @@ def orphans(db: StateDB) -> dict[str, list[str]]:
     prefix = str(root) + "/vm-"
     for pid in _proc.pids():
         argv = _proc.cmdline(pid)
-        if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        if not is_qemu(argv):
             continue
         for a in argv:
             i = a.find(prefix)

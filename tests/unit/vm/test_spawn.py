@@ -118,3 +118,42 @@ def test_errors_reach_the_caller_and_the_forker_keeps_working():
         popen_tied(["true"], preexec_fn=lambda: None)
     p = popen_tied(["true"])
     assert p.wait(10) == 0
+
+
+def _exec_done(proc: subprocess.Popen, prog: str) -> None:
+    deadline = time.monotonic() + 10
+    while os.path.basename(Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0]
+                           .decode()) != prog:  # setpriv first, then the program
+        assert time.monotonic() < deadline, "child never exec'd its program"
+        time.sleep(0.005)
+
+
+def test_child_starts_with_no_signal_blocked_whatever_the_caller_blocked():
+    # `run` once blocked SIGINT/SIGTERM around QEMU's spawn; a vforked child inherits its
+    # thread's mask, and a QEMU with SIGTERM blocked cannot be stopped by terminate().
+    def start():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return popen_tied(["sleep", "60"])
+
+    proc = _start_in_thread(start)
+    try:
+        _exec_done(proc, "sleep")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        blocked = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+        assert int(blocked.split()[1], 16) == 0, blocked
+        proc.terminate()
+        assert proc.wait(5) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_command_line_gc_looks_for_is_qemus_own_or_setprivs():
+    from matchlock.sandbox._cleanup import is_qemu
+
+    assert is_qemu(["/usr/bin/qemu-system-x86_64", "-m", "512"])
+    assert is_qemu(["/usr/bin/setpriv", "--pdeathsig", "KILL", "--",
+                    "/usr/bin/qemu-system-x86_64", "-m", "512"])
+    assert not is_qemu(["/usr/bin/setpriv", "--pdeathsig", "KILL", "--", "/bin/sleep"])
+    assert not is_qemu(["sleep", "qemu-system-x86_64"])
+    assert not is_qemu([])
