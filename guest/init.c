@@ -311,6 +311,25 @@ static int find_disk(const char *serial, char *dev, size_t size)
     return dev[0] ? 0 : -1;
 }
 
+/* The image disk is read cold by every program's first run. With the default 128 KiB
+ * read-around, a binary's scattered first page faults become many small requests, each
+ * ~1 ms of emulated interrupt and completion work under TCG; 8 MiB around a fault reads
+ * most binaries and libraries in one or two. Measured, 8 boots alternated: the first
+ * `true` (busybox) 40 -> 21 ms, boot to exit ~30 ms less; 32 MiB gained nothing more. */
+#define LOWER_READAHEAD_KB "8192"
+
+static void set_readahead(const char *dev, const char *kb)
+{
+    char path[300];
+    const char *name = strrchr(dev, '/');
+    snprintf(path, sizeof path, "/sys/block/%s/queue/read_ahead_kb", name ? name + 1 : dev);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, kb, strlen(kb)) < 0)
+        LOG_WARN("%s: %s", path, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+}
+
 static void assemble_root(void)
 {
     char rootdev[300], upperdev[300];
@@ -328,6 +347,7 @@ static void assemble_root(void)
         die("upper disk (matchlock.upper) not found");
     }
     LOG_DEBUG("root disk %s, upper disk %s", rootdev, upperdev[0] ? upperdev : "(tmpfs)");
+    set_readahead(rootdev, LOWER_READAHEAD_KB);
     do_mount(rootdev, "/run/ml/lower", "ext4", MS_RDONLY, "noload", 1);
     if (upperdev[0])
         /* noinit_itable: no background thread zeroing inode tables, which would take

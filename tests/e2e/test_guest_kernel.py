@@ -245,6 +245,20 @@ def apic_timer_from_host():
     assert all(0 <= v < 0.1 for v in late.values()), late
     return late
 
+@check
+def image_disk_reads_ahead():
+    # init widens the image disk's read-around (a first exec faults its binary in, cold);
+    # the writable disk keeps the kernel's default.
+    ra = {}
+    for dev in os.listdir("/sys/block"):
+        try:
+            serial = open(f"/sys/block/{dev}/serial").read().strip()
+        except OSError:
+            continue
+        ra[serial] = int(open(f"/sys/block/{dev}/queue/read_ahead_kb").read())
+    assert ra.get("ml-root") == 8192 and ra.get("ml-upper") == 128, ra
+    return ra
+
 print(json.dumps(R))
 '''
 
@@ -252,7 +266,8 @@ CHECKS = ["no_modules", "ipv6_loopback", "nic_has_no_ipv6_address", "nic_carries
           "unshare_user_net_pid",
           "nftables", "iptables", "bridge_veth_tun_vxlan", "cgroup_memory_limit_kills",
           "getrandom_at_once", "cpus", "io_uring", "bpf_syscall", "inotify", "seccomp_filter",
-          "vsock", "filesystems", "shm_and_pty", "namespaces", "apic_timer_from_host"]
+          "vsock", "filesystems", "shm_and_pty", "namespaces", "apic_timer_from_host",
+          "image_disk_reads_ahead"]
 
 
 @pytest.fixture(scope="module")
