@@ -285,30 +285,51 @@ static void load_modules(void)
     fclose(f);
 }
 
-/* /dev/vdX whose /sys/block/vdX/serial is `serial`, waiting up to 10 s; 0 or -1. */
+/* The virtio disks' serials, each read once per boot: a read of /sys/block/vdX/serial is
+ * a request to the host (~1 ms under TCG), and init looks up two disks or more. */
+#define MAX_SEEN_DISKS 64
+static struct { char name[32]; char serial[128]; } seen_disks[MAX_SEEN_DISKS];
+static int n_seen_disks;
+
+static void scan_disks(void)
+{
+    DIR *d = opendir("/sys/block");
+    struct dirent *e;
+    while (d && (e = readdir(d)) && n_seen_disks < MAX_SEEN_DISKS) {
+        if (strncmp(e->d_name, "vd", 2) || strlen(e->d_name) >= sizeof seen_disks[0].name)
+            continue;
+        int known = 0;
+        for (int i = 0; i < n_seen_disks && !known; i++)
+            known = !strcmp(seen_disks[i].name, e->d_name);
+        char path[300];
+        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        if (known || read_small(path, seen_disks[n_seen_disks].serial,
+                                sizeof seen_disks[0].serial) <= 0)
+            continue; /* unreadable yet: asked again on the next scan */
+        strcpy(seen_disks[n_seen_disks++].name, e->d_name);
+    }
+    if (d)
+        closedir(d);
+}
+
+/* /dev/vdX whose serial is `serial`, waiting up to 10 s; 0 or -1. */
 static int find_disk(const char *serial, char *dev, size_t size)
 {
     dev[0] = 0;
-    for (int tries = 0; tries < WAIT_TRIES && !dev[0]; tries++) {
-        DIR *d = opendir("/sys/block");
-        struct dirent *e;
-        while (d && (e = readdir(d))) {
-            char path[300], found[128];
-            if (strncmp(e->d_name, "vd", 2))
+    for (int tries = 0; tries < WAIT_TRIES; tries++) {
+        for (int i = 0; i < n_seen_disks; i++) {
+            if (strcmp(seen_disks[i].serial, serial))
                 continue;
-            snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
-            if (read_small(path, found, sizeof found) <= 0 || strcmp(found, serial))
-                continue;
-            snprintf(path, sizeof path, "/dev/%s", e->d_name);
-            if (access(path, F_OK) == 0) /* devtmpfs may add the node a little later */
-                snprintf(dev, size, "%s", path);
+            snprintf(dev, size, "/dev/%s", seen_disks[i].name);
+            if (access(dev, F_OK) == 0) /* devtmpfs may add the node a little later */
+                return 0;
+            dev[0] = 0;
         }
-        if (d)
-            closedir(d);
-        if (!dev[0])
+        if (tries)
             sleep_ms(10);
+        scan_disks();
     }
-    return dev[0] ? 0 : -1;
+    return -1;
 }
 
 /* The image disk is read cold by every program's first run. With the default 128 KiB
@@ -320,7 +341,7 @@ static int find_disk(const char *serial, char *dev, size_t size)
 
 static void set_readahead(const char *dev, const char *kb)
 {
-    char path[300];
+    char path[360]; /* dev is at most 300 bytes */
     const char *name = strrchr(dev, '/');
     snprintf(path, sizeof path, "/sys/block/%s/queue/read_ahead_kb", name ? name + 1 : dev);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
