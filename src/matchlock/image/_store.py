@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -276,6 +275,8 @@ class ImageStore:
     def _workdir(self) -> Iterator[Path]:
         self._ensure_dirs()
         self._sweep_tmp()
+        import tempfile  # not at the top: `run` starts without it
+
         work = Path(tempfile.mkdtemp(prefix="work-", dir=self._tmp))
         # Held for as long as we live: the sweep of another process can tell we are alive.
         fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -706,6 +707,8 @@ class ImageStore:
             digests = [r["digest"].removeprefix("sha256:") for r in conn.execute(
                 "SELECT digest FROM layers WHERE image_id=? ORDER BY ordinal", (row["id"],))]
             self._ensure_dirs()
+            import tempfile  # not at the top: `run` starts without it
+
             work = Path(tempfile.mkdtemp(prefix="export-", dir=self._tmp))
             pinned = []
             try:

@@ -18,7 +18,6 @@ import json
 import os
 import stat
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +269,8 @@ def build_initramfs(
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
+    import tempfile  # not at the top: `run` starts without it
+
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".cpio", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:

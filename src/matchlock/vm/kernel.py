@@ -37,7 +37,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -433,6 +432,8 @@ def _fetch(kernels: Path, progress: Callable[[str], None]) -> Kernel:
         size = _package_size(pkg)
         size_txt = f" ({size / 1e6:.1f} MB)" if size else ""
         progress(f"Fetching guest kernel {pkg}{size_txt}…")
+        import tempfile  # not at the top: `run` starts without it
+
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=kernels))
         try:
             _run_apt(

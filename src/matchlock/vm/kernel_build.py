@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -255,6 +254,8 @@ def build_kernel(progress: BuildProgress | None = None, jobs: int | None = None,
             return BuildResult(name, final, final / arch.out, True, time.monotonic() - t0)
         for stale in root.glob(".build-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
+        import tempfile  # not at the top: `run` starts without it
+
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
             dropped, steps = _build_in(staging, source, arch, patches, jobs, progress,
