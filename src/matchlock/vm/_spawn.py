@@ -9,12 +9,15 @@ returns: the signal then fires only when the whole process goes (exit, crash, SI
 The death signal is set by `setpriv --pdeathsig` in front of the command, not by a
 `preexec_fn`: that would make subprocess fork() this whole process (~5 ms, and every
 page then copied on write) where it can vfork() (~0.4 ms). Without setpriv, preexec_fn.
+setpriv cannot tell whether we died before its prctl took effect (the preexec_fn could);
+a child orphaned in that window of a millisecond is what gc's argv markers are for.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import errno
+import functools
 import os
 import queue
 import shutil
@@ -31,8 +34,7 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with(parent: int) -> Callable[[], None]:
     def setup() -> None:  # runs in the child between fork and exec
-        # A child starts with no signal blocked, whatever the forking thread held back
-        # (`run` blocks SIGINT/SIGTERM while it spawns QEMU; threads inherit the mask).
+        # A child starts with no signal blocked, whatever the forking thread held back.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         import ctypes
 
@@ -101,11 +103,7 @@ def popen_tied(argv: list[str], **kwargs: Any) -> subprocess.Popen:
     return _FORKER.call(lambda: subprocess.Popen(tied, **kwargs))
 
 
-_SETPRIV: list[str | None] = []
-
-
+@functools.cache
 def _setpriv() -> str | None:
-    if not _SETPRIV:
-        _SETPRIV.append(shutil.which("setpriv") or next(
-            (p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None))
-    return _SETPRIV[0]
+    return shutil.which("setpriv") or next(
+        (p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
