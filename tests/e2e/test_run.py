@@ -206,6 +206,27 @@ def test_signal_before_the_vm_boots_ends_run_at_once(ml_env, qemu_present, state
     assert residue(state_home) == NO_RESIDUE
 
 
+@pytest.mark.parametrize(("sig", "rc", "word"), [(signal.SIGINT, 130, b"interrupted"),
+                                                (signal.SIGTERM, 143, b"terminated")])
+def test_signal_as_qemu_starts_ends_run_cleanly(ml_env, qemu_present, state_home, sig, rc,
+                                                word):
+    """A signal from QEMU's spawn until `run`'s event loop is up is written down and acted
+    on by the loop: the run ends with 128+n, one line, and nothing left behind."""
+    proc = subprocess.Popen(
+        [*matchlock_cmd(), "run", "--image", BB, "--", "sh", "-c", "sleep 1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ml_env)
+    deadline = time.monotonic() + 30
+    while not qemu_pids(state_home):  # the moment QEMU (or setpriv before it) exists
+        assert proc.poll() is None and time.monotonic() < deadline, "QEMU never started"
+        time.sleep(0.002)  # polling for the spawn, not waiting for an outcome
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == rc, err
+    assert err.strip().splitlines()[-1] == b"error: " + word + b", sandbox removed", err
+    assert b"Traceback" not in err
+    assert residue(state_home) == NO_RESIDUE
+
+
 def test_qemu_starts_with_sigint_and_sigterm_unblocked(ml_env, qemu_present, state_home):
     """`run` holds SIGINT/SIGTERM back from QEMU's spawn until its event loop handles them
     (once with a blocked mask); QEMU must never start with them blocked (it would ignore

@@ -250,7 +250,8 @@ class RunSession:
         except asyncio.CancelledError:
             if self._keeping:
                 return 0  # --rm=false: a signal is the normal way to stop
-            print("error: interrupted" + (", sandbox removed" if self.rm else ""),
+            word = "terminated" if self._signalled == signal.SIGTERM else "interrupted"
+            print(f"error: {word}" + (", sandbox removed" if self.rm else ""),
                   file=sys.stderr)
             return 128 + (self._signalled or signal.SIGINT)
         finally:
