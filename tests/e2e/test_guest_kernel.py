@@ -246,6 +246,30 @@ def apic_timer_from_host():
     return late
 
 @check
+def loop_devices_on_demand():
+    # None is made at boot (CONFIG_BLK_DEV_LOOP_MIN_COUNT=0); losetup's way still works.
+    made = sorted(d for d in os.listdir("/dev") if d.startswith("loop") and d[4:].isdigit())
+    assert not made, made
+    fd = os.open("/dev/loop-control", os.O_RDWR)
+    try:
+        n = libc.ioctl(fd, 0x4C82)  # LOOP_CTL_GET_FREE: a free device, made if need be
+    finally:
+        os.close(fd)
+    assert n >= 0, os.strerror(ctypes.get_errno())
+    assert stat.S_ISBLK(os.stat(f"/dev/loop{n}").st_mode)
+    return f"/dev/loop{n}"
+
+@check
+def cpu_khz_from_the_host():
+    # The host's TSC rate (tsc_early_khz=) is the CPU's too: no PIT calibration at boot.
+    khz = next(int(a.split("=")[1]) for a in open("/proc/cmdline").read().split()
+               if a.startswith("tsc_early_khz="))
+    mhz = {float(line.split(":")[1]) for line in open("/proc/cpuinfo")
+           if line.startswith("cpu MHz")}
+    assert mhz == {khz / 1000}, (khz, mhz)
+    return khz
+
+@check
 def image_disk_reads_ahead():
     # init widens the image disk's read-around (a first exec faults its binary in, cold);
     # the writable disk keeps the kernel's default.
@@ -267,7 +291,7 @@ CHECKS = ["no_modules", "ipv6_loopback", "nic_has_no_ipv6_address", "nic_carries
           "nftables", "iptables", "bridge_veth_tun_vxlan", "cgroup_memory_limit_kills",
           "getrandom_at_once", "cpus", "io_uring", "bpf_syscall", "inotify", "seccomp_filter",
           "vsock", "filesystems", "shm_and_pty", "namespaces", "apic_timer_from_host",
-          "image_disk_reads_ahead"]
+          "image_disk_reads_ahead", "loop_devices_on_demand", "cpu_khz_from_the_host"]
 
 
 @pytest.fixture(scope="module")
