@@ -333,10 +333,10 @@ static int find_disk(const char *serial, char *dev, size_t size)
 }
 
 /* The image disk is read cold by every program's first run. With the default 128 KiB
- * read-around, a binary's scattered first page faults become many small requests, each
- * ~1 ms of emulated interrupt and completion work under TCG; 8 MiB around a fault reads
- * most binaries and libraries in one or two. Measured, 8 boots alternated: the first
- * `true` (busybox) 40 -> 21 ms, boot to exit ~30 ms less; 32 MiB gained nothing more. */
+ * read-around, a binary's scattered first page faults each become a request, a trip
+ * through the block layer's not yet translated code under TCG; 8 MiB around a fault
+ * reads most binaries and libraries in one or two. Measured, 8 boots alternated: the
+ * first `true` (busybox) 40 -> 21 ms, boot to exit ~30 ms less; 32 MiB gained nothing. */
 #define LOWER_READAHEAD_KB "8192"
 
 static void set_readahead(const char *dev, const char *kb)
