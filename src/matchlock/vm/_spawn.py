@@ -9,8 +9,8 @@ returns: the signal then fires only when the whole process goes (exit, crash, SI
 The death signal is set by `setpriv --pdeathsig` in front of the command, not by a
 `preexec_fn`: that would make subprocess fork() this whole process (~5 ms, and every
 page then copied on write) where it can vfork() (~0.4 ms). Without setpriv, preexec_fn.
-setpriv cannot tell whether we died before its prctl took effect (the preexec_fn could);
-a child orphaned in that window of a millisecond is what gc's argv markers are for.
+setpriv sets it just before it execs the command, so `popen_tied` returns only once the
+child runs the command: were we to die before the prctl, the signal would never come.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -100,7 +101,24 @@ def popen_tied(argv: list[str], **kwargs: Any) -> subprocess.Popen:
     if exe is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
     tied = [setpriv, "--pdeathsig", "KILL", "--", exe, *argv[1:]]
-    return _FORKER.call(lambda: subprocess.Popen(tied, **kwargs))
+    proc = _FORKER.call(lambda: subprocess.Popen(tied, **kwargs))
+    _await_exec(proc, os.path.realpath(exe))
+    return proc
+
+
+def _await_exec(proc: subprocess.Popen, exe: str, timeout: float = 10.0) -> None:
+    """Until the child runs `exe` (so setpriv's prctl is done), exits, or `timeout`.
+    Nothing tells of an exec but /proc; the wait is setpriv's start, ~1 ms, during which
+    the command itself is not yet running anyway."""
+    link = f"/proc/{proc.pid}/exe"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if os.readlink(link) == exe:
+                return
+        except OSError:
+            return  # gone, or not ours to look at: nothing left to wait for
+        time.sleep(0.0002)
 
 
 @functools.cache
