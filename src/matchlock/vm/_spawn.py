@@ -102,19 +102,20 @@ def popen_tied(argv: list[str], **kwargs: Any) -> subprocess.Popen:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
     tied = [setpriv, "--pdeathsig", "KILL", "--", exe, *argv[1:]]
     proc = _FORKER.call(lambda: subprocess.Popen(tied, **kwargs))
-    _await_exec(proc, os.path.realpath(exe))
+    _await_exec(proc, os.path.realpath(setpriv))
     return proc
 
 
-def _await_exec(proc: subprocess.Popen, exe: str, timeout: float = 10.0) -> None:
-    """Until the child runs `exe` (so setpriv's prctl is done), exits, or `timeout`.
-    Nothing tells of an exec but /proc; the wait is setpriv's start, ~1 ms, during which
-    the command itself is not yet running anyway."""
+def _await_exec(proc: subprocess.Popen, setpriv: str, timeout: float = 10.0) -> None:
+    """Until the child is no longer setpriv (it has exec'd the command, after its prctl),
+    has exited, or `timeout`. (Popen returns once setpriv itself is exec'd.) Nothing tells
+    of an exec but /proc; the wait is setpriv's start, ~1 ms, which the command waits on
+    anyway. Not "until it is the command": a script's exe is its interpreter."""
     link = f"/proc/{proc.pid}/exe"
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         try:
-            if os.readlink(link) == exe:
+            if os.readlink(link) != setpriv:
                 return
         except OSError:
             return  # gone, or not ours to look at: nothing left to wait for

@@ -159,3 +159,19 @@ def test_the_command_line_gc_looks_for_is_qemus_own_or_setprivs():
     assert not is_qemu(["/usr/bin/setpriv", "--pdeathsig", "KILL", "--", "/bin/sleep"])
     assert not is_qemu(["sleep", "qemu-system-x86_64"])
     assert not is_qemu([])
+
+
+def test_a_script_is_tied_without_waiting_for_its_own_name(tmp_path):
+    # A script's /proc/PID/exe is its interpreter: popen_tied waits for setpriv's exec,
+    # not for the script's path (MATCHLOCK_QEMU may name a wrapper script).
+    script = tmp_path / "wrapper"
+    script.write_text("#!/bin/sh\nexec sleep 60\n")
+    script.chmod(0o755)
+    t0 = time.monotonic()
+    proc = popen_tied([str(script)])
+    try:
+        assert time.monotonic() - t0 < 5
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
