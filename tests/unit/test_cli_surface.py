@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -130,8 +131,32 @@ def test_run_loads_no_other_command_module():
             "if m == 'rich' or m.startswith('matchlock.cli.')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == str(["matchlock.cli._help", "matchlock.cli._main",
-                                    "matchlock.cli._run"]), p.stdout
+    assert p.stdout.strip() == str(["matchlock.cli._guard", "matchlock.cli._help",
+                                    "matchlock.cli._main", "matchlock.cli._run",
+                                    "matchlock.cli._run_core"]), p.stdout
+
+
+def test_a_plain_run_spawns_qemu_before_click_is_imported():
+    # cli/_fast.py: click's import (~25 ms) would delay QEMU's start by as much. The same
+    # line with --help is the positive control: it needs click.
+    code = """
+import sys
+import matchlock.cli._run_core as core
+def prelaunch(config, argv, entrypoint, rm):
+    print("click" in sys.modules, config.image, argv, rm, flush=True)
+    raise SystemExit(0)
+core.prelaunch = prelaunch
+from matchlock.cli import main
+main(sys.argv[1:])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MATCHLOCK_DEBUG"}
+    p = subprocess.run([sys.executable, "-c", code, "run", "--image", "img", "--rm=false",
+                        "--no-network", "echo", "hi"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert (p.returncode, p.stdout) == (0, "False img ['echo', 'hi'] False\n"), p.stderr
+    p = subprocess.run([sys.executable, "-c", code, "run", "--help"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert p.returncode == 0 and "--image" in p.stdout, p.stderr
 
 
 def test_a_plain_run_loads_no_network_policy_nor_vfs_server():

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
+from matchlock.cli._guard import guarded
 from matchlock.cli._help import Group
-from matchlock.errors import ConfigError, MatchlockError
-
-# Config fields as the CLI spells them (lower boxes name fields, never flags).
-FLAGS = {
-    "cpus": "--cpus", "memory_mib": "--memory", "disk_size_mib": "--disk-size",
-    "hostname": "--hostname", "rows": "terminal rows", "cols": "terminal columns",
-}
-
-
-def word(e: MatchlockError) -> str:
-    """One line for a person."""
-    if isinstance(e, ConfigError):
-        return f"{FLAGS.get(e.field, e.field)} {e.detail}"
-    return str(e)
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -85,34 +71,22 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    rc = guarded(lambda: _click_main(argv), argv)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _click_main(argv: list[str] | None) -> object:
+    """Click's own failures; every other one is `guarded`'s."""
     try:
-        rc = cli.main(args=argv, prog_name="matchlock", standalone_mode=False)
+        return cli.main(args=argv, prog_name="matchlock", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # pragma: no cover - click>=8.2
         click.echo(e.ctx.get_help(), err=True)
-        rc = 0
+        return 0
     except click.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "matchlock"
         msg = e.format_message().replace("\n", " ")
         print(f"error: {msg} (see '{cmd} --help')", file=sys.stderr)
-        rc = 2
+        return 2
     except click.Abort:
         print("error: aborted", file=sys.stderr)
-        rc = 130
-    except MatchlockError as e:
-        print(f"error: {word(e)}", file=sys.stderr)
-        rc = e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        rc = 130
-    except BrokenPipeError:
-        # Reader went away (e.g. `| head`): not an error worth a traceback.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        rc = 141
-    except Exception as e:  # noqa: BLE001 - last resort: one line, details with --debug
-        if os.environ.get("MATCHLOCK_DEBUG") or "--debug" in (argv or sys.argv):
-            raise
-        print(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)",
-              file=sys.stderr)
-        rc = 1
-    sys.exit(rc if isinstance(rc, int) else 0)
+        return 130

@@ -195,7 +195,7 @@ class RunSession:
         self.timeout = timeout
         self.spent = spent  # of the timeout, before this session (`launch` was made)
         self.supervisor = Supervisor(config, progress, launch=launch)
-        # SIGINT/SIGTERM that came before the loop ran (cli/_run.prelaunch wrote them down).
+        # SIGINT/SIGTERM that came before the loop ran (cli/_run_core.prelaunch wrote them down).
         self._early = early_signals if early_signals is not None else []
         self._main: asyncio.Task | None = None
         self._att: Attached | None = None

@@ -379,7 +379,7 @@ allow_list.add_command(allow_list_delete, "remove")
 @click.argument("specs", nargs=-1, required=True, metavar="[LOCAL:]REMOTE...")
 def port_forward(addresses: tuple[str, ...], vm_id: str, specs: tuple[str, ...]) -> None:
     """Forward host TCP ports to the running VM ID's ports until Ctrl-C."""
-    from matchlock.cli._run import parse_addresses, parse_publish
+    from matchlock.cli._run_core import parse_addresses, parse_publish
     from matchlock.supervisor.client import ControlClient
 
     forwards = [{"local_port": p.local, "remote_port": p.remote} for p in parse_publish(specs)]
