@@ -159,6 +159,28 @@ main(sys.argv[1:])
     assert p.returncode == 0 and "--image" in p.stdout, p.stderr
 
 
+def test_the_spawn_path_imports_nothing_it_does_not_use():
+    # Every module `run` loads before QEMU's spawn delays it. These are not needed there
+    # (measured, each 1.5-25 ms): click (cli/_fast.py), logging (matchlock._log), platform
+    # and uuid (os.uname, os.urandom), concurrent.futures (vm/_spawn.py), asyncio. The
+    # second half is the positive control: the modules that do need them load them.
+    code = """
+import sys
+import matchlock.cli._fast, matchlock.cli._run_args, matchlock.cli._run_core
+import matchlock.sandbox._launch
+unwanted = ("click", "logging", "platform", "uuid", "concurrent.futures", "asyncio")
+print(sorted(m for m in unwanted if m in sys.modules))
+import matchlock.cli._run, matchlock.cli._session, matchlock.diagnose
+print(sorted(m for m in unwanted if m in sys.modules))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    before, after = p.stdout.splitlines()
+    unwanted = ["asyncio", "click", "concurrent.futures", "logging", "platform", "uuid"]
+    assert before == "[]", before
+    assert after == str(unwanted), after
+
+
 def test_a_plain_run_loads_no_network_policy_nor_vfs_server():
     # `run --no-network` without mounts boots without the policy, the dial check, the FUSE
     # server or its providers (~45 ms of imports before QEMU starts); they load with the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import platform
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -54,7 +54,7 @@ DIRS = [
 
 
 def _arch() -> str:
-    m = platform.machine()
+    m = os.uname().machine  # platform.machine(), without importing platform (~1.5 ms)
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
 
 

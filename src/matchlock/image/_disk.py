@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -169,7 +168,7 @@ def make_unpack_dir(work: Path, estimate: int, prefer_tmpfs: bool = True) -> Pat
             st = os.statvfs(SHM)
             free = st.f_bavail * st.f_frsize
             if os.access(SHM, os.W_OK) and free >= 2 * estimate:
-                path = SHM / f"{SHM_PREFIX}{secrets.token_hex(8)}"
+                path = SHM / f"{SHM_PREFIX}{os.urandom(8).hex()}"
                 # Recorded before it exists, so that a sweep always finds it.
                 (work / STAGING_NOTE).write_text(str(path))
                 os.mkdir(path, 0o700)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import platform as _platform
+import os
 from dataclasses import dataclass
 
 from matchlock.errors import UsageError
@@ -60,7 +60,8 @@ class Platform:
 
 
 def host_platform() -> Platform:
-    arch = _ARCH.get(_platform.machine().lower(), _platform.machine().lower())
+    machine = os.uname().machine.lower()  # platform.machine(), without its import
+    arch = _ARCH.get(machine, machine)
     return Platform("linux", arch)
 
 

@@ -28,7 +28,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import sqlite3
 import time
@@ -38,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from matchlock._log import get_logger
 from matchlock.errors import MatchlockError, NotFoundError, UnreachableError, UsageError
 from matchlock.image import _builtin, _disk
 from matchlock.image._model import Image, ImageConfig
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     LayerList = list[tuple[Staged, str, str | None]]  # (blob, label, diff_id)
 
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BUILTIN_IMAGE = "matchlock/busybox:latest"
 

@@ -11,7 +11,6 @@ their command line naming the VM's directory.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -21,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matchlock import _proc
+from matchlock._log import get_logger
 from matchlock.errors import VmRunning
 from matchlock.state import ACTIVE, Resource, StateDB, Status, VmRecord
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KILL_WAIT_S = 5.0
 

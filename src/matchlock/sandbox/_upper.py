@@ -10,17 +10,17 @@ one upper disk and the host never mounts it.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import subprocess
 import threading
 from pathlib import Path
 
+from matchlock._log import get_logger
 from matchlock.errors import DependencyError, VmStartError
 from matchlock.paths import cache_dir
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TEMPLATE_VERSION = 1  # bump when the mke2fs arguments change
 # A template with more data than this means the file system reports no holes (SEEK_DATA

@@ -11,13 +11,13 @@ a VM without mounts imports none of them.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from matchlock._log import get_logger
 from matchlock.vfs._spec import MountConfig, MountSpec
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from matchlock.vfs._volumes import DiskLock
     from matchlock.vfs.server import VfsServer
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DISK_SERIAL_PREFIX = "ml-disk"
 # Kernel modules the guest needs for a config (besides the VM's base set).

@@ -15,7 +15,6 @@ child runs the command: were we to die before the prctl, the signal would never 
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import functools
 import os
@@ -50,7 +49,9 @@ def _die_with(parent: int) -> Callable[[], None]:
 class _Forker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+        # (job, where its (ok, result or exception) goes). Not concurrent.futures: its
+        # import (logging with it) is ~3 ms before QEMU's spawn.
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], queue.SimpleQueue]] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
@@ -67,20 +68,23 @@ class _Forker:
                 self._pid = os.getpid()
                 self._thread.start()
             jobs = self._jobs
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        jobs.put((fn, fut))
-        return fut.result()
+        reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        jobs.put((fn, reply))
+        ok, value = reply.get()
+        if not ok:
+            raise value
+        return value
 
     @staticmethod
     def _serve(jobs: queue.SimpleQueue) -> None:
         # A vforked child keeps this thread's signal mask: none blocked, whoever started us.
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         while True:  # never returns: its exit would fire every child's death signal
-            fn, fut = jobs.get()
+            fn, reply = jobs.get()
             try:
-                fut.set_result(fn())
+                reply.put((True, fn()))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(e)
+                reply.put((False, e))
 
 
 _FORKER = _Forker()

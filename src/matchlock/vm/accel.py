@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from matchlock._log import get_logger
 from matchlock.errors import UsageError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ACCELS = ("kvm", "hvf", "tcg")
+
+
+def host_machine() -> str:
+    """`platform.machine()`, without importing platform (~1.5 ms before QEMU's spawn)."""
+    return os.uname().machine
 
 
 def _cpu_has_virt_flags(cpuinfo: str = "/proc/cpuinfo") -> bool:

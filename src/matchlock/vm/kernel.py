@@ -29,9 +29,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
-import logging
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -42,11 +40,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matchlock._log import get_logger
 from matchlock.errors import DependencyError, MatchlockError, NotFoundError
 from matchlock.paths import cache_dir
+from matchlock.vm.accel import host_machine as _machine
 from matchlock.vm.kernel_build import BUILD_PREFIX
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ENV_KERNEL = "MATCHLOCK_KERNEL"
 ENV_KERNEL_MODULES = "MATCHLOCK_KERNEL_MODULES"
@@ -292,13 +292,13 @@ def bzimage_version(image: Path) -> str | None:
 
 
 def _arch() -> str:
-    m = platform.machine().lower()
+    m = _machine().lower()
     if m in ("x86_64", "amd64"):
         return "amd64"
     if m in ("aarch64", "arm64"):
         return "arm64"
     raise DependencyError(
-        f"no Debian cloud kernel for host architecture {platform.machine()}; {_HINT}"
+        f"no Debian cloud kernel for host architecture {_machine()}; {_HINT}"
     )
 
 
@@ -660,7 +660,7 @@ def host_tsc_khz() -> int | None:
     calibration: N MHz", else "tsc: Detected N MHz"), then /proc/cpuinfo's "cpu MHz" when
     the CPU has a constant TSC. x86 only. Kept under the cache dir per host boot.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if _machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return None
     sysfs = _sysfs_tsc_khz()
     if sysfs:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
-import platform
 import re
 import shutil
 import signal
@@ -37,10 +35,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from matchlock._log import get_logger
 from matchlock.errors import DependencyError, MatchlockError, NotFoundError
 from matchlock.paths import cache_dir
+from matchlock.vm.accel import host_machine
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -86,10 +86,10 @@ ARCHES = {
 
 
 def host_arch() -> Arch:
-    m = platform.machine().lower()
+    m = host_machine().lower()
     name = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(m)
     if name is None:
-        raise DependencyError(f"no matchlock kernel config for architecture {platform.machine()}")
+        raise DependencyError(f"no matchlock kernel config for architecture {host_machine()}")
     return ARCHES[name]
 
 
@@ -191,7 +191,7 @@ def missing_build_deps(arch: Arch) -> list[str]:
     if arch.name == "x86_64":
         for header, pkg in _HEADERS.items():
             if not any(Path(d, header).is_file()
-                       for d in ("/usr/include", f"/usr/include/{platform.machine()}-linux-gnu")):
+                       for d in ("/usr/include", f"/usr/include/{host_machine()}-linux-gnu")):
                 pkgs.append(pkg)
     return pkgs
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import platform
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+from matchlock._log import get_logger
 from matchlock.errors import ConfigError, DependencyError
 from matchlock.vm._spawn import popen_tied
+from matchlock.vm.accel import host_machine
 from matchlock.vm.spec import VmSpec
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CHANNEL_PORT_NAME = "matchlock.ctl"
 VFS_PORT_NAME = "matchlock.vfs"  # FUSE traffic on its own port: it never queues behind exec
@@ -37,7 +37,7 @@ def tcg_tb_mib() -> int:
 
 
 def qemu_binary() -> str:
-    arch = platform.machine()
+    arch = host_machine()
     name = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}.get(arch)
     if name is None:
         raise DependencyError(f"unsupported host architecture {arch}")

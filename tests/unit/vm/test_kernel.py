@@ -402,7 +402,7 @@ def test_default_kernel_debian_opts_out(monkeypatch, tmp_path):
 
 def test_host_tsc_khz_is_measured_once_per_host_boot(tmp_path, monkeypatch):
     monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel, "_machine", lambda: "x86_64")
     monkeypatch.setattr(kernel, "_sysfs_tsc_khz", lambda: None)
     boot = ["boot-a"]
     monkeypatch.setattr(kernel, "_boot_id", lambda: boot[0])
@@ -431,7 +431,7 @@ def test_host_tsc_khz_without_a_writable_cache(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("MATCHLOCK_CACHE_DIR", str(blocker / "cache"))  # mkdir fails
-    monkeypatch.setattr(kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernel, "_machine", lambda: "x86_64")
     monkeypatch.setattr(kernel, "_sysfs_tsc_khz", lambda: None)
     monkeypatch.setattr(kernel, "_boot_id", lambda: "boot-a")
     monkeypatch.setattr(kernel, "_measured_tsc_khz", lambda: 1_000_000)
