@@ -19,20 +19,23 @@ class _LazyLogger:
         self._name = name
         self._logger: logging.Logger | None = None
 
-    def __getattr__(self, attr: str) -> Any:
+    def _real(self) -> logging.Logger:
         if self._logger is None:
             import logging
 
             self._logger = logging.getLogger(self._name)
-        return getattr(self._logger, attr)
+        return self._logger
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._real(), attr)
 
     def debug(self, *args: Any, **kwargs: Any) -> None:
         if "logging" in sys.modules:
-            self.__getattr__("debug")(*args, **kwargs)
+            self._real().debug(*args, **kwargs)
 
     def info(self, *args: Any, **kwargs: Any) -> None:
         if "logging" in sys.modules:
-            self.__getattr__("info")(*args, **kwargs)
+            self._real().info(*args, **kwargs)
 
 
 def get_logger(name: str) -> logging.Logger:

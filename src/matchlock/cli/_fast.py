@@ -29,7 +29,7 @@ def run_fast(args: list[str]) -> None:
     """Run `run` and exit (it raises SystemExit); return only when click should parse
     this command line."""
 
-    def go() -> None:
+    def go() -> int | None:
         from matchlock.cli._run_args import parse_run
 
         params = parse_run(args)
